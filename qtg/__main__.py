@@ -1,0 +1,5 @@
+import sys
+
+from qtg.cli import main
+
+sys.exit(main())

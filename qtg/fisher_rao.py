@@ -1,0 +1,205 @@
+"""Fisher-Rao (Bhattacharyya) attention kernels, spec section 3.
+
+Per head, queries and keys are mapped to the probability simplex,
+``p_i = softmax(Q_i)`` and ``q_j = softmax(K_j)`` over the ``d_h`` features, and
+
+    BC_ij   = sum_k sqrt(p_ik q_jk) = <sqrt p_i, sqrt q_j>        (a matmul)
+    d_FR    = arccos(BC_ij) in [0, pi/2]
+    score_ij = -gamma_h * d_FR(i, j)^2  [- m_h * (i - j) with ALiBi],  j <= i
+    A = softmax_j(score),  out = A V
+
+Two interchangeable implementations of the same function:
+
+* :func:`attention_reference` - the matmul form with an explicit ``[B, H, Nq, Nk]``
+  score matrix. Works on every device, has a backward everywhere.
+* :func:`attention_flex` - ``torch.nn.attention.flex_attention`` with the score
+  above as a ``score_mod`` and a causal block mask: fused, O(N) memory. In
+  torch 2.13 it has no backward on CPU.
+
+Numerics (the spec's traps): BC is always computed in float32, also under
+bf16 autocast (bf16 cannot resolve distances below ~0.09 near BC = 1); and
+d_FR^2 uses :func:`fr_sq`, whose gradient stays finite at BC = 1 (where
+arccos has an infinite derivative) and beyond it (rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Below this 1 - BC, arccos(BC)^2 is evaluated by its Taylor series
+# 2u + u^2/3 + 4u^3/45 (u = 1 - BC): truncation error ~u^4 < 1e-12.
+_SERIES_BELOW = 1e-3
+
+
+def sqrt_simplex(x: Tensor) -> Tensor:
+    """sqrt(softmax(x)) over the last dim, in float32.
+
+    Computed as exp(log_softmax(x) / 2), which never takes the square root of
+    an underflowed probability (sqrt has an infinite derivative at 0).
+    """
+    return torch.exp(0.5 * F.log_softmax(x.float(), dim=-1))
+
+
+def fr_sq(bc: Tensor) -> Tensor:
+    """d_FR^2 = arccos(BC)^2 with a finite gradient everywhere.
+
+    d/dBC arccos(BC)^2 = -2 arccos(BC) / sqrt(1 - BC^2) -> -2 as BC -> 1, but
+    autograd through ``acos`` gives inf * 0 = nan there. Near 1 (and above 1,
+    which rounding produces when p = q) we use the series in u = 1 - BC; the
+    ``acos`` branch sees a safe dummy input there, so neither branch of the
+    ``where`` produces a non-finite gradient.
+    """
+    u = 1.0 - bc
+    near = u < _SERIES_BELOW
+    series = u * (2.0 + u * (1.0 / 3.0 + u * (4.0 / 45.0)))
+    safe_bc = torch.where(near, torch.zeros_like(bc), bc).clamp(min=-1.0)
+    exact = torch.acos(safe_bc) ** 2
+    return torch.where(near, series, exact)
+
+
+def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> Tensor:
+    """ALiBi slopes m_h = 2^(-8h/H), h = 1..H (spec section 4), float32 ``[H]``."""
+    h = torch.arange(1, n_heads + 1, dtype=torch.float32, device=device)
+    return torch.pow(2.0, -8.0 * h / n_heads)
+
+
+def no_autocast(t: Tensor):
+    """Autocast off: inside, matmuls keep the dtype of their inputs (float32 BC, float64 distances)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _scores(sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None, q_offset: int) -> tuple[Tensor, Tensor]:
+    """Masked scores and BC for queries at positions q_offset.. and keys at 0...
+
+    Args:
+        sp: sqrt of query distributions, float32 ``[B, H, Nq, d_h]``.
+        sk: sqrt of key distributions, float32 ``[B, H, Nk, d_h]``.
+        gamma: ``[H]``.  slopes: ``[H]`` or None (NoPE).
+    Returns:
+        scores ``[B, H, Nq, Nk]`` with -inf above the causal diagonal, and BC.
+    """
+    nq, nk = sp.shape[-2], sk.shape[-2]
+    with no_autocast(sp):  # autocast would run this matmul in bf16
+        bc = sp.float() @ sk.float().transpose(-1, -2)  # [B, H, Nq, Nk], float32
+    scores = -gamma.float().view(1, -1, 1, 1) * fr_sq(bc)
+    i = torch.arange(q_offset, q_offset + nq, device=sp.device).view(-1, 1)  # query positions
+    j = torch.arange(nk, device=sp.device).view(1, -1)  # key positions
+    if slopes is not None:
+        scores = scores - slopes.view(1, -1, 1, 1) * (i - j).clamp(min=0).float()
+    scores = scores.masked_fill(j > i, float("-inf"))
+    return scores, bc
+
+
+def attention_reference(
+    sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None = None, q_offset: int = 0
+) -> Tensor:
+    """Causal Fisher-Rao attention, matmul form.
+
+    Args:
+        sp, sk: float32 sqrt-simplex queries ``[B, H, Nq, d_h]`` and keys ``[B, H, Nk, d_h]``.
+        v: values ``[B, H, Nk, d_h]`` (any float dtype).
+        gamma: ``[H]``; slopes: ``[H]`` ALiBi slopes or None.
+        q_offset: absolute position of the first query (keys start at 0); a
+            decoding step with a cache has ``Nq = 1, q_offset = Nk - 1``.
+    Returns:
+        ``[B, H, Nq, d_h]`` in v's dtype.
+    """
+    scores, _ = _scores(sp, sk, gamma, slopes, q_offset)
+    attn = torch.softmax(scores, dim=-1)
+    with no_autocast(attn):
+        return (attn @ v.float()).to(v.dtype)
+
+
+@torch.no_grad()
+def attention_maps(
+    sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None = None, q_offset: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The full maps, for inspection: attention ``A`` and distances ``d_FR``.
+
+    Both ``[B, H, Nq, Nk]`` float32; A is causal with rows summing to 1, d_FR
+    lies in [0, pi/2] (also above the diagonal, where A is 0).
+    """
+    scores, bc = _scores(sp, sk, gamma, slopes, q_offset)
+    return torch.softmax(scores, dim=-1), torch.acos(bc.clamp(0.0, 1.0))
+
+
+# --- flex attention ----------------------------------------------------------
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process; torch.compile then keeps one
+    kernel per shape family (dtype, head width, sequence length, ALiBi or not)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=32)
+def causal_block_mask(n: int, device: str):
+    """The causal block mask for length n on a device, built once and reused."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+
+def _score_mod(gamma: Tensor, slopes: Tensor | None):
+    """score_mod for flex: gamma (and slopes) are captured *tensors*, so the
+    compiled kernel reads them at run time instead of baking in a float."""
+    if slopes is None:
+
+        def fisher_rao(score, b, h, q_idx, kv_idx):
+            return -gamma[h] * fr_sq(score)
+
+        return fisher_rao
+
+    def fisher_rao_alibi(score, b, h, q_idx, kv_idx):
+        return -gamma[h] * fr_sq(score) - slopes[h] * (q_idx - kv_idx)
+
+    return fisher_rao_alibi
+
+
+def attention_flex(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None = None) -> Tensor:
+    """Causal Fisher-Rao attention through flex_attention (self-attention, Nq = Nk).
+
+    Same arguments and result as :func:`attention_reference` with q_offset = 0.
+    ``scale=1.0`` because flex multiplies QK^T by ``scale`` before the score_mod
+    and BC must reach it unscaled.
+    """
+    n = sp.shape[-2]
+    mask = causal_block_mask(n, str(sp.device))
+    out = _compiled_flex()(
+        sp, sk, v.float(),
+        score_mod=_score_mod(gamma.float(), slopes),
+        block_mask=mask, scale=1.0,
+    )
+    return out.to(v.dtype)
+
+
+def seed_form_distances(p: Tensor, q: Tensor) -> Tensor:
+    """The seed sketch's N x N x d_h form, kept only as a benchmark baseline.
+
+    Materialises ``[B, H, N, N, d_h]``; never used by the model.
+    """
+    bc = torch.sqrt(p.unsqueeze(-2) * q.unsqueeze(-3)).sum(-1)
+    return torch.acos(bc.clamp(-1.0, 1.0))
+
+
+HALF_PI = math.pi / 2

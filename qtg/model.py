@@ -1,0 +1,398 @@
+"""The QTG language model, as ``QTG_SPEC.md`` defines it.
+
+Pipeline: token ids -> QEmbed (unit complex states) -> TopoFilter (causal,
+approximate-persistence weights) -> n_layers x [pre-norm GeoAttention,
+pre-norm SwiGLU] -> RMSNorm -> tied complex head.
+
+Notable choices (where the spec is silent):
+
+* Complex states are stored as real tensors ``[..., 2d]``: real half first,
+  imaginary half second. ``Re<e_v, h>`` is then a plain dot product of the
+  2d-wide views, so the tied head is ``F.linear(h, embedding_table)``.
+* Linear layers have no bias (Llama convention); QEmbed keeps the seed's
+  bias (its ``Linear(vocab, d)`` on one-hot input is a lookup plus a bias).
+* TopoFilter distances use the Gram form ``|x|^2 + |y|^2 - 2<x, y>`` (no
+  ``[N, N, 2d]`` tensor) in float64: in float32 its cancellation error is
+  ~1e-6 in the *squared* distance, so repeated tokens sat 1e-3 apart instead
+  of 0. Squared distances below 1e-12 read as exactly 0, with gradient 0
+  (sqrt has an infinite derivative at 0).
+* Residual output projections are initialised with std / sqrt(2 n_layers)
+  (GPT-2); the model is built on the ``meta`` device and initialised by
+  :meth:`QTG.init_weights`, so a tier is never half-allocated.
+
+Shapes: B batch, N tokens, V vocab, d complex width (2d real), H heads,
+d_h = d / H.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from qtg.config import QTGConfig
+from qtg.fisher_rao import (
+    alibi_slopes,
+    attention_flex,
+    attention_maps,
+    attention_reference,
+    no_autocast,
+    fr_sq,
+    sqrt_simplex,
+)
+
+log = logging.getLogger("qtg")
+
+# On CPU, "auto" uses flex only from this length on: below it the matmul form
+# is as fast and needs no compilation (benchmarks/bench_attention.py).
+FLEX_MIN_LEN_CPU = 1024
+# Distances whose square is below this read as 0 (float64 Gram-form resolution).
+_DIST_SQ_FLOOR = 1e-12
+IGNORE_INDEX = -100
+
+
+# --- outputs and cache ---------------------------------------------------------
+
+
+@dataclass
+class QTGOutput:
+    """What :meth:`QTG.forward` returns. Internals are None unless asked for."""
+
+    logits: Tensor  # [B, N, V]
+    loss: Tensor | None = None  # scalar, when targets are given
+    loss_terms: dict[str, Tensor] | None = None  # ce, topo, geo, quantum
+    states: list[Tensor] | None = None  # [B, N, 2d]: 0 QEmbed, 1 TopoFilter, then one per block
+    topo_scores: Tensor | None = None  # s~ (soft-min), [B, N]
+    topo_exact_scores: Tensor | None = None  # s (causal min distance), [B, N]
+    topo_weights: Tensor | None = None  # w, [B, N]
+    attention: list[Tensor] | None = None  # per block [B, H, N, N], causal, rows sum to 1
+    distances: list[Tensor] | None = None  # per block d_FR [B, H, N, N] in [0, pi/2]
+    gamma: list[Tensor] | None = None  # per block [H]
+    attn_impl: list[str] | None = None  # per block, which path ran
+
+
+@dataclass
+class QTGCache:
+    """Incremental-decoding state: everything earlier tokens contribute.
+
+    ``points`` are the TopoFilter inputs (QEmbed outputs) of earlier tokens,
+    ``keys[l]`` their sqrt-simplex keys (float32) and ``values[l]`` their values
+    for block l. Each new token then costs O(N), not O(N^2).
+    """
+
+    points: Tensor | None = None  # [B, P, 2d]
+    keys: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h] float32
+    values: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.points is None else self.points.shape[1]
+
+
+# --- QEmbed --------------------------------------------------------------------
+
+
+class QEmbed(nn.Module):
+    """psi_i = (a_t + i b_t) / ||a_t + i b_t||_2 (spec section 1).
+
+    A lookup into a ``[V, 2d]`` table (real half, imaginary half) plus the
+    seed's shared bias, normalised to a unit complex vector.
+    """
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.table = nn.Embedding(cfg.vocab_size, cfg.width)  # [V, 2d]
+        self.bias = nn.Parameter(torch.zeros(cfg.width))  # [2d]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        e = self.table(ids) + self.bias  # [B, N, 2d]
+        return e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+# --- TopoFilter ----------------------------------------------------------------
+
+
+def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
+    """delta_ij = ||x_i - y_j||_2, Gram form computed in float64, returned in float32.
+
+    Args: x ``[B, Nq, D]``, y ``[B, Nk, D]``. Returns ``[B, Nq, Nk]``.
+    Squared distances below 1e-12 return exactly 0 with gradient 0.
+    """
+    x, y = x.double(), y.double()
+    with no_autocast(x):
+        sq = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
+        far = sq > _DIST_SQ_FLOOR
+        dist = torch.where(far, torch.sqrt(torch.where(far, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+    return dist.float()
+
+
+class TopoFilter(nn.Module):
+    """Causal approximate-persistence weights (spec section 2).
+
+    For the Vietoris-Rips filtration of the token states, token i's singleton
+    H0 component dies at its nearest-neighbour distance. Looking backwards only:
+
+        s_i  = min_{j<i} delta_ij                          (exact; s_1 = 0)
+        s~_i = -T log sum_{j<i} exp(-delta_ij / T)          (soft-min; s~_1 = 0)
+        w_i  = exp(-max(s~_i - theta, 0) / tau),   psi_i <- w_i psi_i
+    """
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.theta = cfg.topo_threshold
+        self.tau = cfg.topo_tau
+        self.temperature = cfg.topo_temperature
+
+    def scores(self, psi: Tensor, past: Tensor | None = None, exact: bool = False) -> tuple[Tensor, Tensor | None]:
+        """s~ (and s when ``exact``) for the tokens of ``psi``, which follow ``past``.
+
+        Args: psi ``[B, N, 2d]``; past ``[B, P, 2d]`` or None. Returns ``[B, N]`` float32.
+        """
+        offset = 0 if past is None else past.shape[1]
+        points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
+        delta = pairwise_distances(psi, points)  # [B, N, P+N]
+        i = torch.arange(offset, offset + psi.shape[1], device=psi.device).view(-1, 1)
+        j = torch.arange(points.shape[1], device=psi.device).view(1, -1)
+        earlier = j < i  # [N, P+N]
+        first = i == 0  # [N, 1]: the first token has no earlier point
+        # The first row gets one finite dummy entry so logsumexp's gradient is
+        # not nan there; its value is discarded by the final where.
+        keep = earlier | (first & (j == 0))
+        logits = torch.where(keep, -delta / self.temperature, torch.full_like(delta, float("-inf")))
+        soft = -self.temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
+        soft = torch.where(first.view(1, -1), torch.zeros_like(soft), soft)
+        hard = None
+        if exact:
+            inf = torch.full_like(delta, float("inf"))
+            hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
+            hard = torch.where(first.view(1, -1), torch.zeros_like(hard), hard)
+        return soft, hard
+
+    def weights(self, soft: Tensor) -> Tensor:
+        return torch.exp(-torch.clamp(soft - self.theta, min=0.0) / self.tau)
+
+
+# --- GeoAttention ----------------------------------------------------------------
+
+
+class GeoAttention(nn.Module):
+    """Multi-head causal Fisher-Rao attention (spec section 3; kernels in qtg.fisher_rao).
+
+    ``gamma_h`` is fixed at ``gamma_init`` or learnt as ``exp(log_gamma_h)``.
+    """
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.width, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.width, cfg.d_model, bias=False)
+        self.wv = nn.Linear(cfg.width, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.width, bias=False)
+        self.log_gamma = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.learn_gamma else None
+        self._warned_cpu_flex = False
+
+    def gamma(self, device: torch.device | None = None) -> Tensor:
+        """Per-head gamma, float32 ``[H]``."""
+        if self.log_gamma is not None:
+            return self.log_gamma.float().exp()
+        return torch.full((self.n_heads,), self.cfg.gamma_init, device=device)
+
+    def _split(self, t: Tensor) -> Tensor:
+        B, N, _ = t.shape
+        return t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, d_h]
+
+    def choose_impl(self, x: Tensor, offset: int) -> str:
+        """Which kernel runs: "flex" or "reference" (spec: auto = fastest correct path)."""
+        impl = self.cfg.attn_impl
+        if impl == "reference" or offset > 0:
+            return "reference"  # a decoding step: one query row, the matmul is O(N)
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        cpu_training = training and x.device.type != "cuda"
+        if impl == "flex":
+            if cpu_training:
+                if not self._warned_cpu_flex:
+                    log.warning("flex_attention has no backward on %s in torch %s: training uses the "
+                                "reference path", x.device.type, torch.__version__)
+                    self._warned_cpu_flex = True
+                return "reference"
+            return "flex"
+        if x.device.type == "cuda":
+            return "flex"
+        return "flex" if not training and x.shape[1] >= FLEX_MIN_LEN_CPU else "reference"
+
+    def forward(
+        self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, str]:
+        """Args: x ``[B, N, 2d]`` (normed). Returns out ``[B, N, 2d]``, (A, d_FR) or None, impl."""
+        sp = sqrt_simplex(self._split(self.wq(x)))  # [B, H, N, d_h] float32
+        sk = sqrt_simplex(self._split(self.wk(x)))  # [B, H, N, d_h] float32
+        v = self._split(self.wv(x))  # [B, H, N, d_h]
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            if layer < len(cache.keys):
+                sk = torch.cat([cache.keys[layer], sk], dim=2)  # [B, H, P+N, d_h]
+                v = torch.cat([cache.values[layer], v], dim=2)
+                cache.keys[layer], cache.values[layer] = sk, v
+            else:
+                cache.keys.append(sk)
+                cache.values.append(v)
+        gamma = self.gamma(x.device)
+        slopes = alibi_slopes(self.n_heads, x.device) if self.cfg.pos == "alibi" else None
+        impl = self.choose_impl(x, offset)
+        if impl == "flex":
+            out = attention_flex(sp, sk, v, gamma, slopes)
+        else:
+            out = attention_reference(sp, sk, v, gamma, slopes, q_offset=offset)
+        maps = attention_maps(sp, sk, gamma, slopes, q_offset=offset) if want_maps else None
+        B, _, N, _ = out.shape
+        out = out.transpose(1, 2).reshape(B, N, -1)  # [B, N, d]
+        return self.wo(out), maps, impl
+
+
+# --- feed-forward and block --------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W_down (silu(W_gate x) * W_up x); gate and up share one matmul."""
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.hidden = cfg.ffn_hidden
+        self.w_in = nn.Linear(cfg.width, 2 * cfg.ffn_hidden, bias=False)  # [gate | up]
+        self.w_out = nn.Linear(cfg.ffn_hidden, cfg.width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).split(self.hidden, dim=-1)  # 2 x [B, N, hidden]
+        return self.w_out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """x + GeoAttention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) unless ffn_mult = 0."""
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = GeoAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.ffn_hidden else None
+        self.ffn = SwiGLU(cfg) if cfg.ffn_hidden else None
+
+    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
+        a, maps, impl = self.attn(self.attn_norm(x), cache=cache, layer=layer, want_maps=want_maps)
+        x = x + a
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x, maps, impl
+
+
+# --- the model -------------------------------------------------------------------
+
+
+class QTG(nn.Module):
+    """QEmbed -> TopoFilter -> Blocks -> RMSNorm -> tied head, with the four-term loss."""
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = QEmbed(cfg)
+        self.topo = TopoFilter(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.tokenizer = None  # a tokenizers.Tokenizer, attached by the loader
+
+    # --- initialisation ---------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter in place (also after ``to_empty``)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed.table.weight.device).manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("log_gamma"):
+                p.fill_(math.log(self.cfg.gamma_init))
+            elif name.endswith("embed.bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w_out.weight")):
+                p.normal_(0.0, out_std, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+    # --- forward ----------------------------------------------------------------
+    def forward(
+        self,
+        ids: Tensor,
+        targets: Tensor | None = None,
+        return_internals: bool = False,
+        cache: QTGCache | None = None,
+    ) -> QTGOutput:
+        """Args:
+            ids: token ids ``[B, N]``.
+            targets: next-token ids ``[B, N]`` (``-100`` ignored) -> ``.loss``.
+            return_internals: also return states, topology scores and full
+                attention maps (materialised for inspection; costs memory).
+            cache: a :class:`QTGCache`; ids then continue the cached tokens and
+                the cache is extended in place.
+        """
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be [B, N], got shape {tuple(ids.shape)}")
+        past = None if cache is None else cache.points
+        psi = self.embed(ids)  # [B, N, 2d], unit norm
+        soft, hard = self.topo.scores(psi, past, exact=return_internals)  # [B, N]
+        w = self.topo.weights(soft)  # [B, N]
+        filtered = psi * w.unsqueeze(-1).to(psi.dtype)  # [B, N, 2d]
+        if cache is not None:
+            cache_points = psi if past is None else torch.cat([past, psi], dim=1)
+
+        x = filtered
+        states, attention, distances, impls = [psi, filtered], [], [], []
+        for layer, block in enumerate(self.blocks):
+            x, maps, impl = block(x, cache=cache, layer=layer, want_maps=return_internals)
+            impls.append(impl)
+            if return_internals:
+                states.append(x)
+                attention.append(maps[0])
+                distances.append(maps[1])
+        if cache is not None:
+            cache.points = cache_points  # after the blocks: their offsets read the old length
+        logits = F.linear(self.norm(x), self.embed.table.weight)  # [B, N, V]: Re<e_v, h>
+
+        out = QTGOutput(logits=logits)
+        if targets is not None:
+            out.loss, out.loss_terms = self.loss(logits, targets, w, filtered)
+        if return_internals:
+            out.states = states
+            out.topo_scores, out.topo_exact_scores, out.topo_weights = soft, hard, w
+            out.attention, out.distances = attention, distances
+            out.gamma = [b.attn.gamma(ids.device).detach() for b in self.blocks]
+            out.attn_impl = impls
+        return out
+
+    def loss(self, logits: Tensor, targets: Tensor, w: Tensor, filtered: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """L = L_CE + l_topo L_topo + l_geo L_geo + l_q L_quantum (spec section 4).
+
+        L_topo = mean (1 - w_i)^2;  L_geo = mean arccos(sqrt p_model(y))^2, the
+        Fisher-Rao distance to the one-hot target;  L_quantum = mean
+        (1 - ||psi_i||^4) after filtering. CE and geo skip targets of -100.
+        """
+        logp = F.log_softmax(logits.float(), dim=-1)  # [B, N, V]
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.clamp(min=0)
+        logp_y = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # [B, N]
+        n_valid = valid.sum().clamp(min=1)
+        ce = -(logp_y * valid).sum() / n_valid
+        geo = (fr_sq(torch.exp(0.5 * logp_y)) * valid).sum() / n_valid
+        topo = ((1.0 - w) ** 2).mean()
+        quantum = (1.0 - filtered.float().norm(dim=-1) ** 4).mean()
+        c = self.cfg
+        total = ce + c.lambda_topo * topo + c.lambda_geo * geo + c.lambda_quantum * quantum
+        return total, {"ce": ce.detach(), "topo": topo.detach(), "geo": geo.detach(), "quantum": quantum.detach()}
