@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 EXTRAS ?= test,dev
 
-.PHONY: install app test test-fast bench info clean
+.PHONY: install app test test-fast lint bench info clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check qtg tests benchmarks
 
 bench: install
 	$(PY) benchmarks/bench_attention.py

@@ -106,8 +106,9 @@ def memory_estimate(
       plus the logits' float32 log-softmax ``[B, N, V]`` twice.
     * activations, inference: the largest transient, one block's working set
       or the logits, whichever is larger (nothing is kept across blocks).
-    * kv_cache (inference): float32 sqrt-simplex keys and values per block plus
-      the TopoFilter's earlier states, ``B x N x (2 d L + 2d)`` values.
+    * kv_cache (inference): per block float32 sqrt-simplex keys (d values per
+      token) and values (d, parameter dtype), plus the TopoFilter's earlier
+      states (2d, parameter dtype).
     """
     cfg = _resolve(tier)
     if mode not in MODES:
@@ -127,7 +128,7 @@ def memory_estimate(
     else:
         gradients = optimizer = 0
         activations = max(tokens * per_token_block * b, logits)
-        kv_cache = tokens * (2 * cfg.d_model * cfg.n_layers + cfg.width) * 4
+        kv_cache = tokens * (cfg.d_model * cfg.n_layers * (4 + b) + cfg.width * b)
     return MemoryEstimate(
         tier=cfg.name, dtype=str(dtype), mode=mode, batch_size=batch_size, seq_len=n, params=p,
         weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, kv_cache=kv_cache,

@@ -41,8 +41,8 @@ from qtg.fisher_rao import (
     attention_flex,
     attention_maps,
     attention_reference,
-    no_autocast,
     fr_sq,
+    no_autocast,
     sqrt_simplex,
 )
 
@@ -54,6 +54,7 @@ FLEX_MIN_LEN_CPU = 1024
 # Distances whose square is below this read as 0 (float64 Gram-form resolution).
 _DIST_SQ_FLOOR = 1e-12
 IGNORE_INDEX = -100
+_warned_flex_fallback: set[str] = set()  # devices for which the CPU-training fallback was logged
 
 
 # --- outputs and cache ---------------------------------------------------------
@@ -195,7 +196,6 @@ class GeoAttention(nn.Module):
         self.wv = nn.Linear(cfg.width, cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.width, bias=False)
         self.log_gamma = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.learn_gamma else None
-        self._warned_cpu_flex = False
 
     def gamma(self, device: torch.device | None = None) -> Tensor:
         """Per-head gamma, float32 ``[H]``."""
@@ -216,10 +216,10 @@ class GeoAttention(nn.Module):
         cpu_training = training and x.device.type != "cuda"
         if impl == "flex":
             if cpu_training:
-                if not self._warned_cpu_flex:
+                if x.device.type not in _warned_flex_fallback:  # say it once, not once per layer and step
                     log.warning("flex_attention has no backward on %s in torch %s: training uses the "
                                 "reference path", x.device.type, torch.__version__)
-                    self._warned_cpu_flex = True
+                    _warned_flex_fallback.add(x.device.type)
                 return "reference"
             return "flex"
         if x.device.type == "cuda":
@@ -396,3 +396,10 @@ class QTG(nn.Module):
         c = self.cfg
         total = ce + c.lambda_topo * topo + c.lambda_geo * geo + c.lambda_quantum * quantum
         return total, {"ce": ce.detach(), "topo": topo.detach(), "geo": geo.detach(), "quantum": quantum.detach()}
+
+    # --- generation -------------------------------------------------------------
+    def generate(self, ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """Continue ``ids`` ``[B, N]`` -> ``[B, N + T]``; see :func:`qtg.generate.generate` for the options."""
+        from qtg.generate import generate  # qtg.generate imports this module
+
+        return generate(self, ids, max_new_tokens, **kwargs)

@@ -5,23 +5,45 @@ import math
 import pytest
 import torch
 
-from qtg.fisher_rao import alibi_slopes, attention_maps, attention_reference, fr_sq, sqrt_simplex
+from qtg.fisher_rao import (
+    alibi_slopes,
+    attention_maps,
+    attention_reference,
+    fr_sq,
+    fr_sq_traceable,
+    sqrt_simplex,
+)
+
+FR_SQ = [fr_sq, fr_sq_traceable]
 
 
-def test_fr_sq_equals_arccos_squared():
+@pytest.mark.parametrize("f", FR_SQ)
+def test_fr_sq_equals_arccos_squared(f):
     bc = torch.linspace(0.0, 1.0, 10001, dtype=torch.float64)
-    torch.testing.assert_close(fr_sq(bc), torch.acos(bc) ** 2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(f(bc), torch.acos(bc) ** 2, rtol=1e-9, atol=1e-12)
 
 
-def test_fr_sq_gradient_is_finite_and_tends_to_minus_two_at_one():
+@pytest.mark.parametrize("f", FR_SQ)
+def test_fr_sq_gradient_is_finite_and_tends_to_minus_two_at_one(f):
     bc = torch.tensor([0.5, 0.999, 1.0 - 1e-6, 1.0, 1.0 + 1e-7], dtype=torch.float64, requires_grad=True)
-    fr_sq(bc).sum().backward()
+    f(bc).sum().backward()
     assert torch.isfinite(bc.grad).all()
     # analytic derivative -2 acos(x)/sqrt(1-x^2) where it is defined
     x = bc.detach()[:3]
     expected = -2 * torch.acos(x) / torch.sqrt(1 - x**2)
     torch.testing.assert_close(bc.grad[:3], expected, rtol=1e-6, atol=1e-9)
     assert bc.grad[3].item() == pytest.approx(-2.0)
+    assert bc.grad[4].item() == pytest.approx(-2.0, abs=1e-6)
+
+
+def test_both_fr_sq_forms_have_the_same_gradient():
+    bc = torch.rand(2000, dtype=torch.float64) ** 0.05  # many values near 1
+    grads = []
+    for f in FR_SQ:
+        x = bc.clone().requires_grad_(True)
+        f(x).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-9)
     # autograd through a bare acos is exactly what fails here
     raw = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     (torch.acos(raw) ** 2).sum().backward()

@@ -213,14 +213,15 @@ def test_flex_compiles_once_and_reads_gamma_at_run_time(micro_cfg, micro_flex, i
     assert counters["stats"]["unique_graphs"] == graphs, "flex attention recompiled for the same shape"
 
 
-def test_flex_training_on_cpu_falls_back_to_reference_and_says_so(micro_cfg, ids, caplog):
+def test_flex_training_on_cpu_falls_back_to_reference_and_says_so(micro_cfg, ids, caplog, monkeypatch):
+    monkeypatch.setattr(qtg.model, "_warned_flex_fallback", set())
     model = qtg.build(micro_cfg.replace(attn_impl="flex"), seed=0)
     with caplog.at_level("WARNING", logger="qtg"):
         out = model(ids, targets=ids.roll(-1, 1), return_internals=True)
         out.loss.backward()
         model(ids, targets=ids)
     assert out.attn_impl == ["reference"] * len(model.blocks)
-    assert sum("no backward" in r.message for r in caplog.records) == len(model.blocks)  # once per layer
+    assert sum("no backward" in r.message for r in caplog.records) == 1  # once, not per layer or step
 
 
 def test_auto_picks_reference_for_short_cpu_inputs(micro, ids):

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+MEMORY_COLUMNS = ("inference_bf16", "inference_fp32", "train_bf16", "train_fp32")
+
+
 def _claimed(s: dict) -> str:
     return human_count(s["claimed_params"]) if s["claimed_params"] else "-"
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     yes = {True: "yes", False: "no"}
     rows = [[s["tier"], s["vocab_size"], s["d_model"], s["n_layers"], s["n_heads"], s["max_seq_len"],
              s["ffn_hidden"] or "none", human_count(s["params"]), _claimed(s), _ratio(s),
-             *(human_bytes(s["memory_bytes"][k]) for k in ("inference_bf16", "inference_fp32", "train_bf16", "train_fp32")),
+             *(human_bytes(s["memory_bytes"][k]) for k in MEMORY_COLUMNS),
              f"{yes[s['fits_inference']]}/{yes[s['fits_train']]}"] for s in summaries]
     print(format_table(headers, rows, right=set(range(1, 14))))
     have = summaries[0]["available_bytes"]
