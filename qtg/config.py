@@ -110,7 +110,7 @@ class QTGConfig:
         return m * ((raw + m - 1) // m)
 
     # --- conversions ----------------------------------------------------------
-    def replace(self, **changes: Any) -> "QTGConfig":
+    def replace(self, **changes: Any) -> QTGConfig:
         """A copy with some fields changed (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -124,7 +124,7 @@ class QTGConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QTGConfig":
+    def from_dict(cls, data: dict[str, Any]) -> QTGConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -137,7 +137,7 @@ class QTGConfig:
         return cls(**data)
 
     @classmethod
-    def from_name(cls, name: str) -> "QTGConfig":
+    def from_name(cls, name: str) -> QTGConfig:
         from qtg.tiers import get_tier
 
         return get_tier(name)
