@@ -4,18 +4,22 @@
     model = qtg.build("micro")                  # random weights, refused if it cannot fit
     out = model(ids, return_internals=True)     # logits, states, topology scores, attention maps
     qtg.count_params("7b"), qtg.memory_estimate("7b", "bf16", "train")
+    qtg.save_checkpoint(model, "ckpt/"); model = qtg.load("ckpt/")   # safetensors + JSON, never a pickle
+    model.generate(ids, 50, temperature=0.8, top_p=0.9, seed=0)      # see qtg.generate
 """
 
 from qtg.builder import build
+from qtg.checkpoint import load, load_checkpoint, save_checkpoint
 from qtg.config import QTGConfig
-from qtg.errors import ConfigError, QTGError, TierTooLargeError
+from qtg.errors import CheckpointError, ConfigError, GenerationError, QTGError, TierTooLargeError
 from qtg.memory import count_params, memory_estimate
 from qtg.model import QTG, QTGCache, QTGOutput
-from qtg.tiers import TIERS, get_tier, seed_faithful
+from qtg.tiers import TIERS, baseline_of, get_tier, seed_faithful
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QTG", "QTGCache", "QTGConfig", "QTGOutput", "TIERS", "ConfigError", "QTGError", "TierTooLargeError",
-    "build", "count_params", "get_tier", "memory_estimate", "seed_faithful",
+    "CheckpointError", "GenerationError", "build", "count_params", "get_tier", "load", "load_checkpoint",
+    "memory_estimate", "save_checkpoint", "seed_faithful", "baseline_of",
 ]

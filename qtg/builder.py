@@ -14,6 +14,15 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
 
 
+def model_class(cfg: QTGConfig) -> type:
+    """QTG, or the same-size Baseline decoder for ``arch="baseline"``."""
+    if cfg.arch == "baseline":
+        from qtg.baseline import Baseline
+
+        return Baseline
+    return QTG
+
+
 def resolve_config(tier_or_config: str | QTGConfig) -> QTGConfig:
     if isinstance(tier_or_config, QTGConfig):
         return tier_or_config
@@ -59,7 +68,7 @@ def build(
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
 ) -> QTG:
-    """Build a randomly initialised QTG model.
+    """Build a randomly initialised QTG model (or its baseline, ``cfg.arch == "baseline"``).
 
     The model is created on the ``meta`` device (shapes, no storage), checked
     against the target device's free memory, then materialised with
@@ -76,7 +85,7 @@ def build(
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     check_fits(cfg, device, dtype)
     with torch.device("meta"):
-        model = QTG(cfg)
+        model = model_class(cfg)(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.init_weights(seed=seed)
     return model

@@ -21,12 +21,14 @@ from qtg.errors import ConfigError
 
 ATTN_IMPLS = ("auto", "reference", "flex")
 POSITIONS = ("alibi", "none")
+ARCHS = ("qtg", "baseline")
 
 
 @dataclass(frozen=True)
 class QTGConfig:
     # --- identity -------------------------------------------------------
     name: str = "custom"
+    arch: str = "qtg"  # "qtg", or "baseline": a same-size conventional decoder (qtg.baseline)
 
     # --- shape (spec section 5) -------------------------------------------
     vocab_size: int = 512
@@ -84,6 +86,7 @@ class QTGConfig:
             (self.topo_temperature > 0, f"topo_temperature must be > 0, got {self.topo_temperature}"),
             (self.gamma_init > 0, f"gamma_init must be > 0, got {self.gamma_init}"),
             (self.pos in POSITIONS, f"pos must be one of {POSITIONS}, got {self.pos!r}"),
+            (self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}"),
             (self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}"),
         ]
         for ok, message in checks:

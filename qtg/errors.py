@@ -11,3 +11,19 @@ class ConfigError(QTGError, ValueError):
 
 class TierTooLargeError(QTGError, MemoryError):
     """A tier needs more memory than the target device has; nothing was allocated."""
+
+
+class DataError(QTGError, ValueError):
+    """Training data or a tokenizer that cannot be used: missing, empty, malformed, too short."""
+
+
+class CheckpointError(QTGError):
+    """A checkpoint that is missing, incomplete, corrupt, mismatched or not in a safe format."""
+
+
+class GenerationError(QTGError, ValueError):
+    """A generation request that cannot be served (empty prompt, bad sampling settings, too long)."""
+
+
+class TrainingError(QTGError):
+    """Training that cannot go on: repeated non-finite losses, or a run directory in an unusable state."""

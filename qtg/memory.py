@@ -44,19 +44,19 @@ def count_params(tier: str | QTGConfig) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _count_on_meta(cfg: QTGConfig) -> int:
-    from qtg.model import QTG
+    from qtg.builder import model_class
 
     with torch.device("meta"):
-        model = QTG(cfg)
+        model = model_class(cfg)(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
 def closed_form_params(tier: str | QTGConfig) -> int:
     """The same count as arithmetic (tied head, so the table is counted once)."""
     c = _resolve(tier)
-    width = c.width
-    embed = c.vocab_size * width + width  # table + the seed's bias
-    attn = 3 * width * c.d_model + c.d_model * width + (c.n_heads if c.learn_gamma else 0)
+    width, qtg = c.width, c.arch == "qtg"
+    embed = c.vocab_size * width + (width if qtg else 0)  # table + the seed's bias
+    attn = 3 * width * c.d_model + c.d_model * width + (c.n_heads if c.learn_gamma and qtg else 0)
     ffn = 3 * width * c.ffn_hidden + (width if c.ffn_hidden else 0)  # w_in (2h), w_out, its norm
     block = width + attn + ffn  # attention norm + attention + feed-forward
     return embed + c.n_layers * block + width  # + final norm

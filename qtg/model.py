@@ -82,17 +82,30 @@ class QTGCache:
     """Incremental-decoding state: everything earlier tokens contribute.
 
     ``points`` are the TopoFilter inputs (QEmbed outputs) of earlier tokens,
-    ``keys[l]`` their sqrt-simplex keys (float32) and ``values[l]`` their values
-    for block l. Each new token then costs O(N), not O(N^2).
+    ``keys[l]`` their keys and ``values[l]`` their values for block l (QTG's
+    keys are float32 sqrt-simplex vectors). Each new token then costs O(N),
+    not O(N^2). The baseline decoder uses the same class without ``points``.
     """
 
     points: Tensor | None = None  # [B, P, 2d]
-    keys: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h] float32
+    keys: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h]
     values: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h]
+    length: int = 0  # P, tokens seen so far
 
-    @property
-    def length(self) -> int:
-        return 0 if self.points is None else self.points.shape[1]
+    def advance(self, n: int) -> None:
+        """Called by the model once all blocks have read the old length."""
+        self.length += n
+
+
+def check_ids(ids: Tensor, vocab_size: int) -> None:
+    """A clear error for ids of the wrong shape or outside the vocabulary (not an IndexError deep inside)."""
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be [B, N], got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("ids is empty: at least one token is needed")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got ids from {lo} to {hi}")
 
 
 # --- QEmbed --------------------------------------------------------------------
@@ -343,8 +356,7 @@ class QTG(nn.Module):
             cache: a :class:`QTGCache`; ids then continue the cached tokens and
                 the cache is extended in place.
         """
-        if ids.dim() != 2:
-            raise ValueError(f"ids must be [B, N], got shape {tuple(ids.shape)}")
+        check_ids(ids, self.cfg.vocab_size)
         past = None if cache is None else cache.points
         psi = self.embed(ids)  # [B, N, 2d], unit norm
         soft, hard = self.topo.scores(psi, past, exact=return_internals)  # [B, N]
@@ -364,6 +376,7 @@ class QTG(nn.Module):
                 distances.append(maps[1])
         if cache is not None:
             cache.points = cache_points  # after the blocks: their offsets read the old length
+            cache.advance(ids.shape[1])
         logits = F.linear(self.norm(x), self.embed.table.weight)  # [B, N, V]: Re<e_v, h>
 
         out = QTGOutput(logits=logits)

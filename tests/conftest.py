@@ -45,3 +45,22 @@ def ids() -> torch.Tensor:
     x = torch.randint(0, 512, (2, 64), generator=g)
     x[:, 10] = x[:, 3]  # a repeated token
     return x
+
+
+SAMPLE_TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak.\n"
+    "All: Speak, speak.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
+) * 8
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A micro checkpoint carrying a small BPE tokenizer (random weights), saved as a user would."""
+    from qtg.checkpoint import save_checkpoint
+    from qtg.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([SAMPLE_TEXT], vocab_size=400)
+    model = qtg.build("micro", seed=0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "micro", tokenizer_json=tok.to_str())

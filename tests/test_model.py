@@ -93,6 +93,15 @@ def test_internals_are_not_computed_unless_asked(micro, ids):
     assert out.states is None and out.attention is None and out.topo_exact_scores is None and out.loss is None
 
 
+def test_bad_ids_get_a_clear_error(micro):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\); got ids from 0 to 600"):
+        micro(torch.tensor([[0, 600]]))
+    with pytest.raises(ValueError, match=r"ids must be \[B, N\]"):
+        micro(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="empty"):
+        micro(torch.zeros(1, 0, dtype=torch.long))
+
+
 # --- a literal re-computation of the spec, loops over tokens and heads ------------
 
 

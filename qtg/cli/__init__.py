@@ -11,14 +11,19 @@ import os
 import sys
 
 from qtg import __version__
-from qtg.cli import info
+from qtg.cli import eval as eval_cmd
+from qtg.cli import generate, info, tokenizer, train
 from qtg.errors import QTGError
 
-COMMANDS = [info]
+COMMANDS = [info, train, generate, eval_cmd, tokenizer]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?
   qtg info --tier 7b --json     one tier, machine-readable
+  qtg train --config configs/nano.yaml --out runs/nano --steps 3000   train nano; add --resume to continue
+  qtg generate --prompt "ROMEO:" --max-new-tokens 80        the shipped nano continues a prompt
+  qtg eval --data assets/corpus/hamlet.txt.gz               loss, perplexity, bits per byte
+  qtg tokenizer train --vocab-size 2048 --out runs/tok.json   a BPE tokenizer on the bundled corpus
 
 Set QTG_DEBUG=1 to see full tracebacks."""
 

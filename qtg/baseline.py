@@ -1,0 +1,158 @@
+"""A conventional decoder of the same size as a QTG tier, for side-by-side figures.
+
+Same vocabulary, residual width 2d, layers, heads, SwiGLU and tied head as the
+QTG config it is built from; only the parts that make QTG unusual change:
+
+* a plain embedding lookup (no unit normalisation, no TopoFilter);
+* dot-product attention (``F.scaled_dot_product_attention``, causal) with
+  rotary positions (RoPE, base 10,000) on the ``d_h = d / H`` head width,
+  projections 2d -> d -> 2d exactly as GeoAttention's, so the parameter
+  counts differ only by QEmbed's bias and the per-head gamma;
+* cross-entropy alone as the loss.
+
+Built with ``qtg.build(cfg.replace(arch="baseline"))`` (or
+``qtg.tiers.baseline_of(cfg)``); it shares :class:`QTGOutput` and
+:class:`QTGCache` with the QTG model, so generation, training and the
+explorer treat both the same way. Attention maps are returned when
+internals are asked for; the topology fields stay None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from qtg.config import QTGConfig
+from qtg.model import IGNORE_INDEX, QTGCache, QTGOutput, SwiGLU, check_ids
+
+ROPE_BASE = 10_000.0
+
+
+def rope_angles(n: int, head_dim: int, offset: int, device) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[n, head_dim / 2]`` for positions offset .. offset + n - 1."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)  # [n, d_h / 2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_2k, x_2k+1) of ``x`` ``[B, H, n, d_h]`` by the position's angles."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # [B, H, n, d_h / 2] each
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, n, d_h / 2, 2]
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class DotProductAttention(nn.Module):
+    """Causal multi-head softmax(QK^T / sqrt(d_h)) V with RoPE."""
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.width, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.width, cfg.d_model, bias=False)
+        self.wv = nn.Linear(cfg.width, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.width, bias=False)
+
+    def _split(self, t: Tensor) -> Tensor:
+        B, N, _ = t.shape
+        return t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, d_h]
+
+    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
+        """Args: x ``[B, N, 2d]``. Returns out ``[B, N, 2d]`` and the maps ``[B, H, N, P+N]`` or None."""
+        offset = 0 if cache is None else cache.length
+        cos, sin = rope_angles(x.shape[1], self.head_dim, offset, x.device)
+        q = apply_rope(self._split(self.wq(x)), cos, sin)
+        k = apply_rope(self._split(self.wk(x)), cos, sin)
+        v = self._split(self.wv(x))
+        if cache is not None:
+            if layer < len(cache.keys):
+                k = torch.cat([cache.keys[layer], k], dim=2)  # [B, H, P+N, d_h]
+                v = torch.cat([cache.values[layer], v], dim=2)
+                cache.keys[layer], cache.values[layer] = k, v
+            else:
+                cache.keys.append(k)
+                cache.values.append(v)
+        n_q, n_k = q.shape[2], k.shape[2]
+        i = torch.arange(offset, offset + n_q, device=x.device).view(-1, 1)
+        allowed = torch.arange(n_k, device=x.device).view(1, -1) <= i  # [Nq, Nk]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if offset == 0 else allowed,
+                                             is_causal=offset == 0)
+        maps = None
+        if want_maps:
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            maps = scores.masked_fill(~allowed, float("-inf")).softmax(-1).detach()
+        B, _, N, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(B, N, -1)), maps
+
+
+class BaselineBlock(nn.Module):
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = DotProductAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.ffn_hidden else None
+        self.ffn = SwiGLU(cfg) if cfg.ffn_hidden else None
+
+    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
+        a, maps = self.attn(self.attn_norm(x), cache=cache, layer=layer, want_maps=want_maps)
+        x = x + a
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x, maps
+
+
+class Baseline(nn.Module):
+    """Embedding -> blocks (RoPE attention, SwiGLU) -> RMSNorm -> tied head."""
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.tokenizer = None
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Same scheme as QTG.init_weights: N(0, std), residual outputs scaled by 1/sqrt(2L)."""
+        gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed) if seed is not None else None
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, out_std if name.endswith(("wo.weight", "w_out.weight")) else self.cfg.init_std,
+                          generator=gen)
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None, return_internals: bool = False,
+                cache: QTGCache | None = None) -> QTGOutput:
+        """Same contract as :meth:`qtg.model.QTG.forward` (topology fields stay None)."""
+        check_ids(ids, self.cfg.vocab_size)
+        x = self.embed(ids)  # [B, N, 2d]
+        states, maps_all = [x], []
+        for layer, block in enumerate(self.blocks):
+            x, maps = block(x, cache=cache, layer=layer, want_maps=return_internals)
+            states.append(x)
+            maps_all.append(maps)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        logits = F.linear(self.norm(x), self.embed.weight)  # [B, N, V]
+        out = QTGOutput(logits=logits)
+        if targets is not None:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            out.loss, out.loss_terms = ce, {"ce": ce.detach()}
+        if return_internals:
+            out.states, out.attention = states, maps_all
+            out.attn_impl = ["sdpa"] * len(self.blocks)
+        return out
+
+    def generate(self, ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """See :func:`qtg.generate.generate`."""
+        from qtg.generate import generate
+
+        return generate(self, ids, max_new_tokens, **kwargs)

@@ -1,0 +1,41 @@
+"""``qtg eval``: loss, perplexity and bits per byte on a text, file or directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from qtg.cli.common import add_model_args, load_model
+from qtg.evaluate import evaluate
+
+HELP = """Score a model on text: mean loss per token (nats), perplexity, and bits per
+byte = total negative log-likelihood in bits / raw UTF-8 bytes of the text. Bits
+per byte compares models with different tokenizers. Each document is scored as
+[EOS] + its tokens in non-overlapping windows of the model's context, so every
+byte is paid for."""
+
+EXAMPLES = """examples:
+  qtg eval --data assets/corpus/hamlet.txt.gz
+  qtg eval --checkpoint runs/nano --data my_texts/ --json"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on text", description=HELP,
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--data", required=True, metavar="PATH", help="a .txt/.txt.gz/.jsonl file or a directory of them")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    result = evaluate(model, args.data, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps({"model": model.cfg.name, **result.to_dict()}))
+    else:
+        print(f"{model.cfg.name}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f}, "
+              f"{result.bits_per_byte:.4f} bits/byte ({result.tokens:,} tokens, {result.bytes:,} bytes, "
+              f"{result.documents} documents)")
+    return 0

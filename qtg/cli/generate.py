@@ -1,0 +1,80 @@
+"""``qtg generate``: continue a prompt with a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from qtg.cli.common import add_model_args, load_model
+from qtg.errors import GenerationError
+from qtg.generate import check_sampling, generate, stream
+from qtg.tokenizer import decode, encode, eos_id
+
+HELP = """Continue a prompt with a QTG (or baseline) model and print the text.
+
+Sampling: --temperature 0 is greedy (deterministic); otherwise tokens are drawn
+from softmax(logits / T), optionally restricted to the --top-k most likely
+tokens and/or the smallest set whose probability reaches --top-p. --seed makes
+sampling reproducible. Generation stops at --max-new-tokens, at the end-of-text
+token, or once the text contains a --stop string. Every request is checked
+before any work: an empty prompt, a negative temperature, top-p outside (0, 1],
+top-k < 1 or a prompt that leaves no room in the context is refused with one
+line saying what fits."""
+
+EXAMPLES = """examples:
+  qtg generate --prompt "ROMEO:" --max-new-tokens 80
+  qtg generate --prompt "To be" --temperature 0            greedy
+  qtg generate --checkpoint runs/nano --prompt "KING:" --top-p 0.9 --seed 1 --stream
+  qtg generate --prompt "First Citizen:" --stop "\\n\\n" --json"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt", description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop once the text contains this (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence per token (slow; for checks)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, tokens/s")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise GenerationError("empty prompt: give some text to continue with --prompt")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading anything
+    model = load_model(args)
+    tok = model.tokenizer
+    ids = torch.tensor([encode(tok, args.prompt)], device=next(model.parameters()).device)
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  use_cache=not args.no_cache, eos_id=eos_id(tok), stop=args.stop, tokenizer=tok)
+    t0 = time.perf_counter()
+    if args.stream and not args.json:
+        sys.stdout.write(args.prompt)
+        new: list[int] = []
+        for step in stream(model, ids, args.max_new_tokens, **kwargs):
+            new.append(int(step[0]))
+            sys.stdout.write(decode(tok, [new[-1]]))  # byte-level pieces may split a character
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    out = generate(model, ids, args.max_new_tokens, **kwargs)
+    seconds = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:].tolist()
+    text = decode(tok, out[0].tolist())
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": text, "new_tokens": len(new),
+                          "tokens_per_s": len(new) / seconds, "model": model.cfg.name}))
+    else:
+        print(text)
+    return 0

@@ -1,0 +1,80 @@
+"""``qtg train``: train a tier on text, with checkpoints, exact resume and JSONL metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qtg.tiers import TIERS
+from qtg.train import TrainConfig, load_config, train
+
+HELP = """Train a QTG model and write a run directory (--out):
+
+  step_XXXXXX/     checkpoints (weights, config, tokenizer, optimizer and RNG state)
+  latest, best     text files naming the newest checkpoint and the one with the lowest validation loss
+  metrics.jsonl    one JSON object per step (loss, its terms, lr, grad_norm, tokens_per_s)
+                   and per evaluation (val_loss, val_ppl, val_bpb, a sample)
+  tokenizer.json   the tokenizer (trained on the training split unless --tokenizer is given)
+
+--config reads a YAML file with the sections model, data, training, checkpoint
+and logging (see configs/nano.yaml); flags given here override it. --steps is
+the step the run stops at, not a number of steps to add: `--steps 1000
+--resume` continues a run that stopped at step 400 up to step 1000. The
+learning-rate schedule (warm-up, cosine) comes from the config, never from
+--steps. A run killed at any moment leaves its last checkpoint loadable;
+`qtg.load(OUT)` loads it."""
+
+EXAMPLES = """examples:
+  qtg train --config configs/nano.yaml --out runs/nano --steps 3000
+  qtg train --config configs/nano.yaml --out runs/nano --steps 6000 --resume
+  qtg train --tier micro --data my_texts/ --out runs/micro --steps 200 --device cpu
+  qtg train --tier nano --init runs/nano --data poems.jsonl --out runs/poems --steps 500"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model: checkpoints, exact resume, metrics.jsonl", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("--tier", metavar="T", help=f"model tier ({', '.join(TIERS)}; default nano, or the config's)")
+    p.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML config; flags override it")
+    p.add_argument("--data", metavar="PATH", help="text file, .jsonl file or folder (default: the bundled corpus)")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer JSON (default: train one on the training split)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: the config's checkpoint.dir)")
+    p.add_argument("--steps", type=int, metavar="N", help="stop at step N (a total, also with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--init", metavar="WEIGHTS_DIR", help="start from these weights (checkpoint or run directory)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's (auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The YAML config (or the defaults) with the flags that were given applied on top."""
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    overrides = [(cfg.model, "tier", args.tier), (cfg.data, "path", args.data),
+                 (cfg.data, "tokenizer", args.tokenizer), (cfg.checkpoint, "dir", args.out),
+                 (cfg.training, "steps", args.steps), (cfg.training, "init", args.init),
+                 (cfg.training, "device", args.device)]
+    for section, name, value in overrides:
+        if value is not None:
+            setattr(section, name, value)
+    cfg.training.resume = cfg.training.resume or args.resume
+    cfg.logging.progress = cfg.logging.progress and not args.no_progress
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = train(config_from_args(args))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    loss = "-" if summary["loss"] is None else f"{summary['loss']:.4f}"
+    val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    tps = "-" if summary["tokens_per_s"] is None else f"{summary['tokens_per_s']:,.0f}"
+    print(f"trained {summary['tier']} ({summary['params']:,} parameters) on {summary['device']} from step "
+          f"{summary['start_step']} to {summary['step']} in {summary['seconds']:.1f} s: loss {loss}, val_loss {val}, "
+          f"{tps} tokens/s, {summary['skipped_steps']} skipped step(s)")
+    print(f"latest: {summary['latest_checkpoint']}   best: {summary['best_checkpoint']}   "
+          f"metrics: {Path(summary['out_dir']) / 'metrics.jsonl'}")
+    return 0

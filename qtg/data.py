@@ -1,0 +1,660 @@
+"""Training data: documents, a token cache, whole-document splits, resumable batches.
+
+The pipeline, each step a function of its own::
+
+    docs = load_documents(path)                    # [Document(name, text)], a file, folder or JSONL
+    train, val = split_documents(docs, val_fraction=0.1, seed=0)   # whole documents only
+    data = prepare_data(path, tokenizer)           # all of the above + the token cache -> DataSplits
+    loader = data.train.loader(seq_len=256, batch_size=16, seed=0)
+    x, y = loader.next_batch()                     # int64 [B, N]; y is x shifted left by one
+
+Choices:
+
+* **A document is a whole work** (one file, or one JSONL record). Splits move
+  whole documents, never a cut text, so validation text is text the model
+  never saw. The validation fraction counts UTF-8 *bytes*, not documents:
+  works differ thirty-fold in length (a 2 KB poem, a 175 KB play).
+* **Token stream**: each document's ids followed by one ``<|endoftext|>``;
+  windows run across document boundaries, the EOS tells the model where one
+  work ends (and, when sampling, acts as a start-of-text marker).
+* **Cache**: the ids of *all* documents (the split is chosen afterwards, so a
+  new split seed reuses it) are written once as ``tokens-<key>.npy`` and read
+  back with ``numpy.load(mmap_mode="r")``. ``<key>`` hashes the documents'
+  names and content and the tokenizer's JSON, so changing either makes a new
+  file; a ``.json`` beside it holds names, offsets and byte counts and is
+  written last, so a half-written cache is never taken for a whole one.
+  Default place: ``.qtg_cache/`` next to the data, or the user cache folder
+  (``$XDG_CACHE_HOME/qtg``, else ``~/.cache/qtg``) when that is read-only.
+* **Windows**: ``seq_len + 1`` tokens starting every ``stride`` tokens; the
+  input is the first ``seq_len``, the target the last ``seq_len``. Training
+  shuffles windows with a permutation that depends only on ``(seed, epoch)``,
+  so a loader's position is two integers and resuming is exact.
+* **Bits per byte** need the raw byte count of each split: ``TokenSplit.n_bytes``
+  (UTF-8 bytes of the documents' text; EOS tokens add no bytes).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from qtg.errors import ConfigError, DataError
+from qtg.tokenizer import encode_batch, eos_id, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the cache layout changes: old files are then ignored
+CACHE_DIRNAME = ".qtg_cache"
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+# --------------------------------------------------------------------------------------------
+# documents
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Document:
+    """One whole text: a work, a file or a JSONL record."""
+
+    name: str
+    text: str
+
+    @property
+    def n_bytes(self) -> int:
+        """Length of the text in UTF-8 bytes."""
+        return len(self.text.encode("utf-8"))
+
+
+def default_corpus_path() -> Path:
+    """The bundled corpus folder, ``assets/corpus/`` (39 Shakespeare works, ``.txt.gz``; see its PROVENANCE.md)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "corpus"
+
+
+def _kind(path: Path) -> str | None:
+    """``"text"``, ``"jsonl"`` or None (not a data file) from the file name."""
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in JSONL_SUFFIXES + TEXT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; ``.gz`` files are decompressed. Bytes are kept exactly (no newline translation)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as e:  # BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _jsonl_documents(path: Path, prefix: str) -> list[Document]:
+    """One Document per non-blank line ``{"text": ..., "name": ... (optional)}``."""
+    docs = []
+    # split on "\n" only: str.splitlines would also split at U+2028, legal inside a JSON string
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path}:{lineno}: expected an object with a string "text" field, '
+                            f"got {type(record).__name__}")
+        name = record.get("name")
+        docs.append(Document(name if isinstance(name, str) and name else f"{prefix}:{lineno}", record["text"]))
+    return docs
+
+
+def _file_documents(path: Path, name: str) -> list[Document]:
+    if _kind(path) == "jsonl":
+        return _jsonl_documents(path, name)
+    return [Document(name, _read_utf8(path))]
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """Data files under ``folder``, recursively, sorted; hidden files and folders (the cache) skipped."""
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file() and _kind(p) is not None:
+            files.append(p)
+    return files
+
+
+def load_documents(path: str | os.PathLike) -> list[Document]:
+    """Read documents from a text file, a JSONL file or a folder of them.
+
+    Args:
+        path: a ``.txt``/``.txt.gz`` file (one document; any other name that is
+            not ``.jsonl`` is read as text too), a ``.jsonl``/``.jsonl.gz`` file
+            (one document per line, ``{"text": str, "name": str (optional)}``),
+            or a folder (every ``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz``
+            under it, recursively, in sorted order).
+
+    Returns:
+        Non-empty documents in file order. A file's document is named by its path
+        relative to the folder without the suffix (``hamlet``); a JSONL record by
+        its ``name`` field, else ``<file>:<line number>``. Empty documents are
+        skipped with a warning.
+
+    Raises:
+        DataError: missing path, no data files, nothing but empty text, a
+            malformed JSONL line (its line number in the message), non-UTF-8
+            bytes, or two documents with the same name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        files = _data_files(path)
+        if not files:
+            raise DataError(f"no data files ({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}) under {path}")
+        docs = [d for f in files for d in _file_documents(f, _strip_suffix(f.relative_to(path).as_posix()))]
+    else:
+        docs = _file_documents(path, _strip_suffix(path.name))
+    kept = [d for d in docs if d.text]
+    for d in docs:
+        if not d.text:
+            log.warning("skipping empty document %r in %s", d.name, path)
+    if not kept:
+        raise DataError(f"no text in {path}: every document is empty")
+    _check_unique([d.name for d in kept], path)
+    return kept
+
+
+def _check_unique(names: Sequence[str], path: Path) -> None:
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        raise DataError(f"duplicate document names in {path}: {', '.join(dupes[:5])} "
+                        "(e.g. both a.txt and a.txt.gz, or repeated JSONL 'name' fields)")
+
+
+# --------------------------------------------------------------------------------------------
+# splits
+# --------------------------------------------------------------------------------------------
+def split_documents(
+    docs: Sequence[Document],
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    val_names: Sequence[str] | None = None,
+) -> tuple[list[Document], list[Document]]:
+    """Split documents into training and validation sets, whole documents only.
+
+    Args:
+        docs: the documents, e.g. from :func:`load_documents`.
+        val_fraction: with no ``val_names``, documents are drawn in a random
+            order fixed by ``seed`` until the validation set holds at least this
+            fraction of all UTF-8 bytes (so at least one document).
+        seed: fixes the draw; the same seed and documents give the same split,
+            whatever order the documents come in.
+        val_names: the validation documents by name (overrides ``val_fraction``).
+
+    Returns:
+        ``(train, val)``, each in the order of ``docs``.
+
+    Raises:
+        ConfigError: ``val_fraction`` not in (0, 1).
+        DataError: an unknown name in ``val_names``, or an empty split.
+    """
+    if val_names is not None:
+        val_set = set(val_names)
+        unknown = sorted(val_set - {d.name for d in docs})
+        if unknown:
+            known = ", ".join(sorted(d.name for d in docs)[:8])
+            raise DataError(f"unknown validation document(s): {', '.join(unknown)}; documents include: {known}")
+        how = f"val_names={sorted(val_set)}"
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        val_set = _draw_by_bytes(docs, val_fraction, seed)
+        how = f"val_fraction={val_fraction}, seed={seed}"
+    train = [d for d in docs if d.name not in val_set]
+    val = [d for d in docs if d.name in val_set]
+    for split_name, split in (("training", train), ("validation", val)):
+        if not split:
+            raise DataError(f"the {split_name} split is empty ({len(docs)} document(s), {how}); "
+                            "splits take whole documents, so at least 2 are needed")
+    return train, val
+
+
+def _draw_by_bytes(docs: Sequence[Document], fraction: float, seed: int) -> set[str]:
+    """Names drawn in a seeded order until they hold ``fraction`` of all bytes."""
+    sizes = {d.name: d.n_bytes for d in docs}
+    order = sorted(sizes)  # independent of the input order
+    random.Random(seed).shuffle(order)
+    target, total, chosen = fraction * sum(sizes.values()), 0, set()
+    for name in order:
+        if total >= target:
+            break
+        chosen.add(name)
+        total += sizes[name]
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizing, cached
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TokenizedDocuments:
+    """Token ids of documents: ``tokens[offsets[i]:offsets[i + 1]]`` is document ``i`` (no EOS)."""
+
+    names: list[str]
+    tokens: np.ndarray  # [T] uint16/uint32, a read-only memmap when read from the cache
+    offsets: np.ndarray  # [D + 1] int64
+    n_bytes: list[int]
+    eos_id: int
+    cache_path: Path | None = None  # the .npy file, None when not cached
+    from_cache: bool = False
+
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+def data_fingerprint(docs: Sequence[Document]) -> str:
+    """sha256 of the documents' names and texts, in order."""
+    h = hashlib.sha256()
+    for d in docs:
+        raw = d.text.encode("utf-8")
+        # lengths first, so no two different lists hash the same bytes
+        h.update(f"{len(d.name)}:{d.name}:{len(raw)}:".encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
+def cache_key(docs: Sequence[Document], tokenizer: Tokenizer) -> str:
+    """The cache file key: data content x tokenizer JSON x cache layout version."""
+    raw = f"v{CACHE_VERSION}:{data_fingerprint(docs)}:{tokenizer_fingerprint(tokenizer)}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The one place text becomes ids (a separate function so tests can count calls)."""
+    return encode_batch(tokenizer, texts)
+
+
+def _tokenize(docs: Sequence[Document], tokenizer: Tokenizer) -> TokenizedDocuments:
+    ids = _encode_texts(tokenizer, [d.text for d in docs])
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    dtype = _token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+    tokens = np.concatenate([np.asarray(x, dtype=dtype) for x in ids]) if ids else np.empty(0, dtype)
+    return TokenizedDocuments([d.name for d in docs], tokens, offsets, [d.n_bytes for d in docs],
+                              eos_id(tokenizer))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_cache(td: TokenizedDocuments, npy: Path, meta_path: Path, key: str) -> None:
+    meta = {"version": CACHE_VERSION, "key": key, "names": td.names, "offsets": td.offsets.tolist(),
+            "n_bytes": td.n_bytes, "eos_id": td.eos_id, "dtype": td.tokens.dtype.name}
+    _atomic_write(npy, lambda fh: np.save(fh, td.tokens))
+    _atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta).encode()))  # last: marks the cache complete
+
+
+def _read_cache(npy: Path, meta_path: Path, docs: Sequence[Document]) -> TokenizedDocuments | None:
+    """The cached ids, or None if the files are missing or do not match ``docs``."""
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        tokens = np.load(npy, mmap_mode="r")
+        offsets = np.asarray(meta["offsets"], dtype=np.int64)
+        ok = (meta["version"] == CACHE_VERSION and meta["names"] == [d.name for d in docs]
+              and len(tokens) == offsets[-1] and tokens.dtype.name == meta["dtype"])
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        log.warning("ignoring unreadable token cache %s (%s)", npy, e)
+        return None
+    if not ok:
+        log.warning("ignoring token cache %s: it does not match the data", npy)
+        return None
+    return TokenizedDocuments(meta["names"], tokens, offsets, meta["n_bytes"], meta["eos_id"], npy, True)
+
+
+def tokenize_documents(
+    docs: Sequence[Document], tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None
+) -> TokenizedDocuments:
+    """Token ids of every document, read from or written to ``cache_dir``.
+
+    Args:
+        docs: the documents.
+        tokenizer: any tokenizer with ``<|endoftext|>``.
+        cache_dir: where ``tokens-<key>.npy`` and ``tokens-<key>.json`` live
+            (created if needed); None tokenizes in memory and writes nothing.
+
+    Returns:
+        The ids; ``from_cache`` says whether the cache was used (no tokenizing).
+    """
+    if cache_dir is None:
+        return _tokenize(docs, tokenizer)
+    cache_dir = Path(cache_dir)
+    key = cache_key(docs, tokenizer)
+    npy, meta_path = cache_dir / f"tokens-{key}.npy", cache_dir / f"tokens-{key}.json"
+    cached = _read_cache(npy, meta_path, docs)
+    if cached is not None:
+        log.info("token cache hit: %s", npy)
+        return cached
+    td = _tokenize(docs, tokenizer)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_cache(td, npy, meta_path, key)
+    except OSError as e:
+        raise DataError(f"cannot write the token cache in {cache_dir}: {e}; pass another cache_dir") from None
+    log.info("token cache written: %s (%d tokens)", npy, len(td.tokens))
+    td.cache_path = npy
+    return td
+
+
+def _is_writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/qtg``, else ``~/.cache/qtg``: the cache when the data's folder is read-only."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qtg"
+
+
+def resolve_cache_dir(data_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``cache_dir`` if given, else ``.qtg_cache/`` next to the data, else the user cache.
+
+    Raises:
+        DataError: an explicit ``cache_dir`` that cannot be written.
+    """
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        if not _is_writable(cache_dir):
+            raise DataError(f"cache folder is not writable: {cache_dir}")
+        return cache_dir
+    data_path = Path(data_path)
+    beside = (data_path if data_path.is_dir() else data_path.parent) / CACHE_DIRNAME
+    if _is_writable(beside):
+        return beside
+    fallback = user_cache_dir()
+    log.info("%s is read-only; caching tokens in %s", beside.parent, fallback)
+    if not _is_writable(fallback):
+        raise DataError(f"neither {beside} nor {fallback} is writable; pass a cache folder")
+    return fallback
+
+
+# --------------------------------------------------------------------------------------------
+# splits as token streams
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TokenSplit:
+    """One split as a token stream: every document's ids followed by one EOS."""
+
+    name: str  # "train" or "val"
+    doc_names: list[str]
+    tokens: np.ndarray  # [T] uint16/uint32
+    n_bytes: int  # UTF-8 bytes of the documents' text (EOS adds none)
+    eos_id: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(len(self.tokens))
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Compression of this split: text bytes per token (EOS tokens counted as tokens)."""
+        return self.n_bytes / self.n_tokens
+
+    def bits_per_byte(self, nll_per_token: float) -> float:
+        """Bits per byte from a mean loss in nats per token over this split's tokens.
+
+        Equals the summed NLL of every token (in bits) over the text bytes when
+        ``nll_per_token`` is the mean over all ``n_tokens`` predictions.
+        """
+        return nll_per_token / math.log(2) * self.n_tokens / self.n_bytes
+
+    def loader(self, seq_len: int, batch_size: int, **kwargs: Any) -> WindowLoader:
+        """A :class:`WindowLoader` over this split (``stride``, ``shuffle``, ``seed``, ``drop_last``)."""
+        return WindowLoader(self.tokens, seq_len, batch_size, **kwargs)
+
+
+def make_split(name: str, td: TokenizedDocuments, doc_names: Sequence[str]) -> TokenSplit:
+    """The stream of ``doc_names`` (in that order) from tokenized documents, EOS after each."""
+    where = td.index()
+    rows = [where[n] for n in doc_names]
+    lengths = [int(td.offsets[i + 1] - td.offsets[i]) + 1 for i in rows]
+    out = np.empty(sum(lengths), dtype=td.tokens.dtype)
+    pos = 0
+    for i, n in zip(rows, lengths):
+        out[pos: pos + n - 1] = td.tokens[td.offsets[i]: td.offsets[i + 1]]
+        out[pos + n - 1] = td.eos_id
+        pos += n
+    return TokenSplit(name, list(doc_names), out, sum(td.n_bytes[i] for i in rows), td.eos_id)
+
+
+@dataclass
+class DataSplits:
+    """What :func:`prepare_data` returns: the two splits and where their ids came from."""
+
+    train: TokenSplit
+    val: TokenSplit
+    cache_path: Path | None
+    from_cache: bool
+    data_path: Path
+    seed: int
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers for logs and reports."""
+        split = {s.name: {"documents": len(s.doc_names), "tokens": s.n_tokens, "bytes": s.n_bytes,
+                          "bytes_per_token": round(s.bytes_per_token, 4)} for s in (self.train, self.val)}
+        cache = str(self.cache_path) if self.cache_path else None
+        return {"data": str(self.data_path), "seed": self.seed, **split, "val_documents": self.val.doc_names,
+                "cache": cache, "from_cache": self.from_cache}
+
+
+def prepare_data(
+    path: str | os.PathLike | None,
+    tokenizer: Tokenizer,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    val_names: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> DataSplits:
+    """Load, split and tokenize (through the cache) in one call.
+
+    Args:
+        path: data file or folder (see :func:`load_documents`); None is the bundled corpus.
+        tokenizer: a tokenizer with ``<|endoftext|>``.
+        val_fraction, seed, val_names: the split (see :func:`split_documents`).
+        cache_dir: the token cache folder (see :func:`resolve_cache_dir`).
+        use_cache: False tokenizes in memory and writes nothing.
+
+    Returns:
+        ``DataSplits(train, val, cache_path, from_cache, data_path, seed)``.
+    """
+    path = default_corpus_path() if path is None else Path(path)
+    docs = load_documents(path)
+    train_docs, val_docs = split_documents(docs, val_fraction=val_fraction, seed=seed, val_names=val_names)
+    cache = resolve_cache_dir(path, cache_dir) if use_cache else None
+    td = tokenize_documents(docs, tokenizer, cache)
+    return DataSplits(make_split("train", td, [d.name for d in train_docs]),
+                      make_split("val", td, [d.name for d in val_docs]), td.cache_path, td.from_cache,
+                      path, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# windows and batches
+# --------------------------------------------------------------------------------------------
+class WindowLoader:
+    """Fixed-length windows over a token stream, in batches, resumable exactly.
+
+    Window ``w`` covers ``tokens[w * stride : w * stride + seq_len + 1]``; its
+    input is the first ``seq_len`` ids and its target the last ``seq_len``
+    (the input shifted left by one). Windows that would run past the end are
+    not made. With ``shuffle``, epoch ``e`` visits windows in the order of a
+    permutation drawn from ``(seed, e)`` alone, so the batch at position
+    ``(epoch, index)`` never depends on what came before it.
+
+    Two ways to read it:
+
+    * ``for x, y in loader:`` the rest of the current epoch (a new ``for``
+      starts the next epoch once this one is finished);
+    * ``loader.next_batch()``: endless, rolling over to the next epoch.
+
+    ``state_dict()`` is the position of the next batch; a new loader over the
+    same stream with ``load_state_dict(state)`` yields exactly the batches the
+    first one would have yielded next.
+
+    For evaluation use ``stride=seq_len, shuffle=False, drop_last=False``:
+    every token after the first is then a target exactly once, except the tail
+    after the last whole window (fewer than ``seq_len`` tokens).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, *, stride: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
+        """Args:
+            tokens: ``[T]`` token ids (any integer dtype; a memmap is fine).
+            seq_len: N, the window length (input and target).
+            batch_size: B, windows per batch.
+            stride: tokens between window starts (default ``seq_len``: no
+                window predicts a token twice; smaller strides overlap).
+            shuffle: draw windows in a seeded random order each epoch.
+            seed: the shuffle seed.
+            drop_last: drop the last, short batch of each epoch.
+
+        Raises:
+            ConfigError: a non-positive ``seq_len``, ``batch_size`` or ``stride``.
+            DataError: the stream is too short for one window (or one batch with ``drop_last``).
+        """
+        stride = seq_len if stride is None else stride
+        for arg, value in (("seq_len", seq_len), ("batch_size", batch_size), ("stride", stride)):
+            if value < 1:
+                raise ConfigError(f"{arg} must be >= 1, got {value}")
+        self.tokens, self.seq_len, self.batch_size, self.stride = tokens, seq_len, batch_size, stride
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        n = len(tokens)
+        self.n_windows = (n - seq_len - 1) // stride + 1 if n >= seq_len + 1 else 0
+        if self.n_windows == 0:
+            raise DataError(f"the token stream has {n} tokens, too few for one window of seq_len + 1 = "
+                            f"{seq_len + 1}; use a shorter seq_len or more data")
+        if drop_last and self.n_windows < batch_size:
+            raise DataError(f"only {self.n_windows} windows (seq_len {seq_len}, stride {stride}), fewer than "
+                            f"batch_size {batch_size}; lower one of them or pass drop_last=False")
+        self.epoch, self.index = 0, 0  # position of the next batch
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.n_windows, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Window numbers in the order epoch ``epoch`` visits them: ``[n_windows]`` int64."""
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            else:
+                self._order = np.arange(self.n_windows, dtype=np.int64)
+            self._order_epoch = epoch
+        return self._order
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at a position, without moving: ``(input, target)``, int64 ``[B, N]``.
+
+        The last batch of an epoch has fewer rows when ``drop_last`` is False.
+        """
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches per epoch")
+        windows = self.order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
+        rows = (windows * self.stride)[:, None] + np.arange(self.seq_len + 1)  # [B, N + 1] positions
+        w = torch.from_numpy(np.asarray(self.tokens[rows], dtype=np.int64))
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def _roll_over(self) -> None:
+        if self.index >= len(self):
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch, moving on to the next epoch when this one is done."""
+        self._roll_over()
+        out = self.batch(self.epoch, self.index)
+        self.index += 1  # before returning: a state saved now points at the following batch
+        return out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._roll_over()
+        while self.index < len(self):
+            yield self.next_batch()
+
+    # --- resuming -----------------------------------------------------------------------------
+    def _shape(self) -> dict[str, Any]:
+        return {"n_windows": self.n_windows, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "stride": self.stride, "shuffle": self.shuffle, "seed": self.seed, "drop_last": self.drop_last}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next batch and the settings it is valid for (plain ints and bools)."""
+        return {"epoch": self.epoch, "index": self.index, **self._shape()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position.
+
+        Raises:
+            DataError: the state was saved by a loader with other settings or
+                another stream length (its batches would differ).
+        """
+        diff = [f"{k}: saved {state.get(k)!r}, here {v!r}" for k, v in self._shape().items() if state.get(k) != v]
+        if diff:
+            raise DataError("loader state does not match this loader (" + "; ".join(diff) + ")")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= len(self):
+            raise DataError(f"loader state position out of range: epoch {epoch}, index {index}")
+        self.epoch, self.index = epoch, index
+
+    @property
+    def step(self) -> int:
+        """Batches served since epoch 0, index 0."""
+        return self.epoch * len(self) + self.index

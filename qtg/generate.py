@@ -1,0 +1,366 @@
+"""Autoregressive generation from a QTG model: greedy, top-k, nucleus, seeded, streamed.
+
+A chain of small functions in the gpt-fast manner, each asserting the shapes
+it is given::
+
+    logits_to_probs -> sample -> prefill -> decode_one_token -> decode_n_tokens -> generate / stream
+
+Design choices:
+
+* **Checked up front.** :func:`check_request` refuses a bad request (empty
+  prompt, negative temperature, top_p outside (0, 1], top_k < 1, no room in
+  the context, out-of-vocabulary ids, stop strings without a tokenizer) with a
+  one-line :class:`~qtg.errors.GenerationError` before any forward pass.
+  :func:`stream` is a plain function that validates, then returns the
+  iterator, so its errors too come at the call and not at the first ``next``.
+* **Cache or not, same tokens.** With ``use_cache`` the prompt is run once
+  into a :class:`~qtg.model.QTGCache` and each step feeds one token
+  (``model(next_ids, cache=cache)``, O(N) per step); without it each step
+  re-runs the whole sequence (O(N^2)). Greedy output is the same token for
+  token (a test holds it).
+* **Temperature 0 is greedy** (argmax); top-k and top-p then do nothing.
+* **Seeded** sampling draws from a ``torch.Generator`` on the model's device:
+  the same seed gives the same tokens. Without a seed the global RNG is used.
+* **Batched stopping.** A row finishes when it emits ``eos_id`` or when its
+  generated text (decoded with the tokenizer) contains a stop string; the
+  EOS token or the token completing the stop string is kept. Finished rows
+  emit ``pad_id`` (default: ``eos_id``, else 0) so the batch stays
+  rectangular; the loop ends when every row has finished.
+* **Inference mode per step.** Each step runs under ``torch.inference_mode``
+  with the model in eval mode, and the previous mode is restored before a
+  token is handed back, so code consuming :func:`stream` between steps runs
+  in the caller's own autograd and train/eval state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qtg.errors import GenerationError
+from qtg.model import QTG, QTGCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy; top_k/top_p None means off."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# --- next-token choice -------------------------------------------------------------
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering, then softmax.
+
+    Args:
+        logits: ``[B, V]`` next-token logits.
+        temperature: > 0 (temperature 0 is greedy and handled by :func:`sample`).
+        top_k: keep the k most likely tokens (ties with the k-th are kept too).
+        top_p: keep the smallest set of most likely tokens whose mass reaches
+            top_p; the most likely token is always kept.
+
+    Returns:
+        ``[B, V]`` float32 probabilities, each row summing to 1.
+    """
+    assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
+    assert temperature > 0, "temperature 0 is greedy: use sample()"
+    logits = logits.float() / temperature  # [B, V]
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V] each
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]: mass of more likely tokens
+        drop_sorted = mass_before >= top_p  # the top token has mass_before 0 < top_p: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """The next token of every row.
+
+    Args:
+        logits: ``[B, V]`` next-token logits.
+        sampling: temperature / top-k / top-p.
+        generator: the random source (None: the global RNG); unused when greedy.
+
+    Returns:
+        ``[B]`` int64 token ids.
+    """
+    assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)  # [B, V]
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # [B]
+
+
+# --- forward passes ----------------------------------------------------------------
+
+
+def prefill(model: QTG, ids: Tensor, cache: QTGCache | None) -> Tensor:
+    """Run the prompt once (filling ``cache`` when given).
+
+    Args:
+        model: the model.
+        ids: ``[B, N]`` prompt ids.
+        cache: an empty QTGCache, or None.
+
+    Returns:
+        ``[B, V]`` logits for the token after the prompt.
+    """
+    assert ids.dim() == 2 and ids.shape[1] > 0, f"ids must be [B, N>0], got {tuple(ids.shape)}"
+    assert cache is None or cache.length == 0, "prefill needs an empty cache"
+    logits = model(ids, cache=cache).logits  # [B, N, V]
+    assert logits.shape[:2] == ids.shape
+    return logits[:, -1]
+
+
+def decode_one_token(model: QTG, seq: Tensor, cache: QTGCache | None) -> Tensor:
+    """Logits for the token after ``seq``.
+
+    With a cache holding ``seq[:, :-1]``, only the last token is fed (O(N));
+    without one, the whole sequence is run again (O(N^2)).
+
+    Args:
+        model: the model.
+        seq: ``[B, T]`` every token so far, prompt included.
+        cache: a QTGCache of length T - 1, or None.
+
+    Returns:
+        ``[B, V]`` next-token logits.
+    """
+    assert seq.dim() == 2, f"seq must be [B, T], got {tuple(seq.shape)}"
+    if cache is None:
+        return model(seq).logits[:, -1]  # [B, V]
+    assert cache.length == seq.shape[1] - 1, f"cache holds {cache.length} tokens, seq has {seq.shape[1]}"
+    logits = model(seq[:, -1:], cache=cache).logits  # [B, 1, V]
+    assert logits.shape[:2] == (seq.shape[0], 1)
+    return logits[:, -1]
+
+
+@contextlib.contextmanager
+def _inference(model: QTG) -> Iterator[None]:
+    """Eval mode and inference mode for one step; the caller's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class _Stopper:
+    """Which rows have finished: EOS emitted, or a stop string in the generated text."""
+
+    def __init__(self, batch: int, device: torch.device, eos_id: int | None, stop: tuple[str, ...], tokenizer: Any):
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+        self.eos_id, self.stop, self.tokenizer = eos_id, stop, tokenizer
+
+    def update(self, new: Tensor, generated: Tensor) -> None:
+        """Args: new ``[B]`` this step's tokens; generated ``[B, t]`` every generated token so far."""
+        done = self.finished.clone()
+        if self.eos_id is not None:
+            done |= new == self.eos_id
+        if self.stop:
+            for row in (~done).nonzero().flatten().tolist():
+                text = self.tokenizer.decode(generated[row].tolist())
+                done[row] = any(s in text for s in self.stop)
+        self.finished = done
+
+    @property
+    def all(self) -> bool:
+        return bool(self.finished.all())
+
+
+def decode_n_tokens(model: QTG, buf: Tensor, prompt_len: int, logits: Tensor, cache: QTGCache | None, n: int,
+                    sampling: Sampling, generator: torch.Generator | None, stopper: _Stopper,
+                    pad_id: int) -> Iterator[Tensor]:
+    """Sample up to ``n`` tokens, writing each into ``buf`` and yielding it.
+
+    Args:
+        model: the model.
+        buf: ``[B, prompt_len + n]`` the prompt followed by room for the new tokens.
+        prompt_len: N, the prompt length.
+        logits: ``[B, V]`` the logits after the prompt (from :func:`prefill`).
+        cache: the prefilled QTGCache, or None to re-run the sequence each step.
+        n: the most tokens to generate.
+        sampling: temperature / top-k / top-p.
+        generator: the random source, or None.
+        stopper: tracks finished rows (EOS, stop strings).
+        pad_id: what finished rows emit.
+
+    Yields:
+        ``[B]`` int64, the tokens of one step.
+    """
+    B = buf.shape[0]
+    assert buf.dim() == 2 and buf.shape[1] == prompt_len + n, f"buf {tuple(buf.shape)} != [B, {prompt_len + n}]"
+    assert logits.shape == (B, model.cfg.vocab_size), f"logits {tuple(logits.shape)}"
+    for step in range(n):
+        t = prompt_len + step
+        with _inference(model):
+            new = sample(logits, sampling, generator)  # [B]
+            new = torch.where(stopper.finished, torch.full_like(new, pad_id), new)
+            buf[:, t] = new
+            stopper.update(new, buf[:, prompt_len:t + 1])
+            last = stopper.all or step == n - 1
+            if not last:  # no forward pass for a token nobody will read
+                logits = decode_one_token(model, buf[:, :t + 1], cache)
+        yield new.clone()  # a normal tensor: usable outside inference mode
+        if last:
+            return
+
+
+# --- the public entry points -------------------------------------------------------
+
+
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> None:
+    """The checks that need no model: run them before loading one."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise GenerationError(f"top_k must be an integer >= 1 (or None for off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise GenerationError(f"top_p must be in (0, 1] (or None for off), got {top_p!r}")
+
+
+def check_request(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                  stop: str | Sequence[str] | None = None, tokenizer: Any = None) -> Tensor:
+    """Refuse a request that cannot be served, before any work.
+
+    Returns:
+        ``ids`` as ``[B, N]`` int64 on the model's device.
+
+    Raises:
+        GenerationError: one line saying what is wrong and what would do.
+    """
+    cfg = model.cfg
+    if not isinstance(ids, Tensor):
+        raise GenerationError(f"ids must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)  # [N] -> [1, N]
+    if ids.dim() != 2:
+        raise GenerationError(f"ids must be [B, N] (or [N]), got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise GenerationError(f"ids must be integer token ids, got dtype {ids.dtype}")
+    B, N = ids.shape
+    if B == 0 or N == 0:
+        raise GenerationError(f"empty prompt (ids shape {tuple(ids.shape)}): give at least one token per row")
+    bad = (ids < 0) | (ids >= cfg.vocab_size)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise GenerationError(f"token id {int(ids[row, col])} at row {row}, position {col} is out of vocabulary "
+                              f"(valid ids: 0..{cfg.vocab_size - 1})")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if N + max_new_tokens > cfg.max_seq_len:
+        room = cfg.max_seq_len - N
+        fix = f"at most {room} new tokens fit" if room > 0 else f"shorten the prompt below {cfg.max_seq_len} tokens"
+        raise GenerationError(f"the prompt is {N} tokens and max_new_tokens is {max_new_tokens}: {N + max_new_tokens} "
+                              f"exceeds {cfg.name!r}'s max_seq_len of {cfg.max_seq_len}; {fix}")
+    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.vocab_size):
+        raise GenerationError(f"eos_id must be a token id in 0..{cfg.vocab_size - 1}, got {eos_id!r}")
+    stops = _stop_strings(stop)
+    if stops and tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer to decode the text: pass tokenizer= or load a "
+                              "model that has one")
+    return ids.to(device=_device(model), dtype=torch.long)
+
+
+def stream(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None, use_cache: bool = True, eos_id: int | None = None,
+           stop: str | Sequence[str] | None = None, tokenizer: Any = None,
+           pad_id: int | None = None) -> Iterator[Tensor]:
+    """Generate one step at a time, for a streaming UI. Arguments as :func:`generate`.
+
+    The request is checked when ``stream`` is called (not at the first ``next``).
+
+    Yields:
+        ``[B]`` int64: each row's token for this step (``pad_id`` once a row has finished).
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    ids = check_request(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, stop, tokenizer)
+    sampling = Sampling(float(temperature), top_k, top_p)
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    return _steps(model, ids, max_new_tokens, sampling, seed, use_cache, eos_id, _stop_strings(stop), tokenizer, pad)
+
+
+def generate(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, use_cache: bool = True, eos_id: int | None = None,
+             stop: str | Sequence[str] | None = None, tokenizer: Any = None, pad_id: int | None = None) -> Tensor:
+    """Continue ``ids`` by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a QTG model (its train/eval mode is restored afterwards).
+        ids: ``[B, N]`` (or ``[N]``) prompt token ids.
+        max_new_tokens: >= 1; N + max_new_tokens must fit ``model.cfg.max_seq_len``.
+        temperature: 0 for greedy, else the softmax temperature.
+        top_k: sample among the k most likely tokens (None: off).
+        top_p: nucleus sampling, in (0, 1] (None: off).
+        seed: seeds a torch.Generator: the same seed gives the same tokens.
+        use_cache: prefill a QTGCache and feed one token per step (True), or
+            re-run the whole sequence each step (False; same greedy tokens, slower).
+        eos_id: a row that emits it has finished.
+        stop: a string or strings; a row whose generated text contains one has finished.
+        tokenizer: decodes text for ``stop`` (default ``model.tokenizer``).
+        pad_id: what finished rows emit (default ``eos_id``, else 0).
+
+    Returns:
+        ``[B, N + T]`` int64, the prompt then T <= max_new_tokens new tokens
+        (T < max_new_tokens when every row finished early).
+
+    Raises:
+        GenerationError: a bad request, before any work.
+    """
+    steps = list(stream(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, stop,
+                        tokenizer, pad_id))
+    prompt = ids if ids.dim() == 2 else ids.unsqueeze(0)
+    return torch.cat([prompt.to(device=steps[0].device, dtype=torch.long), torch.stack(steps, dim=1)], dim=1)
+
+
+def _steps(model: QTG, ids: Tensor, max_new_tokens: int, sampling: Sampling, seed: int | None, use_cache: bool,
+           eos_id: int | None, stop: tuple[str, ...], tokenizer: Any, pad_id: int) -> Iterator[Tensor]:
+    """The generator behind :func:`stream`: prefill, then :func:`decode_n_tokens`."""
+    B, N = ids.shape
+    device = ids.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    cache = QTGCache() if use_cache else None
+    buf = torch.full((B, N + max_new_tokens), pad_id, dtype=torch.long, device=device)  # prompt, then new tokens
+    buf[:, :N] = ids
+    with _inference(model):
+        logits = prefill(model, ids, cache)  # [B, V]
+    stopper = _Stopper(B, device, eos_id, stop, tokenizer)
+    yield from decode_n_tokens(model, buf, N, logits, cache, max_new_tokens, sampling, generator, stopper, pad_id)
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+def _device(model: QTG) -> torch.device:
+    return next(model.parameters()).device

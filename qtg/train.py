@@ -1,0 +1,611 @@
+"""Training: ``qtg.train.train(cfg)`` runs, checkpoints, resumes and logs a QTG model.
+
+    cfg = load_config("configs/nano.yaml")          # or TrainConfig() and set fields
+    cfg.training.steps = 200
+    summary = train(cfg)                            # a dict: steps, losses, checkpoints, tokens/s
+
+Choices:
+
+* **Config**: one dataclass per YAML section (model, data, training,
+  checkpoint, logging). An unknown key is a ConfigError naming it; the CLI
+  only overrides fields.
+* **Steps**: ``training.steps`` is the step at which a run stops, a total, not
+  a count to add. The learning-rate curve depends on ``warmup_steps`` and
+  ``schedule_steps`` only (:func:`qtg.optim.lr_at`), so stopping and resuming
+  changes nothing.
+* **Exact resume**: a checkpoint holds the weights (model.safetensors), the
+  optimizer moments and the torch RNG states (trainer.safetensors), and as
+  JSON the step, the data loader's position, the optimizer hyper-parameters,
+  the Python and NumPy RNG states. On CPU a resumed run is bit-identical to an
+  uninterrupted one (a test holds it).
+* **Crash safety**: a checkpoint is complete only once ``latest`` names it;
+  ``latest`` and ``best`` are small text files replaced atomically, written
+  after both safetensors files. Directories newer than ``latest`` are leftovers
+  of a killed save and are removed on resume.
+* **Non-finite losses** skip the update (the batch is still consumed, the step
+  still counts and is logged with ``"skipped": true``); ``max_bad_steps`` in a
+  row stop the run with a TrainingError. Weights are checked before every save.
+* **Validation** runs every ``eval_every`` steps and at each checkpoint, so
+  ``best`` (lowest ``val_loss``, the training objective on the validation split)
+  is exact. ``val_bpb`` is the validation NLL in bits per UTF-8 byte of text,
+  scaled by the split's bytes per token (exact when every window is evaluated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from qtg.builder import build, resolve_device
+from qtg.checkpoint import load, load_checkpoint, read_state, save_checkpoint
+from qtg.data import (
+    default_corpus_path,
+    load_documents,
+    make_split,
+    resolve_cache_dir,
+    split_documents,
+    tokenize_documents,
+)
+from qtg.errors import CheckpointError, ConfigError, DataError, TrainingError
+from qtg.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
+from qtg.tiers import get_tier
+from qtg.tokenizer import decode, eos_id, load_tokenizer, save_tokenizer, train_tokenizer
+
+try:  # generation is optional for training: a sample at each evaluation when present
+    from qtg.generate import generate as _generate
+except ImportError:  # pragma: no cover
+    _generate = None
+
+log = logging.getLogger("qtg")
+
+TRAINER_FILE = "trainer.safetensors"
+STATE_FORMAT = "qtg-train/1"
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    tier: str | None = None  # None: the checkpoint's (resume, init), else "nano"
+    overrides: dict = field(default_factory=dict)  # QTGConfig fields, e.g. {attn_impl: reference}
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # file or folder; None: the bundled corpus
+    tokenizer: str | None = None  # tokenizer JSON; None: trained on the training split
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    seq_len: int | None = None  # None: the model's max_seq_len
+    batch_size: int = 16
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 1000  # the step this run stops at (a total)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule_steps: int = 2000  # cosine reaches min_lr here; independent of `steps`
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    max_bad_steps: int = 5
+    resume: bool = False
+    init: str | None = None  # initial weights: checkpoint dir, run dir or tier with shipped weights
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "runs/train"
+    every: int = 250
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingSection:
+    eval_every: int = 250
+    eval_batches: int | None = 20  # None: the whole validation split
+    sample_tokens: int = 48  # 0: no sample
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> TrainConfig:
+        """Build from nested dicts; a ConfigError names any unknown section or key."""
+        data = {} if data is None else data
+        sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        _check_keys(data, sections, source, "section", "")
+        return cls(**{name: _section(sections[name](), value, source, name) for name, value in data.items()})
+
+    def validate(self) -> None:
+        t, d, c, lg = self.training, self.data, self.checkpoint, self.logging
+        checks = [(t.steps >= 1, "training.steps must be >= 1"), (t.lr > 0, "training.lr must be > 0"),
+                  (0 <= t.min_lr <= t.lr, "training.min_lr must be in [0, lr]"),
+                  (0 <= t.warmup_steps <= t.schedule_steps, "need 0 <= warmup_steps <= schedule_steps"),
+                  (t.schedule_steps >= 1, "training.schedule_steps must be >= 1"),
+                  (t.grad_accum >= 1, "training.grad_accum must be >= 1"),
+                  (t.grad_clip > 0, "training.grad_clip must be > 0"),
+                  (t.max_bad_steps >= 1, "training.max_bad_steps must be >= 1"),
+                  (d.batch_size >= 1, "data.batch_size must be >= 1"),
+                  (c.every >= 1 and c.keep_last >= 1, "checkpoint.every and keep_last must be >= 1"),
+                  (lg.eval_every >= 1, "logging.eval_every must be >= 1"), (lg.sample_tokens >= 0,
+                                                                         "logging.sample_tokens must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def _check_keys(data: Any, valid: Any, source: str, what: str, prefix: str) -> None:
+    """A ConfigError naming the first key of ``data`` that is not in ``valid``, as ``prefix + key``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown {what} '{prefix}{key}'; valid: {', '.join(valid)}")
+
+
+def _section(section: Any, data: Any, source: str, name: str) -> Any:
+    fields = {f.name: f.type for f in dataclasses.fields(section)}
+    _check_keys(data if data is not None else {}, fields, source, "key", f"{name}.")
+    for key, value in (data or {}).items():
+        setattr(section, key, _coerce(value, fields[key], f"{source}: {name}.{key}"))
+    return section
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """``value`` as the field's type. YAML reads ``1e-3`` as a string, so numbers may come as text."""
+    if value is None and "None" in annotation:
+        return None
+    kind = annotation.split("|")[0].strip()
+    try:
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+    except (TypeError, ValueError):
+        pass
+    if (kind == "bool" and isinstance(value, bool)) or (kind == "dict" and isinstance(value, dict)):
+        return value
+    if kind == "str" and isinstance(value, (str, os.PathLike)):
+        return str(value)
+    raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """A TrainConfig from a YAML file (sections model, data, training, checkpoint, logging)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    return TrainConfig.from_dict(data, source=str(path))
+
+
+# --- a run's state ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any  # qtg.data.WindowLoader over the training split
+    val: Any  # qtg.data.TokenSplit
+    seq_len: int
+    step: int = 0
+    bad_steps: int = 0
+    tokens_seen: int = 0
+    best_val: float | None = None
+    best_name: str | None = None
+
+    def autocast(self):
+        # bf16 autocast on CUDA only: CPU bf16 matmuls are slow and not what a CPU run is measured in
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def _latest(out: Path) -> Path | None:
+    """The checkpoint ``out/latest`` names, or None."""
+    pointer = out / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not (out / name / TRAINER_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete training checkpoint")
+    return out / name
+
+
+def _model_config(cfg: TrainConfig, base: Any = None) -> Any:
+    """The QTGConfig: the tier's (or ``base``'s, from a checkpoint) with ``model.overrides``."""
+    tier = get_tier(cfg.model.tier or "nano") if base is None or cfg.model.tier else base
+    try:
+        model_cfg = tier.replace(**cfg.model.overrides)
+    except ConfigError as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+    if base is not None and model_cfg != base:
+        diff = [k for k, v in model_cfg.to_dict().items() if base.to_dict()[k] != v]
+        raise ConfigError(f"the model config differs from the checkpoint's in: {', '.join(diff)}")
+    return model_cfg
+
+
+def _tokenizer(cfg: TrainConfig, train_docs: list, start: Any, vocab_size: int) -> Any:
+    """From --tokenizer, else the checkpoint's, else trained on the training split."""
+    if cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    elif start is not None and start.tokenizer is not None:
+        tok = start.tokenizer
+    else:
+        log.info("training a %d-token BPE tokenizer on the training split", vocab_size)
+        tok = train_tokenizer(train_docs, vocab_size)
+    if tok.get_vocab_size() > vocab_size:
+        raise DataError(f"the tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
+                        f"vocab_size {vocab_size}")
+    return tok
+
+
+def _prepare(cfg: TrainConfig) -> _Run:
+    """Model, tokenizer, data, optimizer: fresh, from --init, or restored from ``out/latest``."""
+    out, t = Path(cfg.checkpoint.dir), cfg.training
+    device = resolve_device(t.device)
+    resume_from = _latest(out)
+    if resume_from is not None and not t.resume:
+        raise TrainingError(f"{out} already holds a training run (latest: {resume_from.name}); pass --resume "
+                            "to continue it, or choose another --out")
+    if t.resume and resume_from is None:
+        log.warning("nothing to resume in %s: starting at step 0", out)
+    if resume_from is None:
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+    start = load_checkpoint(resume_from, device) if resume_from else load(t.init, device) if t.init else None
+    if start is not None and getattr(start, "random_weights", False):
+        raise ConfigError(f"training.init {t.init!r} has no trained weights to start from")
+    model_cfg = _model_config(cfg, start.cfg if start is not None else None)
+
+    data_path = Path(cfg.data.path) if cfg.data.path else default_corpus_path()
+    docs = load_documents(data_path)
+    train_docs, val_docs = split_documents(docs, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    tok = _tokenizer(cfg, train_docs, start, model_cfg.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, out / "tokenizer.json")
+    cache = resolve_cache_dir(data_path, cfg.data.cache_dir)
+    td = tokenize_documents(docs, tok, cache)
+    train_split = make_split("train", td, [d.name for d in train_docs])
+    val_split = make_split("val", td, [d.name for d in val_docs])
+
+    seq_len = cfg.data.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    try:  # fail now, not at the first evaluation
+        val_split.loader(seq_len, cfg.data.batch_size, shuffle=False, drop_last=False)
+    except DataError as e:
+        raise DataError(f"validation split ({', '.join(val_split.doc_names)}): {e}") from None
+    model = start if start is not None else build(model_cfg, device=device, seed=t.seed)
+    model.tokenizer = tok
+    model.train()
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device)
+    loader = train_split.loader(seq_len, cfg.data.batch_size, seed=t.seed)
+    run = _Run(cfg, out, device, model, optimizer, loader, val_split, seq_len)
+    if resume_from is not None:
+        _restore(run, resume_from)
+    _clean_up(run)
+    return run
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
+
+
+def _restore(run: _Run, ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = read_state(ckpt)
+    if not state or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{ckpt}: no training state ({STATE_FORMAT}) in state.json")
+    tensors = load_file(str(ckpt / TRAINER_FILE))
+    load_optimizer_state(run.optimizer, tensors, state["optimizer"])
+    _set_rng_state(tensors, state["rng"])
+    run.loader.load_state_dict(state["loader"])
+    run.step, run.bad_steps, run.tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
+    run.best_val, run.best_name = state["best_val"], state["best_name"]
+    log.info("resumed from %s at step %d", ckpt, run.step)
+
+
+def _clean_up(run: _Run) -> None:
+    """Drop what a killed run left past ``latest``: half-saved step folders, metric lines."""
+    for path in run.out.glob("step_*"):
+        if path.is_dir() and _step_of(path) > run.step:
+            shutil.rmtree(path)
+    metrics = run.out / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if _line_step(ln) <= run.step]
+        _atomic_text(metrics, "".join(ln + "\n" for ln in lines))
+
+
+def _line_step(line: str) -> float:
+    """The step of a metrics line; inf for a line cut short by a kill (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save(run: _Run, val_loss: float | None) -> Path:
+    """Write ``step_XXXXXX`` (weights, then optimizer + RNG), then move ``latest`` and ``best`` to it."""
+    tensors, optim_meta = optimizer_state(run.optimizer)
+    rng_tensors, rng_meta = _rng_state()
+    bad = [n for n, t in [*run.model.state_dict().items(), *tensors.items()] if not torch.isfinite(t).all()]
+    if bad:  # cannot happen after a skipped step; a guard so no checkpoint ever holds nan
+        raise TrainingError(f"refusing to save step {run.step}: non-finite values in {', '.join(bad[:5])}")
+    name = f"step_{run.step:06d}"
+    is_best = val_loss is not None and (run.best_val is None or val_loss < run.best_val)
+    if is_best:
+        run.best_val, run.best_name = val_loss, name
+    state = {"format": STATE_FORMAT, "step": run.step, "bad_steps": run.bad_steps, "tokens_seen": run.tokens_seen,
+             "val_loss": val_loss, "best_val": run.best_val, "best_name": run.best_name,
+             "loader": run.loader.state_dict(), "optimizer": optim_meta, "rng": rng_meta,
+             "train_config": run.cfg.to_dict()}
+    path = save_checkpoint(run.model, run.out / name, extra_state=state)
+    _atomic_safetensors({**tensors, **rng_tensors}, path / TRAINER_FILE)
+    _atomic_text(run.out / "latest", name + "\n")  # only now is the checkpoint part of the run
+    if is_best:
+        _atomic_text(run.out / "best", name + "\n")
+    steps = sorted((p for p in run.out.glob("step_*") if p.is_dir()), key=_step_of)
+    for old in steps[: -run.cfg.checkpoint.keep_last]:
+        if old.name != run.best_name:
+            shutil.rmtree(old)
+    return path
+
+
+# --- steps and evaluation -----------------------------------------------------------------------
+
+
+def _train_step(run: _Run, lr: float) -> dict[str, Any]:
+    """One optimizer update over ``grad_accum`` batches; skipped if a loss or the gradient is not finite."""
+    t, model = run.cfg.training, run.model
+    set_lr(run.optimizer, lr)
+    begin = time.perf_counter()
+    losses, terms, finite = [], {}, True
+    for _ in range(t.grad_accum):
+        x, y = (b.to(run.device, non_blocking=True) for b in run.loader.next_batch())
+        if not finite:
+            continue  # still draw the batch: a skipped step moves the data on like any other
+        with run.autocast():
+            out = model(x, targets=y)
+        if not torch.isfinite(out.loss):
+            finite = False
+            continue
+        (out.loss / t.grad_accum).backward()
+        losses.append(out.loss.item())
+        for k, v in out.loss_terms.items():
+            terms[k] = terms.get(k, 0.0) + v.item() / t.grad_accum
+    grad_norm = None
+    if finite:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        finite = math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    tokens = t.grad_accum * run.cfg.data.batch_size * run.seq_len
+    seconds = time.perf_counter() - begin
+    run.tokens_seen += tokens
+    if not finite:
+        return {"loss": None, "lr": lr, "grad_norm": None, "tokens_per_s": tokens / seconds, "skipped": True,
+                "seconds": seconds}
+    return {"loss": sum(losses) / len(losses), **terms, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens / seconds, "skipped": False, "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, split: Any, seq_len: int, batch_size: int, max_batches: int | None = None,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Validation loss over consecutive windows of ``split`` (a qtg.data.TokenSplit).
+
+    Returns:
+        ``val_loss`` (the training objective), ``val_ce``, ``val_ppl = exp(val_ce)``,
+        ``val_bpb`` (bits per UTF-8 byte), the other loss terms and ``val_tokens``.
+    """
+    loader = split.loader(seq_len, batch_size, shuffle=False, drop_last=False)
+    n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    device = torch.device(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    was_training = model.training
+    model.eval()
+    sums, n_tokens = {"loss": 0.0}, 0
+    for i in range(n_batches):  # batch(0, i): fixed windows, the loader never moves
+        x, y = (b.to(device) for b in loader.batch(0, i))
+        with autocast:
+            out = model(x, targets=y)
+        sums["loss"] += out.loss.item() * y.numel()
+        for k, v in out.loss_terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * y.numel()
+        n_tokens += y.numel()
+    model.train(was_training)
+    mean = {k: v / n_tokens for k, v in sums.items()}
+    return {"val_loss": mean["loss"], "val_ce": mean["ce"], "val_ppl": math.exp(min(mean["ce"], 700.0)),
+            "val_bpb": split.bits_per_byte(mean["ce"]),
+            **{f"val_{k}": v for k, v in mean.items() if k not in ("loss", "ce")}, "val_tokens": n_tokens}
+
+
+def _sample(run: _Run) -> str | None:
+    """A short seeded continuation of ``<|endoftext|>``, or None without qtg.generate."""
+    n = min(run.cfg.logging.sample_tokens, run.model.cfg.max_seq_len - 1)
+    if _generate is None or n < 1:
+        return None
+    eos = eos_id(run.model.tokenizer)
+    prompt = torch.tensor([[eos]], device=run.device)
+    try:  # seeded with its own generator: the global RNG, hence an exact resume, is untouched
+        ids = _generate(run.model, prompt, n, temperature=0.8, top_k=40, seed=0, eos_id=eos)
+    except Exception as e:  # a sample is a courtesy; it must not end a long run
+        log.warning("no sample at step %d: %s: %s", run.step, type(e).__name__, e)
+        return None
+    return decode(run.model.tokenizer, ids[0, 1:].tolist())
+
+
+def _write(fh: Any, record: dict[str, Any]) -> None:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    fh.write(json.dumps(clean, allow_nan=False) + "\n")
+    fh.flush()
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _evaluate_and_save(run: _Run, summary: dict[str, Any], bar: Any, metrics: Any) -> None:
+    """Evaluate every ``eval_every`` steps and at each checkpoint; save every ``every`` steps and at the end."""
+    cfg, lg = run.cfg, run.cfg.logging
+    save_now = run.step % cfg.checkpoint.every == 0 or run.step == cfg.training.steps
+    if not (save_now or run.step % lg.eval_every == 0):
+        return
+    val = evaluate_split(run.model, run.val, run.seq_len, cfg.data.batch_size, lg.eval_batches, run.device)
+    val["sample"] = _sample(run)
+    _write(metrics, {"step": run.step, **val})
+    summary["val_loss"] = val["val_loss"]
+    line = (f"step {run.step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}  "
+            f"val_bpb {val['val_bpb']:.4f}  sample: {val['sample']!r}")[:300]
+    if lg.progress:
+        bar.write(line, file=sys.stderr)  # stderr like the bar: stdout stays for the CLI's summary
+    else:
+        log.info(line)
+    if save_now:
+        _save(run, val["val_loss"])
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train until ``cfg.training.steps``, checkpointing and logging into ``cfg.checkpoint.dir``.
+
+    Args:
+        cfg: the run's configuration (see :class:`TrainConfig`).
+
+    Returns:
+        A summary: ``out_dir``, ``start_step``, ``step``, ``skipped_steps``, ``loss``,
+        ``val_loss``, ``best_val_loss``, ``best_checkpoint``, ``latest_checkpoint``,
+        ``tokens_per_s`` (training tokens over time in training steps), ``seconds``.
+
+    Raises:
+        TrainingError: ``max_bad_steps`` non-finite steps in a row, or an
+            existing run in ``checkpoint.dir`` without ``resume``.
+        ConfigError, DataError, CheckpointError: bad settings, data or checkpoints.
+    """
+    cfg.validate()
+    begin = time.perf_counter()
+    run = _prepare(cfg)
+    t, lg = cfg.training, cfg.logging
+    start, summary = run.step, {"loss": None, "val_loss": None}
+    (run.out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    step_seconds, step_tokens, skipped = 0.0, 0, 0
+    bar = tqdm(total=t.steps, initial=start, unit="step", disable=not lg.progress, dynamic_ncols=True)
+    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as metrics, bar:
+        while run.step < t.steps:
+            lr = lr_at(run.step, t.lr, t.min_lr, t.warmup_steps, t.schedule_steps)
+            record = _train_step(run, lr)
+            run.step += 1
+            step_seconds += record.pop("seconds")
+            step_tokens += t.grad_accum * cfg.data.batch_size * run.seq_len
+            _write(metrics, {"step": run.step, **record})
+            bar.update(1)
+            if record["skipped"]:
+                skipped, run.bad_steps = skipped + 1, run.bad_steps + 1
+                if run.bad_steps >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss or gradient was not finite for {run.bad_steps} steps in a row (steps "
+                        f"{run.step - run.bad_steps + 1}-{run.step}; training.max_bad_steps = {t.max_bad_steps}), so "
+                        f"training stopped; those steps did not change the weights. The last checkpoint is "
+                        f"{_latest(run.out) or 'none'}. Try a lower training.lr or check the data.")
+            else:
+                run.bad_steps, summary["loss"] = 0, record["loss"]
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            _evaluate_and_save(run, summary, bar, metrics)
+    latest = _latest(run.out)
+    return {"out_dir": str(run.out), "start_step": start, "step": run.step, "skipped_steps": skipped,
+            **summary, "best_val_loss": run.best_val,
+            "best_checkpoint": str(run.out / run.best_name) if run.best_name else None,
+            "latest_checkpoint": str(latest) if latest else None,
+            "tokens_per_s": step_tokens / step_seconds if step_seconds else None,
+            "seconds": time.perf_counter() - begin, "device": str(run.device), "tier": run.model.cfg.name,
+            "params": sum(p.numel() for p in run.model.parameters())}

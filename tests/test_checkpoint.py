@@ -1,0 +1,260 @@
+"""Checkpoints (qtg.checkpoint): exact round trips, no pickles, every bad file named,
+crash-safe writes (SIGKILL mid-save) and qtg.load's resolution of tiers and directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import qtg
+from qtg import checkpoint
+from qtg.checkpoint import load_checkpoint, read_state, save_checkpoint
+from qtg.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def model() -> qtg.QTG:
+    return qtg.build("micro", seed=7).eval()
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def saved(model, tmp_path) -> Path:
+    return save_checkpoint(model, tmp_path / "ckpt", extra_state={"step": 12, "loss": 3.5})
+
+
+def _word_tokenizer(n: int = 512):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(n)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def _logits(m: qtg.QTG, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(ids).logits
+
+
+# --- round trip ----------------------------------------------------------------------
+
+
+def test_round_trip_gives_identical_logits_state_and_tokenizer(model, ids, tmp_path):
+    model.tokenizer = _word_tokenizer()
+    try:
+        save_checkpoint(model, tmp_path / "ckpt", extra_state={"step": 12, "lr": [1e-3, 5e-4]})
+    finally:
+        model.tokenizer = None
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert loaded.cfg == model.cfg and not loaded.training and loaded.random_weights is False
+    assert read_state(tmp_path / "ckpt") == {"step": 12, "lr": [1e-3, 5e-4]}
+    assert loaded.tokenizer.encode("<5> <17>").ids == [5, 17]
+    assert qtg.load(tmp_path / "ckpt").cfg == model.cfg  # qtg.load takes the same directory
+
+
+def test_dtype_is_kept_or_converted(model, ids, tmp_path):
+    save_checkpoint(qtg.build("micro", seed=7, dtype="bf16"), tmp_path / "bf16")
+    assert load_checkpoint(tmp_path / "bf16").embed.table.weight.dtype == torch.bfloat16
+    save_checkpoint(model, tmp_path / "fp32")
+    as_bf16 = load_checkpoint(tmp_path / "fp32", dtype="bf16")
+    assert {p.dtype for p in as_bf16.parameters()} == {torch.bfloat16}
+
+
+def test_files_are_safetensors_and_json_with_the_tied_head_stored_once(saved, model):
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "state.json"]
+    raw = (saved / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])  # safetensors: u64 length, JSON header, raw bytes
+    names = set(header) - {"__metadata__"}
+    assert names == set(model.state_dict()) and not any("head" in n for n in names)
+    stored = sum(torch.Size(header[n]["shape"]).numel() for n in names)
+    assert stored == qtg.count_params("micro")  # the tied head is not a second copy of the table
+    assert len(raw) == 8 + header_len + 4 * stored
+    assert json.loads((saved / "config.json").read_text()) == model.cfg.to_dict()
+
+
+# --- pickles are refused, never opened -------------------------------------------------
+
+
+@pytest.fixture
+def no_torch_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_a_pickle_in_place_of_the_safetensors_file_is_refused(saved, model, no_torch_load):
+    torch.save(model.state_dict(), saved / "model.safetensors")
+    message = r"model\.safetensors: is a torch\.save/pickle file.*pickles are not loaded"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(saved)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "pytorch_model.bin", "weights.ckpt"])
+def test_pickle_paths_are_refused(model, tmp_path, no_torch_load, name):
+    path = tmp_path / name
+    torch.save(model.state_dict(), path)
+    for loader in (load_checkpoint, qtg.load):
+        with pytest.raises(CheckpointError, match=f"{name}: a .* file is a pickle; pickles are not loaded"):
+            loader(path)
+    with pytest.raises(CheckpointError, match=f"holds {name} but no model.safetensors; pickles are not loaded"):
+        load_checkpoint(tmp_path)
+
+
+# --- every bad file is named --------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _truncate(p / "model.safetensors"), r"model\.safetensors: corrupt or truncated safetensors"),
+    (lambda p: (p / "model.safetensors").write_bytes(b""), r"model\.safetensors: corrupt or truncated"),
+    (lambda p: (p / "model.safetensors").unlink(), r"model\.safetensors: missing"),
+    (lambda p: (p / "config.json").unlink(), r"config\.json: missing"),
+    (lambda p: (p / "config.json").write_text("{not json"), r"config\.json: not valid JSON"),
+    (lambda p: (p / "config.json").write_text("[1, 2]"), r"config\.json: expected a JSON object"),
+    (lambda p: _edit_config(p, flux_capacitor=1), r"config\.json: unknown config field\(s\): flux_capacitor"),
+    (lambda p: _edit_config(p, n_heads=3), r"config\.json: .*divisible by n_heads"),
+    (lambda p: _edit_config(p, vocab_size=256),
+     r"model\.safetensors: tensor 'embed\.table\.weight' has shape \(512, 128\), config\.json needs \(256, 128\)"),
+    (lambda p: _edit_config(p, n_layers=3), r"model\.safetensors: missing 9 tensor\(s\) .*blocks\.2\."),
+    (lambda p: (p / "tokenizer.json").write_text("{}"), r"tokenizer\.json: not a valid tokenizer"),
+], ids=["truncated", "empty", "no-model", "no-config", "bad-json", "not-object", "unknown-field", "invalid-value",
+        "shape", "missing-tensors", "bad-tokenizer"])
+def test_damaged_checkpoints_name_the_file(saved, damage, message):
+    damage(saved)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(saved)
+
+
+def test_non_finite_weights_are_refused(model, tmp_path):
+    bad = qtg.build("micro", seed=7)
+    with torch.no_grad():
+        bad.blocks[1].attn.wq.weight[3, 4] = float("nan")
+    save_checkpoint(bad, tmp_path / "nan")
+    message = r"model\.safetensors: tensor 'blocks\.1\.attn\.wq\.weight' holds non-finite"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "nan")
+
+
+def test_missing_directory_and_bad_requests(model, tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint directory"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="state.json: cannot be written as JSON"):
+        save_checkpoint(model, tmp_path / "x", extra_state={"when": object()})
+    assert not (tmp_path / "x").exists()  # refused before the disk was touched
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="refusing to save a checkpoint over .*notes: it exists and is not a"):
+        save_checkpoint(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+# --- crash safety -----------------------------------------------------------------------------
+
+
+def test_an_interrupted_swap_falls_back_to_the_previous_checkpoint(model, ids, saved, caplog):
+    # The one moment a kill leaves no `ckpt`: after `ckpt -> .ckpt.old`, before `tmp -> ckpt`.
+    old = saved.with_name(".ckpt.old")
+    os.rename(saved, old)
+    (saved.parent / ".ckpt.tmp-dead").mkdir()  # a half-written temp dir of the killed writer
+    with caplog.at_level("WARNING", logger="qtg"):
+        assert torch.equal(_logits(load_checkpoint(saved), ids), _logits(model, ids))
+    assert "save was interrupted" in caplog.text
+    save_checkpoint(model, saved, extra_state={"step": 13})  # the next save restores, cleans and replaces
+    assert read_state(saved) == {"step": 13}
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+
+
+def _save_forever(models: list[qtg.QTG], target: Path, ready: int) -> None:
+    """The forked saver: alternate between two models' weights until killed."""
+    try:
+        for i in range(1_000_000):
+            save_checkpoint(models[i % 2], target, extra_state={"i": i})
+            if i == 0:
+                os.write(ready, b"1")
+    finally:
+        os._exit(1)  # never return into pytest
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sigkill_during_repeated_saves_leaves_a_loadable_checkpoint(model, tmp_path):
+    # A forked child (torch already imported: no 4 s interpreter start per kill)
+    # saves in a loop; SIGKILL lands at a random moment of a ~35 ms save cycle.
+    # The child only writes files (no parallel tensor math), so fork is safe here.
+    target = tmp_path / "ckpt"
+    models = [model, qtg.build("micro", seed=8)]
+    probe = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    delays = []
+    for _ in range(8):  # a naive in-place writer tears ~1 kill in 4: caught with p ~ 0.9
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _save_forever(models, target, write_end)
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], 30)
+            assert ready and os.read(read_end, 1) == b"1", "the saver did not start"
+            delays.append(round(random.uniform(0.0, 0.2), 3))
+            time.sleep(delays[-1])
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            os.close(read_end)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        loaded = load_checkpoint(target)  # whatever moment the writer died at; the next round reuses it
+        assert torch.isfinite(_logits(loaded, probe)).all(), f"killed after {delays} s"
+        assert isinstance(read_state(target)["i"], int)
+
+
+# --- qtg.load: names and directories ------------------------------------------------------------
+
+
+def test_load_resolves_tiers_checkpoints_and_training_directories(model, ids, tmp_path, monkeypatch, caplog):
+    with caplog.at_level("WARNING", logger="qtg"):
+        random_micro = qtg.load("micro")
+    assert random_micro.random_weights is True and "RANDOM weights" in caplog.text
+
+    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path / "shipped")
+    save_checkpoint(model, tmp_path / "shipped" / "micro")
+    shipped = qtg.load("MICRO")
+    assert shipped.random_weights is False and torch.equal(_logits(shipped, ids), _logits(model, ids))
+
+    run = tmp_path / "run"
+    save_checkpoint(qtg.build("micro", seed=1), run / "step_000010")
+    save_checkpoint(model, run / "step_000020")
+    (run / "latest").write_text("step_000020\n")
+    assert torch.equal(_logits(qtg.load(run), ids), _logits(model, ids))
+    (run / "latest").unlink()
+    save_checkpoint(model, run / "latest")  # `latest` as a directory
+    assert qtg.load(run).checkpoint_dir == run / "latest"
+
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "latest").write_text("step_000099")
+    with pytest.raises(CheckpointError, match=r"latest: names 'step_000099', but .* is not a checkpoint"):
+        qtg.load(tmp_path / "run2")
+    message = r"cannot load 'gpt5': .*not a checkpoint directory.*'latest'.*tier \(micro, nano"
+    with pytest.raises(CheckpointError, match=message):
+        qtg.load("gpt5")

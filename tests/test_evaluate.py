@@ -1,0 +1,99 @@
+"""qtg.evaluate and the `qtg eval` / `qtg generate` commands."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtg
+from qtg.data import Document
+from qtg.evaluate import evaluate, windows
+from qtg.tokenizer import encode, eos_id
+from tests.test_cli import run_qtg
+
+
+def test_bits_per_byte_matches_a_hand_computation(tiny_checkpoint):
+    model = qtg.load(tiny_checkpoint).eval()
+    text = "Speak, speak. You are all resolved — ünïcødé too?"
+    ids = [eos_id(model.tokenizer)] + encode(model.tokenizer, text)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).logits[0]
+    nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+    result = evaluate(model, [Document("t", text)])
+    assert result.bytes == len(text.encode("utf-8")) > len(text)  # multi-byte characters count as bytes
+    assert result.tokens == len(ids) - 1
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / result.bytes, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+
+def test_windows_predict_every_token_exactly_once():
+    ids = list(range(1000))
+    chunks = windows(ids, 128)
+    predicted = [t for c in chunks for t in c[1:]]
+    assert predicted == ids[1:] and max(len(c) for c in chunks) == 129
+
+
+def test_long_documents_span_several_windows(tiny_checkpoint):
+    model = qtg.load(tiny_checkpoint).eval()
+    text = "Speak, speak. " * 200
+    result = evaluate(model, [Document("long", text)])
+    assert result.tokens == len(encode(model.tokenizer, text))  # EOS context + every token predicted once
+    assert result.tokens > 2 * model.cfg.max_seq_len
+
+
+def test_eval_needs_text_and_a_tokenizer(tiny_checkpoint):
+    with pytest.raises(qtg.QTGError, match="no tokenizer"):
+        evaluate(qtg.build("micro"), [Document("t", "hello")])
+    with pytest.raises(qtg.QTGError, match="no text"):
+        evaluate(qtg.load(tiny_checkpoint), [Document("t", "")])
+
+
+def test_eval_cli_json(tiny_checkpoint, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("All: Speak, speak.\n")
+    r = run_qtg("eval", "--checkpoint", str(tiny_checkpoint), "--data", str(f), "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["bytes"] == len("All: Speak, speak.\n") and out["bits_per_byte"] > 0
+
+
+def test_generate_cli_greedy_is_deterministic(tiny_checkpoint):
+    args = ("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "All:", "--temperature", "0",
+            "--max-new-tokens", "12", "--json", "--device", "cpu")
+    a, b = run_qtg(*args), run_qtg(*args)
+    assert a.returncode == 0, a.stderr
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["text"] == jb["text"] and ja["text"].startswith("All:") and ja["new_tokens"] == 12
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", ""], "empty prompt"),
+        (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "hi", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+        (["--prompt", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["--prompt", "Speak " * 200], r"the prompt is \d+ tokens .* max_seq_len of 128"),
+        (["--prompt", "hi", "--max-new-tokens", "500"], "at most 12\\d new tokens fit"),
+    ],
+)
+def test_generate_cli_refuses_bad_requests(tiny_checkpoint, extra, message):
+    r = run_qtg("generate", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", *extra)
+    assert r.returncode == 2, r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    import re
+
+    assert re.search(message, r.stderr), r.stderr
+
+
+def test_generate_cli_refuses_missing_unknown_and_pickled_checkpoints(tmp_path):
+    pickled = tmp_path / "model.pt"
+    torch.save({"x": torch.zeros(1)}, pickled)
+    for source, message in [(["--checkpoint", str(tmp_path / "nope")], "cannot load"),
+                            (["--tier", "13b"], "cannot load '13b'"),
+                            (["--checkpoint", str(pickled)], "pickle")]:
+        r = run_qtg("generate", *source, "--prompt", "hi", "--device", "cpu")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
