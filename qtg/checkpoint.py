@@ -412,6 +412,8 @@ def load(
         return load_checkpoint(path, device, dtype)
     if path.is_dir() and (path / LATEST).exists():
         return load_checkpoint(_resolve_latest(path), device, dtype)
+    if _is_checkpoint(SHIPPED_DIR / str(name_or_dir)):  # shipped weights, tiers and baselines alike
+        return load_checkpoint(SHIPPED_DIR / str(name_or_dir), device, dtype)
     try:
         cfg = get_tier(str(name_or_dir))
     except ConfigError:
@@ -428,6 +430,13 @@ def load(
     model.random_weights = True
     model.checkpoint_dir = None
     return model
+
+
+def shipped_models() -> list[str]:
+    """Names ``qtg.load`` finds under ``assets/checkpoints/`` (e.g. ``nano``, ``nano-baseline``)."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if _is_checkpoint(p))
 
 
 def _is_pickle_path(path: Path) -> bool:

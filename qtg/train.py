@@ -6,9 +6,9 @@
 
 Choices:
 
-* **Config**: one dataclass per YAML section (model, data, training,
-  checkpoint, logging). An unknown key is a ConfigError naming it; the CLI
-  only overrides fields.
+* **Config**: one dataclass per YAML section, in :mod:`qtg.train_config`
+  (re-exported here). An unknown key is a ConfigError naming it; the CLI only
+  overrides fields.
 * **Steps**: ``training.steps`` is the step at which a run stops, a total, not
   a count to add. The learning-rate curve depends on ``warmup_steps`` and
   ``schedule_steps`` only (:func:`qtg.optim.lr_at`), so stopping and resuming
@@ -33,7 +33,6 @@ Choices:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +65,15 @@ from qtg.errors import CheckpointError, ConfigError, DataError, TrainingError
 from qtg.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
 from qtg.tiers import get_tier
 from qtg.tokenizer import decode, eos_id, load_tokenizer, save_tokenizer, train_tokenizer
+from qtg.train_config import (  # noqa: F401  (re-exported: qtg.train.TrainConfig)
+    CheckpointSection,
+    DataSection,
+    LoggingSection,
+    ModelSection,
+    TrainConfig,
+    TrainingSection,
+    load_config,
+)
 
 try:  # generation is optional for training: a sample at each evaluation when present
     from qtg.generate import generate as _generate
@@ -76,144 +84,6 @@ log = logging.getLogger("qtg")
 
 TRAINER_FILE = "trainer.safetensors"
 STATE_FORMAT = "qtg-train/1"
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSection:
-    tier: str | None = None  # None: the checkpoint's (resume, init), else "nano"
-    overrides: dict = field(default_factory=dict)  # QTGConfig fields, e.g. {attn_impl: reference}
-
-
-@dataclass
-class DataSection:
-    path: str | None = None  # file or folder; None: the bundled corpus
-    tokenizer: str | None = None  # tokenizer JSON; None: trained on the training split
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    seq_len: int | None = None  # None: the model's max_seq_len
-    batch_size: int = 16
-    cache_dir: str | None = None
-
-
-@dataclass
-class TrainingSection:
-    steps: int = 1000  # the step this run stops at (a total)
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    schedule_steps: int = 2000  # cosine reaches min_lr here; independent of `steps`
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    max_bad_steps: int = 5
-    resume: bool = False
-    init: str | None = None  # initial weights: checkpoint dir, run dir or tier with shipped weights
-
-
-@dataclass
-class CheckpointSection:
-    dir: str = "runs/train"
-    every: int = 250
-    keep_last: int = 3
-
-
-@dataclass
-class LoggingSection:
-    eval_every: int = 250
-    eval_batches: int | None = 20  # None: the whole validation split
-    sample_tokens: int = 48  # 0: no sample
-    progress: bool = True
-
-
-@dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> TrainConfig:
-        """Build from nested dicts; a ConfigError names any unknown section or key."""
-        data = {} if data is None else data
-        sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
-        _check_keys(data, sections, source, "section", "")
-        return cls(**{name: _section(sections[name](), value, source, name) for name, value in data.items()})
-
-    def validate(self) -> None:
-        t, d, c, lg = self.training, self.data, self.checkpoint, self.logging
-        checks = [(t.steps >= 1, "training.steps must be >= 1"), (t.lr > 0, "training.lr must be > 0"),
-                  (0 <= t.min_lr <= t.lr, "training.min_lr must be in [0, lr]"),
-                  (0 <= t.warmup_steps <= t.schedule_steps, "need 0 <= warmup_steps <= schedule_steps"),
-                  (t.schedule_steps >= 1, "training.schedule_steps must be >= 1"),
-                  (t.grad_accum >= 1, "training.grad_accum must be >= 1"),
-                  (t.grad_clip > 0, "training.grad_clip must be > 0"),
-                  (t.max_bad_steps >= 1, "training.max_bad_steps must be >= 1"),
-                  (d.batch_size >= 1, "data.batch_size must be >= 1"),
-                  (c.every >= 1 and c.keep_last >= 1, "checkpoint.every and keep_last must be >= 1"),
-                  (lg.eval_every >= 1, "logging.eval_every must be >= 1"), (lg.sample_tokens >= 0,
-                                                                         "logging.sample_tokens must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-
-def _check_keys(data: Any, valid: Any, source: str, what: str, prefix: str) -> None:
-    """A ConfigError naming the first key of ``data`` that is not in ``valid``, as ``prefix + key``."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {type(data).__name__}")
-    for key in data:
-        if key not in valid:
-            raise ConfigError(f"{source}: unknown {what} '{prefix}{key}'; valid: {', '.join(valid)}")
-
-
-def _section(section: Any, data: Any, source: str, name: str) -> Any:
-    fields = {f.name: f.type for f in dataclasses.fields(section)}
-    _check_keys(data if data is not None else {}, fields, source, "key", f"{name}.")
-    for key, value in (data or {}).items():
-        setattr(section, key, _coerce(value, fields[key], f"{source}: {name}.{key}"))
-    return section
-
-
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    """``value`` as the field's type. YAML reads ``1e-3`` as a string, so numbers may come as text."""
-    if value is None and "None" in annotation:
-        return None
-    kind = annotation.split("|")[0].strip()
-    try:
-        if kind == "float" and not isinstance(value, bool):
-            return float(value)
-        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
-            return int(float(value))
-    except (TypeError, ValueError):
-        pass
-    if (kind == "bool" and isinstance(value, bool)) or (kind == "dict" and isinstance(value, dict)):
-        return value
-    if kind == "str" and isinstance(value, (str, os.PathLike)):
-        return str(value)
-    raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
-
-
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """A TrainConfig from a YAML file (sections model, data, training, checkpoint, logging)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
-    return TrainConfig.from_dict(data, source=str(path))
 
 
 # --- a run's state ------------------------------------------------------------------------------

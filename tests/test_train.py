@@ -315,3 +315,15 @@ logging: {{eval_every: 100, eval_batches: 1, sample_tokens: 0, progress: false}}
     assert summary["step"] == 2 and summary["tier"] == "micro" and not (tmp_path / "unused").exists()
     assert (out / "tokenizer.json").is_file() and (out / "step_000002" / "tokenizer.json").is_file()
     assert qtg.load(out).tokenizer.get_vocab_size() <= 512
+
+
+def test_arch_flag_trains_the_baseline_with_a_given_tokenizer(data_dir, tmp_path, capsys):
+    first = tmp_path / "qtg"
+    common = ["--tier", "micro", "--data", str(data_dir), "--steps", "1", "--device", "cpu", "--no-progress"]
+    assert main(["train", *common, "--out", str(first)]) == 0
+    out = tmp_path / "baseline"
+    assert main(["train", *common, "--out", str(out), "--arch", "baseline",
+                 "--tokenizer", str(first / "tokenizer.json")]) == 0
+    model = qtg.load(out)
+    assert model.cfg.arch == "baseline" and type(model).__name__ == "Baseline"
+    assert model.tokenizer.to_str() == qtg.load(first).tokenizer.to_str()

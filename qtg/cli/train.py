@@ -26,8 +26,9 @@ learning-rate schedule (warm-up, cosine) comes from the config, never from
 `qtg.load(OUT)` loads it."""
 
 EXAMPLES = """examples:
-  qtg train --config configs/nano.yaml --out runs/nano --steps 3000
-  qtg train --config configs/nano.yaml --out runs/nano --steps 6000 --resume
+  qtg train --config configs/nano.yaml --out runs/nano
+  qtg train --config configs/nano.yaml --out runs/nano --steps 3000 --resume
+  qtg train --config configs/nano.yaml --arch baseline --tokenizer runs/nano/tokenizer.json --out runs/base
   qtg train --tier micro --data my_texts/ --out runs/micro --steps 200 --device cpu
   qtg train --tier nano --init runs/nano --data poems.jsonl --out runs/poems --steps 500"""
 
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model: checkpoints, exact resume, metrics.jsonl", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("--tier", metavar="T", help=f"model tier ({', '.join(TIERS)}; default nano, or the config's)")
+    p.add_argument("--arch", choices=["qtg", "baseline"],
+                   help="baseline: the same-size dot-product decoder (RoPE, SDPA) on the same data and schedule")
     p.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML config; flags override it")
     p.add_argument("--data", metavar="PATH", help="text file, .jsonl file or folder (default: the bundled corpus)")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer JSON (default: train one on the training split)")
@@ -59,6 +62,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for section, name, value in overrides:
         if value is not None:
             setattr(section, name, value)
+    if args.arch is not None:
+        cfg.model.overrides = {**cfg.model.overrides, "arch": args.arch}
     cfg.training.resume = cfg.training.resume or args.resume
     cfg.logging.progress = cfg.logging.progress and not args.no_progress
     return cfg
