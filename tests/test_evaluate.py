@@ -97,3 +97,11 @@ def test_generate_cli_refuses_missing_unknown_and_pickled_checkpoints(tmp_path):
                             (["--checkpoint", str(pickled)], "pickle")]:
         r = run_qtg("generate", *source, "--prompt", "hi", "--device", "cpu")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_generate_cli_stream_prints_the_same_text(tiny_checkpoint):
+    common = ("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "All: é", "--temperature", "0",
+              "--max-new-tokens", "10", "--device", "cpu")
+    plain, streamed = run_qtg(*common), run_qtg(*common, "--stream")
+    assert plain.returncode == streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout

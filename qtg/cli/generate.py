@@ -62,11 +62,15 @@ def run(args: argparse.Namespace) -> int:
     if args.stream and not args.json:
         sys.stdout.write(args.prompt)
         new: list[int] = []
+        shown = ""
         for step in stream(model, ids, args.max_new_tokens, **kwargs):
             new.append(int(step[0]))
-            sys.stdout.write(decode(tok, [new[-1]]))  # byte-level pieces may split a character
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            text = decode(tok, new)
+            if not text.endswith("\ufffd"):  # a byte-level token may end inside a character: wait for the rest
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write(decode(tok, new)[len(shown):] + "\n")
         return 0
     out = generate(model, ids, args.max_new_tokens, **kwargs)
     seconds = time.perf_counter() - t0
