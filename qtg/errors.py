@@ -27,3 +27,7 @@ class GenerationError(QTGError, ValueError):
 
 class TrainingError(QTGError):
     """Training that cannot go on: repeated non-finite losses, or a run directory in an unusable state."""
+
+
+class TopologyError(QTGError):
+    """A persistence request that cannot be served: bad points or distances, or work beyond its bounds."""

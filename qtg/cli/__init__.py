@@ -12,10 +12,10 @@ import sys
 
 from qtg import __version__
 from qtg.cli import eval as eval_cmd
-from qtg.cli import generate, info, tokenizer, train
+from qtg.cli import generate, info, tokenizer, topo, train
 from qtg.errors import QTGError
 
-COMMANDS = [info, train, generate, eval_cmd, tokenizer]
+COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?
@@ -24,6 +24,7 @@ EPILOG = """examples:
   qtg generate --prompt "ROMEO:" --max-new-tokens 80        the shipped nano continues a prompt
   qtg eval --data assets/corpus/hamlet.txt.gz               loss, perplexity, bits per byte
   qtg tokenizer train --vocab-size 2048 --out runs/tok.json   a BPE tokenizer on the bundled corpus
+  qtg topo --text "To be, or not to be" --layer all --html topo.html   exact persistence vs the TopoFilter
 
 Set QTG_DEBUG=1 to see full tracebacks."""
 

@@ -1,0 +1,236 @@
+"""Figures for the exact-versus-approximate topology view (plotly only).
+
+Every function takes results already computed by :mod:`qtg.topology` and
+returns a ``plotly.graph_objects.Figure``; nothing here computes topology.
+:func:`save_html` writes standalone HTML with plotly.js inlined: the page
+loads nothing from the network.
+
+Conventions: diagrams are (birth, death) in ripser.py's convention. Infinite
+deaths are drawn on a dashed line marked "inf" just above the largest finite
+value, with "death: inf" in the hover text. Token strings are shown with
+newlines as ⏎ and HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")  # H0, H1, H2, H3
+SOURCE_SYMBOLS = ("circle-open", "x-thin-open", "diamond-open", "square-open")
+APPROX_COLOR = "#ff7f0e"
+
+
+def _show(token: str) -> str:
+    """A token as a person can read it in a figure."""
+    return html.escape(token.replace("\n", "⏎").replace("\t", "⇥")) or "∅"
+
+
+def _as_dgms(source: Any) -> list[np.ndarray]:
+    dgms = getattr(source, "dgms", source)
+    return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in dgms]
+
+
+def _sources(diagrams: Any) -> dict[str, list[np.ndarray]]:
+    """{name: dgms} from an ExactDiagrams, a list of arrays, or a mapping of either."""
+    if isinstance(diagrams, Mapping):
+        return {str(k): _as_dgms(v) for k, v in diagrams.items()}
+    name = getattr(diagrams, "backend", "exact")
+    return {name: _as_dgms(diagrams)}
+
+
+def _inf_level(all_dgms: Sequence[Sequence[np.ndarray]]) -> float:
+    """Where infinite deaths are drawn: 5% above the largest finite value."""
+    finite = [v for dgms in all_dgms for d in dgms for v in d[np.isfinite(d)].ravel()]
+    top = max(finite, default=1.0)
+    return top * 1.05 if top > 0 else 1.0
+
+
+def _diagram_traces(dgm: np.ndarray, inf_level: float, name: str, color: str, symbol: str) -> go.Scatter:
+    inf = np.isinf(dgm[:, 1])
+    y = np.where(inf, inf_level, dgm[:, 1])
+    hover = [f"birth {b:.4g}<br>death {'inf' if i else f'{d:.4g}'}<br>persistence {'inf' if i else f'{d - b:.4g}'}"
+             for (b, d), i in zip(dgm, inf)]
+    return go.Scatter(x=dgm[:, 0], y=y, mode="markers", name=name, text=hover, hoverinfo="text+name",
+                      marker=dict(color=color, symbol=symbol, size=8, line=dict(width=1.5, color=color)))
+
+
+def _frame(fig: go.Figure, inf_level: float, row: int | None = None, col: int | None = None) -> None:
+    """Diagonal and the dashed line of infinite deaths."""
+    where = {} if row is None else dict(row=row, col=col)
+    fig.add_trace(go.Scatter(x=[0, inf_level], y=[0, inf_level], mode="lines", name="diagonal",
+                             line=dict(color="gray", width=1), hoverinfo="skip", showlegend=False), **where)
+    fig.add_hline(y=inf_level, line=dict(color="gray", dash="dash", width=1), annotation_text="inf",
+                  annotation_position="top left", **where)
+
+
+def persistence_diagram(diagrams: Any, title: str = "Persistence diagram") -> go.Figure:
+    """Points of every dimension; several sources (e.g. ``{"gudhi": ex_g, "ripser": ex_r}``) overlaid.
+
+    Args:
+        diagrams: an ExactDiagrams, a list of ``[n, 2]`` arrays, or a mapping name -> either.
+        title: figure title.
+    """
+    sources = _sources(diagrams)
+    level = _inf_level(list(sources.values()))
+    fig = go.Figure()
+    _frame(fig, level)
+    for s, (name, dgms) in enumerate(sources.items()):
+        for k, dgm in enumerate(dgms):
+            fig.add_trace(_diagram_traces(dgm, level, f"{name} H{k}", DIM_COLORS[k % len(DIM_COLORS)],
+                                          SOURCE_SYMBOLS[s % len(SOURCE_SYMBOLS)]))
+    pad = 0.03 * level
+    fig.update_layout(title=title, xaxis_title="birth (edge length)", yaxis_title="death (edge length)",
+                      template="plotly_white", width=760, height=700,
+                      xaxis=dict(range=[-pad, level + pad]), yaxis=dict(range=[-pad, level + 2 * pad]))
+    return fig
+
+
+def barcode(diagrams: Any, title: str = "Barcode") -> go.Figure:
+    """One horizontal bar per class, grouped by dimension, longest first; infinite bars dashed to "inf"."""
+    dgms = _as_dgms(diagrams)
+    level = _inf_level([dgms])
+    fig, y = go.Figure(), 0
+    for k, dgm in enumerate(dgms):
+        order = np.argsort(-(np.minimum(dgm[:, 1], level) - dgm[:, 0]), kind="stable")
+        for infinite in (False, True):
+            xs, ys = [], []
+            for b, d in dgm[order][np.isinf(dgm[order][:, 1]) == infinite]:
+                xs += [b, level if infinite else d, None]
+                ys += [y, y, None]
+                y += 1
+            if xs:
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"H{k}" + (" (inf)" if infinite else ""),
+                                         line=dict(color=DIM_COLORS[k % len(DIM_COLORS)], width=2,
+                                                   dash="dash" if infinite else "solid")))
+        y += 2  # a gap between dimensions
+    fig.add_vline(x=level, line=dict(color="gray", dash="dot", width=1), annotation_text="inf")
+    fig.update_layout(title=title, xaxis_title="edge length", template="plotly_white",
+                      height=int(min(1600, max(400, 150 + 2.5 * y))),
+                      yaxis=dict(showticklabels=False, autorange="reversed"))
+    return fig
+
+
+def _token_labels(view: Any) -> list[str]:
+    tokens = view.tokens or [f"#{i}" for i in range(view.n)]
+    return [_show(t) for t in tokens]
+
+
+def exact_vs_approx(exact: Any, view: Any, comparison: Any = None,
+                    title: str = "Exact H0 against the TopoFilter") -> go.Figure:
+    """Left: exact diagrams with the implied approximate H0 {(0, s~_i)}. Right: per token s~ against s.
+
+    Args:
+        exact: ExactDiagrams of ``view.points``. view: an ApproxView. comparison: its Comparison (for the title).
+    """
+    labels = _token_labels(view)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.1,
+                        subplot_titles=("diagrams", "per token: soft-min s~ against exact causal s"))
+    dgms, implied = _as_dgms(exact), view.diagram
+    level = _inf_level([dgms, [implied]])
+    _frame(fig, level, row=1, col=1)
+    for k, dgm in enumerate(dgms):
+        fig.add_trace(_diagram_traces(dgm, level, f"exact H{k}", DIM_COLORS[k % len(DIM_COLORS)], "circle-open"),
+                      row=1, col=1)
+    approx = _diagram_traces(implied, level, "TopoFilter H0 (0, s~)", APPROX_COLOR, "x-thin-open")
+    approx.text = [f"{labels[(i + 1) % view.n]}<br>{t}" for i, t in enumerate(approx.text)]  # row i is token i+1
+    fig.add_trace(approx, row=1, col=1)
+
+    top = float(max(view.exact.max(), view.soft.max(), 1e-9))
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="s~ = s", line=dict(color="gray", width=1),
+                             hoverinfo="skip"), row=1, col=2)
+    hover = [f"#{i} {labels[i]}<br>s~ {a:.4g}<br>s {b:.4g}<br>w {c:.3f}"
+             for i, (a, b, c) in enumerate(zip(view.soft, view.exact, view.weights))]
+    fig.add_trace(go.Scatter(x=view.exact, y=view.soft, mode="markers", name="tokens", text=hover,
+                             hoverinfo="text", marker=dict(color=view.weights, colorscale="Viridis", cmin=0, cmax=1,
+                                                           colorbar=dict(title="w", x=1.02), size=7)), row=1, col=2)
+    fig.add_hline(y=view.theta, line=dict(color=APPROX_COLOR, dash="dot", width=1),
+                  annotation_text=f"theta {view.theta:g}", row=1, col=2)
+    if comparison is not None:
+        rho = comparison.spearman_filter_vs_elder
+        title += (f": bottleneck {comparison.bottleneck_h0:.4g}, W1 {comparison.wasserstein1_h0:.4g}, "
+                  f"mean |s~ - s| {comparison.mean_abs_error:.4g}, Spearman {'n/a' if rho is None else f'{rho:.3f}'}")
+    fig.update_xaxes(title_text="birth", row=1, col=1)
+    fig.update_yaxes(title_text="death", row=1, col=1)
+    fig.update_xaxes(title_text="exact causal s = min_{j<i} delta_ij", row=1, col=2)
+    fig.update_yaxes(title_text="soft-min s~", row=1, col=2)
+    fig.update_layout(title=title, template="plotly_white", height=620,
+                      legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="left", x=0))
+    return fig
+
+
+def weights_over_text(view: Any, per_row: int = 16, title: str = "TopoFilter weights over the text") -> go.Figure:
+    """The tokens in reading order, each cell coloured by w; hover shows s~, s and w."""
+    labels = _token_labels(view)
+    rows = -(-view.n // per_row)
+    z = np.full((rows, per_row), np.nan)
+    text = np.full((rows, per_row), "", dtype=object)
+    custom = np.full((rows, per_row, 4), np.nan)
+    for i in range(view.n):
+        r, c = divmod(i, per_row)
+        z[r, c], text[r, c] = view.weights[i], labels[i]
+        custom[r, c] = (i, view.soft[i], view.exact[i], view.weights[i])
+    fig = go.Figure(go.Heatmap(
+        z=z, text=text, customdata=custom, texttemplate="%{text}", zmin=0.0, zmax=1.0, colorscale="Viridis",
+        colorbar=dict(title="w"), xgap=2, ygap=2, name="w",
+        hovertemplate="#%{customdata[0]} %{text}<br>s~ %{customdata[1]:.4g}<br>s %{customdata[2]:.4g}"
+                      "<br>w %{customdata[3]:.3f}<extra></extra>"))
+    fig.update_layout(title=title, template="plotly_white", height=80 + 28 * rows,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"))
+    return fig
+
+
+_SUMMARY_PANELS = (
+    ("approximation error", ("bottleneck_h0", "mean_abs_error")),
+    ("rank and filter agreement", ("spearman_filter_vs_elder", "filter_agreement_elder")),
+    ("exact topology", ("h0_total_persistence", "h1_total_persistence")),
+    ("the filter", ("mean_weight",)),
+)
+
+
+def layer_summary(layers: Sequence[Any], title: str = "Topology through the depth") -> go.Figure:
+    """Per-layer curves: approximation error, agreement, exact total persistence, mean weight.
+
+    Args:
+        layers: LayerComparison objects, or their ``summary()`` dicts.
+    """
+    rows = [x.summary() if hasattr(x, "summary") else dict(x) for x in layers]
+    names = [f"{r['layer']}: {r['name']}" for r in rows]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[0] for p in _SUMMARY_PANELS], vertical_spacing=0.15)
+    for p, (_, keys) in enumerate(_SUMMARY_PANELS):
+        for key in keys:
+            fig.add_trace(go.Scatter(x=names, y=[r.get(key) for r in rows], mode="lines+markers", name=key),
+                          row=p // 2 + 1, col=p % 2 + 1)
+    fig.update_yaxes(type="log", row=2, col=1)  # H0 totals grow with depth and dwarf H1 on a linear axis
+    fig.update_layout(title=title, template="plotly_white", height=650)
+    return fig
+
+
+def save_html(figures: go.Figure | Sequence[go.Figure], path: str | os.PathLike, title: str = "QTG topology") -> Path:
+    """Write one standalone HTML page (plotly.js inlined, nothing fetched from the network).
+
+    Args:
+        figures: one figure or several, stacked in order.
+        path: the file to write; its folder is created.
+
+    Returns:
+        The path written.
+    """
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figures = [figures] if isinstance(figures, go.Figure) else list(figures)
+    body = "\n".join(pio.to_html(f, full_html=False, include_plotlyjs=False, include_mathjax=False) for f in figures)
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
+            f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>\n<body>\n{body}\n</body></html>\n")
+    path.write_text(page, encoding="utf-8")
+    return path

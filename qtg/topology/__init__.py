@@ -1,0 +1,35 @@
+"""Exact topology of token states beside the TopoFilter's approximation.
+
+    from qtg import topology
+    out = model(ids, return_internals=True)
+    ex = topology.exact_diagrams(out.states[0][0], maxdim=1)   # H0, H1: ripser.py convention, bounded work
+    view = topology.approx_view(out, layer=1)                  # s~, s, w and the implied H0 diagram
+    cmp = topology.compare(ex, view)                           # bottleneck, W1, per-token errors, ranks
+    topology.exact_mode_loss(model, ids)                       # what the soft-min costs in loss
+
+:mod:`qtg.topology.exact` computes diagrams (engines in
+:mod:`qtg.topology.backends`); :mod:`qtg.topology.compare` measures the
+approximation. Figures live apart, in :mod:`qtg.plots`.
+"""
+
+from qtg.errors import TopologyError
+from qtg.topology.compare import (
+    ApproxView,
+    Comparison,
+    ExactModeResult,
+    LayerComparison,
+    approx_view,
+    compare,
+    elder_persistence,
+    exact_mode_loss,
+    exact_topofilter,
+    layer_sweep,
+    wasserstein_1,
+)
+from qtg.topology.exact import Bounds, ExactDiagrams, euclidean_distances, exact_diagrams
+
+__all__ = [
+    "ApproxView", "Bounds", "Comparison", "ExactDiagrams", "ExactModeResult", "LayerComparison", "TopologyError",
+    "approx_view", "compare", "elder_persistence", "euclidean_distances", "exact_diagrams", "exact_mode_loss",
+    "exact_topofilter", "layer_sweep", "wasserstein_1",
+]
