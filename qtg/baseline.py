@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtg.config import QTGConfig
-from qtg.model import IGNORE_INDEX, QTGCache, QTGOutput, SwiGLU, check_ids
+from qtg.model import IGNORE_INDEX, Block, QTGCache, QTGOutput, check_ids
 
 ROPE_BASE = 10_000.0
 
@@ -63,7 +63,7 @@ class DotProductAttention(nn.Module):
         return t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, d_h]
 
     def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
-        """Args: x ``[B, N, 2d]``. Returns out ``[B, N, 2d]`` and the maps ``[B, H, N, P+N]`` or None."""
+        """Args: x ``[B, N, 2d]``. Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa"."""
         offset = 0 if cache is None else cache.length
         cos, sin = rope_angles(x.shape[1], self.head_dim, offset, x.device)
         q = apply_rope(self._split(self.wq(x)), cos, sin)
@@ -87,23 +87,7 @@ class DotProductAttention(nn.Module):
             scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
             maps = scores.masked_fill(~allowed, float("-inf")).softmax(-1).detach()
         B, _, N, _ = out.shape
-        return self.wo(out.transpose(1, 2).reshape(B, N, -1)), maps
-
-
-class BaselineBlock(nn.Module):
-    def __init__(self, cfg: QTGConfig):
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.attn = DotProductAttention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.ffn_hidden else None
-        self.ffn = SwiGLU(cfg) if cfg.ffn_hidden else None
-
-    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
-        a, maps = self.attn(self.attn_norm(x), cache=cache, layer=layer, want_maps=want_maps)
-        x = x + a
-        if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x))
-        return x, maps
+        return self.wo(out.transpose(1, 2).reshape(B, N, -1)), maps, "sdpa"
 
 
 class Baseline(nn.Module):
@@ -113,7 +97,7 @@ class Baseline(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, DotProductAttention) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.tokenizer = None
 
@@ -136,7 +120,7 @@ class Baseline(nn.Module):
         x = self.embed(ids)  # [B, N, 2d]
         states, maps_all = [x], []
         for layer, block in enumerate(self.blocks):
-            x, maps = block(x, cache=cache, layer=layer, want_maps=return_internals)
+            x, maps, _ = block(x, cache=cache, layer=layer, want_maps=return_internals)
             states.append(x)
             maps_all.append(maps)
         if cache is not None:

@@ -100,6 +100,13 @@ class QTGConfig:
         return 2 * self.d_model
 
     @property
+    def label(self) -> str:
+        """The name to show: ``nano``, or ``nano-baseline`` for its baseline decoder."""
+        if self.arch == "baseline" and not self.name.endswith("-baseline"):
+            return f"{self.name}-baseline"
+        return self.name
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 

@@ -287,12 +287,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """x + GeoAttention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) unless ffn_mult = 0."""
+    """x + GeoAttention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) unless ffn_mult = 0.
 
-    def __init__(self, cfg: QTGConfig):
+    ``attention`` is swappable so the baseline decoder (qtg.baseline) shares the
+    block; it must return (out, maps or None, name of the path that ran).
+    """
+
+    def __init__(self, cfg: QTGConfig, attention: type[nn.Module] = GeoAttention):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.attn = GeoAttention(cfg)
+        self.attn = attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.ffn_hidden else None
         self.ffn = SwiGLU(cfg) if cfg.ffn_hidden else None
 

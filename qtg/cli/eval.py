@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     result = evaluate(model, args.data, batch_size=args.batch_size, progress=not args.json)
     if args.json:
-        print(json.dumps({"model": model.cfg.name, **result.to_dict()}))
+        print(json.dumps({"model": model.cfg.label, **result.to_dict()}))
     else:
-        print(f"{model.cfg.name}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f}, "
+        print(f"{model.cfg.label}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f}, "
               f"{result.bits_per_byte:.4f} bits/byte ({result.tokens:,} tokens, {result.bytes:,} bytes, "
               f"{result.documents} documents)")
     return 0

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     text = decode(tok, out[0].tolist())
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": text, "new_tokens": len(new),
-                          "tokens_per_s": len(new) / seconds, "model": model.cfg.name}))
+                          "tokens_per_s": len(new) / seconds, "model": model.cfg.label}))
     else:
         print(text)
     return 0
