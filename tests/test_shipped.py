@@ -1,0 +1,61 @@
+"""The pretrained checkpoints that ship in assets/checkpoints/: present, small, offline, good.
+
+These are not skipped when the files are missing: a missing shipped model is a bug."""
+
+import pytest
+import torch
+
+import qtg
+from qtg.checkpoint import SHIPPED_DIR, shipped_models
+from qtg.data import default_corpus_path, load_documents
+from qtg.evaluate import evaluate
+
+# Held out of training by the default whole-work split (seed 0, 10% of bytes); see the model card.
+HELD_OUT = "two_gentlemen_of_verona"
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return qtg.load("nano")
+
+
+def test_nano_and_its_baseline_ship(nano):
+    assert {"nano", "nano-baseline"} <= set(shipped_models())
+    for name in ("nano", "nano-baseline"):
+        size = (SHIPPED_DIR / name / "model.safetensors").stat().st_size
+        assert size < 25 * 2**20, f"{name} is {size / 2**20:.1f} MB"
+    assert (SHIPPED_DIR / "README.md").is_file()  # the model card
+
+
+def test_tier_nano_means_the_shipped_weights(nano):
+    assert nano.random_weights is False and nano.tokenizer is not None
+    assert nano.cfg == qtg.get_tier("nano")
+    assert all(torch.isfinite(p).all() for p in nano.parameters())
+    base = qtg.load("nano-baseline")
+    assert base.cfg.arch == "baseline" and base.tokenizer.to_str() == nano.tokenizer.to_str()
+
+
+def test_the_held_out_work_was_not_trained_on():
+    """The shipped run used the default split (configs/nano.yaml: val_fraction 0.1, split_seed 0)."""
+    from qtg.data import split_documents
+
+    _, val = split_documents(load_documents(default_corpus_path()), val_fraction=0.1, seed=0)
+    assert HELD_OUT in {d.name for d in val}
+
+
+@pytest.mark.slow
+def test_nano_is_well_under_three_bits_per_byte_on_a_held_out_work(nano):
+    doc = next(d for d in load_documents(default_corpus_path()) if d.name == HELD_OUT)
+    doc = type(doc)(doc.name, doc.text[:30_000])  # a slice keeps the test fast
+    result = evaluate(nano, [doc], batch_size=16)
+    assert result.bits_per_byte < 2.8, result
+
+
+def test_shipped_nano_generates_the_same_greedy_text_with_and_without_cache(nano):
+    from qtg.tokenizer import encode
+
+    ids = torch.tensor([encode(nano.tokenizer, "ROMEO:\n")])
+    a = nano.generate(ids, 30, temperature=0, use_cache=True)
+    b = nano.generate(ids, 30, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    assert len(set(a[0, ids.shape[1]:].tolist())) > 3  # a trained model does not repeat one token
