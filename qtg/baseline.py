@@ -70,13 +70,7 @@ class DotProductAttention(nn.Module):
         k = apply_rope(self._split(self.wk(x)), cos, sin)
         v = self._split(self.wv(x))
         if cache is not None:
-            if layer < len(cache.keys):
-                k = torch.cat([cache.keys[layer], k], dim=2)  # [B, H, P+N, d_h]
-                v = torch.cat([cache.values[layer], v], dim=2)
-                cache.keys[layer], cache.values[layer] = k, v
-            else:
-                cache.keys.append(k)
-                cache.values.append(v)
+            k, v = cache.extend(layer, k, v)  # [B, H, P+N, d_h]
         n_q, n_k = q.shape[2], k.shape[2]
         i = torch.arange(offset, offset + n_q, device=x.device).view(-1, 1)
         allowed = torch.arange(n_k, device=x.device).view(1, -1) <= i  # [Nq, Nk]

@@ -92,6 +92,17 @@ class QTGCache:
     values: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h]
     length: int = 0  # P, tokens seen so far
 
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append block ``layer``'s new keys/values ``[B, H, N, d_h]``; return all ``[B, H, P+N, d_h]``."""
+        if layer < len(self.keys):
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys.append(k)
+            self.values.append(v)
+        return k, v
+
     def advance(self, n: int) -> None:
         """Called by the model once all blocks have read the old length."""
         self.length += n
@@ -249,13 +260,7 @@ class GeoAttention(nn.Module):
         offset = 0
         if cache is not None:
             offset = cache.length
-            if layer < len(cache.keys):
-                sk = torch.cat([cache.keys[layer], sk], dim=2)  # [B, H, P+N, d_h]
-                v = torch.cat([cache.values[layer], v], dim=2)
-                cache.keys[layer], cache.values[layer] = sk, v
-            else:
-                cache.keys.append(sk)
-                cache.values.append(v)
+            sk, v = cache.extend(layer, sk, v)  # [B, H, P+N, d_h]
         gamma = self.gamma(x.device)
         slopes = alibi_slopes(self.n_heads, x.device) if self.cfg.pos == "alibi" else None
         impl = self.choose_impl(x, offset)
