@@ -172,6 +172,9 @@ class TopoFilter(nn.Module):
         self.theta = cfg.topo_threshold
         self.tau = cfg.topo_tau
         self.temperature = cfg.topo_temperature
+        # Exact mode (the explorer's "what does the approximation cost?"): the
+        # filter weights by the exact s instead of s~; no gradient flows then.
+        self.exact_mode = False
 
     def scores(self, psi: Tensor, past: Tensor | None = None, exact: bool = False) -> tuple[Tensor, Tensor | None]:
         """s~ (and s when ``exact``) for the tokens of ``psi``, which follow ``past``.
@@ -192,10 +195,12 @@ class TopoFilter(nn.Module):
         soft = -self.temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
         soft = torch.where(first.view(1, -1), torch.zeros_like(soft), soft)
         hard = None
-        if exact:
+        if exact or self.exact_mode:
             inf = torch.full_like(delta, float("inf"))
             hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
             hard = torch.where(first.view(1, -1), torch.zeros_like(hard), hard)
+        if self.exact_mode:
+            return hard, hard
         return soft, hard
 
     def weights(self, soft: Tensor) -> Tensor:

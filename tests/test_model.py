@@ -312,3 +312,15 @@ def test_micro_learns_a_tiny_corpus(micro_cfg):
         losses.append(loss.item())
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last <= first / 2, f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_exact_mode_weights_by_the_exact_causal_score(micro_cfg, ids):
+    model = qtg.build(micro_cfg, seed=0).eval()
+    with torch.no_grad():
+        approx = model(ids, return_internals=True)
+        model.topo.exact_mode = True
+        exact = model(ids, return_internals=True)
+    s = approx.topo_exact_scores
+    torch.testing.assert_close(exact.topo_scores, s)
+    torch.testing.assert_close(exact.topo_weights, torch.exp(-(s - micro_cfg.topo_threshold).clamp(min=0)))
+    assert not torch.allclose(exact.logits, approx.logits)
