@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 EXTRAS ?= test,dev
 
-.PHONY: install app test test-fast lint bench info clean
+.PHONY: install app test test-fast lint bench info notebooks browser clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,19 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 install: $(VENV)/.installed-$(EXTRAS)
 
-app: install
-	@echo "The Gradio app is not built yet (issue: 'The QTG Explorer web app'). Meanwhile:"
-	$(VENV)/bin/qtg info
+# The app on the shipped nano, bound to 127.0.0.1:7860 (qtg app --help for options).
+app:
+	$(MAKE) install EXTRAS=app
+	$(VENV)/bin/qtg app
+
+# JupyterLab on notebooks/ (the notebooks extra brings jupyterlab).
+notebooks:
+	$(MAKE) install EXTRAS=notebooks
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Debian's Chromium for the browser tests (playwright cannot download browsers here).
+browser:
+	command -v chromium >/dev/null || (apt-get install -y chromium || (apt-get update && apt-get install -y chromium))
 
 test: install
 	$(PY) -m pytest -q --durations=15

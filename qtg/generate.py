@@ -159,12 +159,14 @@ def decode_one_token(model: QTG, seq: Tensor, cache: QTGCache | None) -> Tensor:
 def _inference(model: QTG) -> Iterator[None]:
     """Eval mode and inference mode for one step; the caller's mode is restored after."""
     was_training = model.training
-    model.eval()
+    if was_training:  # model.train(mode) walks every submodule: skip it when nothing changes
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 class _Stopper:

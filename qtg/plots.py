@@ -93,6 +93,27 @@ def persistence_diagram(diagrams: Any, title: str = "Persistence diagram") -> go
     return fig
 
 
+def diagrams_side_by_side(panels: Mapping[str, Any], title: str = "Persistence diagrams") -> go.Figure:
+    """One diagram panel per entry (e.g. two models' states), on a shared "inf" level so they compare.
+
+    Args:
+        panels: panel title -> an ExactDiagrams or a list of ``[n, 2]`` arrays.
+    """
+    named = {name: _as_dgms(d) for name, d in panels.items()}
+    fig = make_subplots(rows=1, cols=len(named), subplot_titles=list(named))
+    level = _inf_level(list(named.values()))
+    for col, dgms in enumerate(named.values(), start=1):
+        _frame(fig, level, row=1, col=col)
+        for k, dgm in enumerate(dgms):
+            fig.add_trace(_diagram_traces(dgm, level, f"H{k}", DIM_COLORS[k % len(DIM_COLORS)], "circle-open"),
+                          row=1, col=col)
+            fig.data[-1].showlegend = col == 1
+        fig.update_xaxes(title_text="birth", row=1, col=col)
+    fig.update_yaxes(title_text="death", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=480)
+    return fig
+
+
 def barcode(diagrams: Any, title: str = "Barcode") -> go.Figure:
     """One horizontal bar per class, grouped by dimension, longest first; infinite bars dashed to "inf"."""
     dgms = _as_dgms(diagrams)

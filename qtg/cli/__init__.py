@@ -11,11 +11,12 @@ import os
 import sys
 
 from qtg import __version__
+from qtg.cli import app as app_cmd
 from qtg.cli import eval as eval_cmd
 from qtg.cli import generate, info, tokenizer, topo, train
 from qtg.errors import QTGError
 
-COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo]
+COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo, app_cmd]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?
@@ -25,6 +26,7 @@ EPILOG = """examples:
   qtg eval --data assets/corpus/hamlet.txt.gz               loss, perplexity, bits per byte
   qtg tokenizer train --vocab-size 2048 --out runs/tok.json   a BPE tokenizer on the bundled corpus
   qtg topo --text "To be, or not to be" --layer all --html topo.html   exact persistence vs the TopoFilter
+  qtg app                       the web app on the shipped nano, http://127.0.0.1:7860
 
 Set QTG_DEBUG=1 to see full tracebacks."""
 

@@ -1,0 +1,36 @@
+"""What the app is allowed to do: limits, where it may read checkpoints, where it writes exports."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on every request. A request beyond one is refused with a message naming it."""
+
+    max_prompt_chars: int = 4_000  # generate: the prompt, before tokenizing
+    max_new_tokens: int = 512  # generate: also bounded by the model's context
+    max_text_chars: int = 20_000  # topology / attention / compare: the text, before tokenizing
+    max_topology_points: int = 1_024  # exact H0/H1: distinct points kept (farthest-point sampling above)
+    topology_time_budget: float = 30.0  # seconds before gudhi/ripser are stopped
+    max_attention_tokens: int = 160  # heatmaps draw H x N x N cells; longer texts are cut, and the page says so
+    live_points: int = 160  # the live diagram during generation: the last this-many tokens' points
+    live_every_s: float = 0.75  # ...recomputed at most this often, so the stream never waits long on it
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything ``build_app`` needs. ``checkpoint_dirs`` are the only places, beside the shipped
+    assets, that a checkpoint may be loaded from."""
+
+    model: str = "nano"  # loaded at start: a shipped model name or a tier
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_dirs: tuple[Path, ...] = ()
+    export_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "qtg-explorer")
+    limits: Limits = field(default_factory=Limits)
+    max_cached_models: int = 4  # loaded weights shared by all sessions, least recently used evicted
+    concurrency: int = 2  # heavy events (generate, topology, attention, compare) running at once
+    queue_size: int = 32  # requests waiting beyond that are refused ("queue full")

@@ -1,0 +1,205 @@
+"""Generate tab: the text streams token by token, each token coloured by its TopoFilter weight,
+beside a live exact H0/H1 diagram of the growing sequence. Endpoint ``/generate``.
+
+Sampling is :func:`qtg.generate.stream` (the library's loop and checks). The colours need
+s~, s and w of each new token; the TopoFilter looks only backwards, so they are computed
+for the new token alone against the earlier QEmbed states (``TopoFilter.scores(psi, past)``,
+O(N) per token) rather than by re-running the sequence. The live diagram is exact
+(``qtg.topology.exact_diagrams``) on the last ``live_points`` tokens, recomputed at most every
+``live_every_s`` seconds, so it never slows the stream to a crawl.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+import torch
+
+from app.core import Explorer, Session, as_float, as_int
+from app.errors import user_facing
+from app.exports import Exportable
+from app.tabs.common import export_controls
+from qtg.generate import check_sampling, stream
+from qtg.plots import persistence_diagram
+from qtg.tokenizer import EOS_TOKEN, decode
+from qtg.topology import exact_diagrams
+
+YIELD_EVERY_S = 0.05  # page updates at most this often (each carries every token so far)
+
+
+@dataclass
+class TokenScores:
+    """Per token: text, s~, s, w, and whether it was generated (vs prompt)."""
+
+    text: list[str] = field(default_factory=list)
+    soft: list[float] = field(default_factory=list)
+    exact: list[float] = field(default_factory=list)
+    weight: list[float] = field(default_factory=list)
+    generated: list[bool] = field(default_factory=list)
+
+
+class Scorer:
+    """s~, s, w of each token as it arrives, from the QEmbed states of the tokens before it."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.topo = getattr(model, "topo", None)
+        self.points: torch.Tensor | None = None  # [1, N, 2d] QEmbed states so far
+
+    @torch.inference_mode()
+    def add(self, ids: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+        """Args: ids ``[1, n]``. Returns s~, s, w of those n tokens (NaN for a baseline)."""
+        if self.topo is None:
+            nan = [float("nan")] * ids.shape[1]
+            return nan, nan, nan
+        psi = self.model.embed(ids)  # [1, n, 2d]
+        soft, hard = self.topo.scores(psi, self.points, exact=True)  # [1, n] each
+        w = self.topo.weights(soft)
+        self.points = psi if self.points is None else torch.cat([self.points, psi], dim=1)
+        return soft[0].tolist(), hard[0].tolist(), w[0].tolist()
+
+
+def token_html(scores: TokenScores) -> str:
+    """The text as spans: background by 1 - w (darker = filtered more), hover s~, s, w."""
+    spans = []
+    for text, s_soft, s_exact, w, gen in zip(scores.text, scores.soft, scores.exact, scores.weight,
+                                             scores.generated):
+        alpha = 0.0 if w != w else 0.08 + 0.8 * (1.0 - w)  # NaN (baseline): no colour
+        tip = "no TopoFilter" if w != w else f"s~ = {s_soft:.4f}, s = {s_exact:.4f}, w = {w:.4f}"
+        style = f"background: rgba(230, 85, 13, {alpha:.3f});" + ("font-weight: 600;" if gen else "opacity: 0.8;")
+        shown = html.escape(text).replace("\n", "⏎<br>")
+        spans.append(f'<span class="qtg-tok" title="{tip}" style="{style}">{shown}</span>')
+    legend = ('<div style="font-size: 0.85em; margin-bottom: 0.4em">Colour: 1 − w, the TopoFilter\'s '
+              'down-weighting (darker = filtered more); bold = generated; hover a token for s̃, s, w.</div>')
+    return legend + '<div class="qtg-text" style="white-space: pre-wrap; line-height: 1.7">' + "".join(spans) \
+        + "</div>"
+
+
+def live_diagram(model_points: torch.Tensor | None, limit: int) -> tuple[Any, str]:
+    """Exact H0/H1 of the last ``limit`` QEmbed states, in this thread (small, so quick)."""
+    if model_points is None or model_points.shape[1] < 3:
+        return None, ""
+    pts = model_points[0, -limit:].double().cpu().numpy()
+    ex = exact_diagrams(pts, maxdim=1, max_points=limit, time_budget=None)
+    bars = ", ".join(f"H{k}: {len(d)}" for k, d in enumerate(ex.dgms))
+    fig = persistence_diagram(ex, title=f"Exact H0/H1 of the last {len(pts)} tokens' QEmbed states ({bars})")
+    fig.update_layout(height=420)
+    return fig, f"live diagram: {len(pts)} points, {ex.seconds * 1000:.0f} ms ({ex.bounds.describe()})"
+
+
+def _sampling_args(ex: Explorer, max_new_tokens, temperature, top_k, top_p, seed) -> dict[str, Any]:
+    n = as_int(max_new_tokens, "max new tokens", 1, ex.limits.max_new_tokens)
+    t = as_float(temperature, "temperature", 0.0, 100.0)
+    k = as_int(top_k if top_k not in (None, "") else 0, "top-k", 0, 10_000_000)
+    p = as_float(top_p if top_p not in (None, "") else 1.0, "top-p", 1e-6, 1.0)
+    s = as_int(seed if seed not in (None, "") else -1, "seed", -1, 2**63 - 1)
+    args = dict(max_new_tokens=n, temperature=t, top_k=k or None, top_p=None if p >= 1.0 else p,
+                seed=None if s < 0 else s)
+    check_sampling(args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"])
+    return args
+
+
+def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens: Any = 64, temperature: Any = 0.8,
+             top_k: Any = 0, top_p: Any = 1.0, seed: Any = -1) -> Iterator[tuple]:
+    """Stream (html, continuation, live figure, stats, session, export payload) as tokens arrive.
+
+    top_k 0 and top_p 1 mean off; seed -1 means unseeded; temperature 0 is greedy.
+    """
+    session = session or ex.new_session()
+    args = _sampling_args(ex, max_new_tokens, temperature, top_k, top_p, seed)
+    loaded = ex.current(session)
+    ids, tokens = ex.encode(loaded, prompt, ex.limits.max_prompt_chars, "prompt")
+    tok = loaded.tokenizer
+    eos = tok.token_to_id(EOS_TOKEN)
+    steps = stream(loaded.model, ids, eos_id=eos, **args)  # checks the request (context length) now
+
+    scorer, scores = Scorer(loaded.model), TokenScores()
+    soft, hard, w = scorer.add(ids)
+    scores.text, scores.soft, scores.exact, scores.weight = tokens, soft, hard, w
+    scores.generated = [False] * len(tokens)
+    new_ids: list[int] = []
+    fig, live_note = None, ""
+    t0 = time.perf_counter()
+    first = last_yield = last_live = None
+    ex.counters.add("streams_started")
+
+    def stats(done: bool) -> str:
+        n = len(new_ids)
+        if not n:
+            return "prefilling…"
+        rate = (n - 1) / (time.perf_counter() - first) if n > 1 else float("nan")
+        parts = [f"{'done' if done else 'generating'}: {n} new tokens",
+                 f"first token {1000 * (first - t0):.0f} ms", f"{rate:.1f} tokens/s after it" if n > 1 else ""]
+        return " · ".join(p for p in parts if p) + (f"  \n{live_note}" if live_note else "")
+
+    def update(done: bool) -> tuple:
+        text = decode(tok, new_ids)
+        new_session = Session(session.model, session.device, prompt + text)
+        numbers = {"prompt": prompt, "continuation": text, "token_ids": new_ids, "sampling": args,
+                   "tokens": scores.text, "soft": scores.soft, "exact": scores.exact, "weights": scores.weight,
+                   "generated": scores.generated, "model": loaded.source.key}
+        payload = Exportable("generate", {"live_diagram": fig} if fig is not None else {}, numbers)
+        return token_html(scores), text, fig, stats(done), new_session, payload
+
+    for step in steps:
+        now = time.perf_counter()
+        first = first or now
+        token = int(step[0])
+        new_ids.append(token)
+        ex.counters.add("tokens_generated")
+        soft, hard, w = scorer.add(step.view(1, 1).to(ids.device))
+        scores.text.append(decode(tok, [token]))
+        scores.soft += soft
+        scores.exact += hard
+        scores.weight += w
+        scores.generated.append(True)
+        if last_live is None or now - last_live >= ex.limits.live_every_s:
+            fig, live_note = live_diagram(scorer.points, ex.limits.live_points)
+            last_live = time.perf_counter()
+        if last_yield is None or time.perf_counter() - last_yield >= YIELD_EVERY_S:
+            last_yield = time.perf_counter()
+            yield update(done=False)
+    fig, live_note = live_diagram(scorer.points, ex.limits.live_points)
+    ex.counters.add("streams_finished")
+    yield update(done=True)
+
+
+def build(ex: Explorer, session: gr.State) -> dict[str, Any]:
+    lim = ex.limits
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="prompt", value="ROMEO:", lines=3, max_length=lim.max_prompt_chars,
+                                elem_id="prompt")
+            with gr.Row():
+                max_new = gr.Slider(1, lim.max_new_tokens, value=80, step=1, label="max new tokens")
+                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="temperature (0 = greedy)")
+            with gr.Row():
+                top_k = gr.Number(value=0, precision=0, label="top-k (0 = off)", minimum=0)
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
+                seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", minimum=-1)
+            with gr.Row():
+                go_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+            text_html = gr.HTML(label="text, coloured by TopoFilter weight", elem_id="generated-html")
+            stats = gr.Markdown(elem_id="generate-stats")
+        with gr.Column(scale=2):
+            live = gr.Plot(label="live exact diagram", elem_id="live-diagram")
+            continuation = gr.Textbox(label="continuation (plain text)", lines=4, interactive=False,
+                                      elem_id="continuation")
+    payload = gr.State(None)
+    export_controls(ex, payload, "generate")
+
+    def run(s, p, n, t, k, tp, sd):
+        yield from generate(ex, s, p, n, t, k, tp, sd)
+
+    evt = go_btn.click(user_facing(run), [session, prompt, max_new, temperature, top_k, top_p, seed],
+                       [text_html, continuation, live, stats, session, payload], api_name="generate",
+                       concurrency_id="heavy")
+    # Cancelling closes the generator on the server: no further token is computed.
+    stop_btn.click(None, None, None, cancels=[evt], api_visibility="private")
+    return {"event": evt}

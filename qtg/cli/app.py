@@ -1,0 +1,57 @@
+"""``qtg app``: serve the QTG Explorer web app (the ``app`` package, imported only here)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qtg.errors import QTGError
+
+HELP = """Serve the QTG Explorer web app: generate with streaming and TopoFilter colours,
+exact topology (gudhi + ripser) beside the TopoFilter's approximation, Fisher-Rao
+attention maps, side-by-side comparisons, and the tier table.
+
+It binds to 127.0.0.1 unless --host says otherwise, loads the shipped nano at start,
+fetches nothing from the network, serves files only from --export-dir, and loads
+checkpoints only from the shipped assets and the --checkpoint-dir folders you give."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="serve the web app (Gradio) on the shipped nano", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  qtg app\n  qtg app --port 8080 --device cuda\n"
+                              "  qtg app --checkpoint-dir runs/nano/step_003000 --model step_003000\n"
+                              "  python -m app --host 0.0.0.0   # reachable from other machines")
+    p.add_argument("--model", "--tier", dest="model", default="nano",
+                   help="model loaded at start: a shipped model, a tier (random weights), or the name of a "
+                        "--checkpoint-dir (default nano)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--checkpoint-dir", action="append", default=[], type=Path, metavar="DIR",
+                   help="a checkpoint directory the app may load (repeatable)")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="where exports are written and the only folder files are served from "
+                        "(default: <tmp>/qtg-explorer)")
+    p.add_argument("--concurrency", type=int, default=2, help="heavy requests run at once (default 2)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from app.config import AppConfig
+        from app.server import launch
+    except ImportError as e:
+        raise QTGError(f"the app needs its extra ({e.name} is missing): pip install -e '.[app]' "
+                       "(make app does it)") from None
+    for d in args.checkpoint_dir:
+        if not (d / "model.safetensors").is_file():
+            raise QTGError(f"--checkpoint-dir {d}: not a checkpoint directory (no model.safetensors)")
+    if args.concurrency < 1:
+        raise QTGError(f"--concurrency must be >= 1, got {args.concurrency}")
+    cfg = AppConfig(model=args.model, device=args.device, checkpoint_dirs=tuple(args.checkpoint_dir),
+                    concurrency=args.concurrency,
+                    **({"export_dir": args.export_dir} if args.export_dir else {}))
+    print(f"QTG Explorer: loading {args.model} and starting on http://{args.host}:{args.port} ...", flush=True)
+    launch(cfg, host=args.host, port=args.port)
+    return 0
