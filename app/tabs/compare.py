@@ -74,7 +74,8 @@ def compare_models(ex: Explorer, session: Session | None, text: Any, key_a: str,
     dist = {f"H{k}": bottleneck(a["exact"].dgms[k], b["exact"].dgms[k]) for k in range(2)}
     rows = [[side, s["model"], s["device"], s["TopoFilter"], s["tokens"], round(s["loss"], 4),
              round(s["perplexity"], 3), round(s["bits_per_byte"], 4), s["layer"],
-             len(s["exact"].dgms[0]), len(s["exact"].dgms[1]), round(s["seconds"], 3)] for side, s in (("A", a), ("B", b))]
+             len(s["exact"].dgms[0]), len(s["exact"].dgms[1]), round(s["seconds"], 3)]
+            for side, s in (("A", a), ("B", b))]
     numbers = {"A": {k: v for k, v in a.items() if k != "exact"} | {"exact": a["exact"].to_dict()},
                "B": {k: v for k, v in b.items() if k != "exact"} | {"exact": b["exact"].to_dict()},
                "bottleneck_A_vs_B": dist, "loss_ratio_B_over_A": b["loss"] / a["loss"]}
