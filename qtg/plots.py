@@ -14,6 +14,7 @@ newlines as ⏎ and HTML-escaped.
 from __future__ import annotations
 
 import html
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -231,6 +232,53 @@ def layer_summary(layers: Sequence[Any], title: str = "Topology through the dept
                           row=p // 2 + 1, col=p % 2 + 1)
     fig.update_yaxes(type="log", row=2, col=1)  # H0 totals grow with depth and dwarf H1 on a linear axis
     fig.update_layout(title=title, template="plotly_white", height=650)
+    return fig
+
+
+def _metric_records(source: Any) -> list[dict]:
+    """Records from a run directory, a metrics.jsonl file, or already-read records.
+
+    A line still being written by a running training (no newline yet, or not
+    JSON) is skipped, so a live view can read the file while it grows.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return [dict(r) for r in source]
+    path = Path(source)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").split("\n")[:-1]:  # the last piece has no newline yet
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def training_curves(runs: Mapping[str, Any], key: str = "ce", title: str = "Training") -> go.Figure:
+    """Training ``key`` per step (lines) and its validation value (``val_<key>``, markers), one colour per run.
+
+    Args:
+        runs: name -> a run directory, its ``metrics.jsonl``, or the records already read
+            (the lines ``qtg.train.train`` writes). ``key="ce"`` compares QTG with the
+            baseline on cross-entropy alone; ``"loss"`` is each model's own objective.
+        title: figure title.
+    """
+    fig = go.Figure()
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+    for r, (name, source) in enumerate(runs.items()):
+        records = _metric_records(source)
+        color = palette[r % len(palette)]
+        steps = [x for x in records if x.get(key) is not None and "val_loss" not in x]
+        val = [x for x in records if x.get(f"val_{key}") is not None]
+        fig.add_trace(go.Scatter(x=[x["step"] for x in steps], y=[x[key] for x in steps], mode="lines",
+                                 name=f"{name} train {key}", line=dict(color=color, width=1.5)))
+        fig.add_trace(go.Scatter(x=[x["step"] for x in val], y=[x[f"val_{key}"] for x in val], mode="lines+markers",
+                                 name=f"{name} validation {key}", line=dict(color=color, dash="dash"),
+                                 marker=dict(size=8, symbol="diamond")))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=f"{key} (nats per token)" if key in ("ce", "loss")
+                      else key, template="plotly_white", height=450)
     return fig
 
 

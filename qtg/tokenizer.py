@@ -180,6 +180,15 @@ def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
+def token_strings(tokenizer: Tokenizer, ids: Iterable[int]) -> list[str]:
+    """Each id decoded on its own, for labels in figures (one string per token).
+
+    Their concatenation is the text wherever no character is split across tokens;
+    a byte-level token holding part of a multi-byte character reads as U+FFFD.
+    """
+    return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """sha256 of the tokenizer's JSON: equal fingerprints encode every text alike."""
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -72,6 +73,22 @@ def test_layer_summary_has_one_curve_per_quantity(sweep):
     fig = plots.layer_summary(sweep)
     assert {"bottleneck_h0", "mean_abs_error", "h1_total_persistence", "mean_weight"} <= set(names(fig))
     assert list(fig.data[0].x) == ["0: QEmbed", "1: TopoFilter", "2: block 1", "3: block 2"]
+
+
+def test_training_curves_read_a_growing_metrics_file(tmp_path):
+    lines = [{"step": 1, "loss": 7.0, "ce": 6.9}, {"step": 2, "loss": 6.0, "ce": 5.9},
+             {"step": 2, "val_loss": 6.5, "val_ce": 6.4, "val_ppl": 600.0}]
+    run = tmp_path / "run"
+    run.mkdir()
+    text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3, "lo'  # a line still being written
+    (run / "metrics.jsonl").write_text(text, encoding="utf-8")
+    fig = plots.training_curves({"qtg": run, "baseline": [{"step": 1, "ce": 7.5}], "none yet": tmp_path / "absent"})
+    assert names(fig) == ["qtg train ce", "qtg validation ce", "baseline train ce", "baseline validation ce",
+                          "none yet train ce", "none yet validation ce"]
+    assert list(fig.data[0].x) == [1, 2] and list(fig.data[0].y) == [6.9, 5.9]
+    assert list(fig.data[1].x) == [2] and list(fig.data[1].y) == [6.4]
+    assert list(fig.data[2].y) == [7.5] and len(fig.data[4].x) == 0
+    assert list(plots.training_curves({"qtg": run / "metrics.jsonl"}, key="loss").data[0].y) == [7.0, 6.0]
 
 
 def test_save_html_is_standalone(sweep, tmp_path):

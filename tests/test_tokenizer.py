@@ -18,6 +18,7 @@ from qtg.tokenizer import (
     encode,
     load_tokenizer,
     save_tokenizer,
+    token_strings,
     tokenizer_fingerprint,
     train_tokenizer,
 )
@@ -87,6 +88,14 @@ def test_round_trip_random_code_points(tok):
         ids = encode(tok, text)
         assert decode(tok, ids) == text, ascii(text)
         assert all(0 <= i < tok.get_vocab_size() for i in ids)
+
+
+def test_token_strings_are_one_label_per_token_and_rebuild_the_text(tok):
+    text = "Kalo mine rusa.\nTithee vo ka!"
+    ids = encode(tok, text)
+    labels = token_strings(tok, ids)
+    assert len(labels) == len(ids) and "".join(labels) == text
+    assert token_strings(tok, [0]) == [EOS_TOKEN]
 
 
 def test_special_token_is_id_zero_and_a_single_token(tok):

@@ -312,6 +312,16 @@ def test_wasserstein_matches_hera():
     assert ours == pytest.approx(ref, rel=1e-8) and ours >= bottleneck(a, b)
 
 
+def test_bottleneck_is_public_and_known_on_small_diagrams():
+    a = np.array([[0.0, 1.0], [0.0, np.inf]])
+    b = np.array([[0.0, 1.25], [0.5, np.inf]])
+    assert topology.bottleneck is bottleneck
+    assert topology.bottleneck(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert topology.bottleneck(a, b) == pytest.approx(0.5)  # the essential bars are matched birth to birth
+    assert topology.bottleneck(a[:1], np.empty((0, 2))) == pytest.approx(0.5)  # to the diagonal: half of 1.0
+    assert topology.bottleneck(a, a[:1]) == math.inf  # different numbers of essential bars
+
+
 def test_compare_reports_everything_as_json(micro, micro_internals):
     _, out = micro_internals
     view = topology.approx_view(out, layer=1, model=micro)

@@ -5,6 +5,7 @@
     ex = topology.exact_diagrams(out.states[0][0], maxdim=1)   # H0, H1: ripser.py convention, bounded work
     view = topology.approx_view(out, layer=1)                  # s~, s, w and the implied H0 diagram
     cmp = topology.compare(ex, view)                           # bottleneck, W1, per-token errors, ranks
+    topology.bottleneck(ex_gudhi.dgms[1], ex_ripser.dgms[1])    # any two diagrams (e.g. two engines' H1)
     topology.exact_mode_loss(model, ids)                       # what the soft-min costs in loss
 
 :mod:`qtg.topology.exact` computes diagrams (engines in
@@ -19,6 +20,7 @@ from qtg.topology.compare import (
     ExactModeResult,
     LayerComparison,
     approx_view,
+    bottleneck,
     compare,
     elder_persistence,
     exact_mode_loss,
@@ -30,6 +32,6 @@ from qtg.topology.exact import Bounds, ExactDiagrams, euclidean_distances, exact
 
 __all__ = [
     "ApproxView", "Bounds", "Comparison", "ExactDiagrams", "ExactModeResult", "LayerComparison", "TopologyError",
-    "approx_view", "compare", "elder_persistence", "euclidean_distances", "exact_diagrams", "exact_mode_loss",
-    "exact_topofilter", "layer_sweep", "wasserstein_1",
+    "approx_view", "bottleneck", "compare", "elder_persistence", "euclidean_distances", "exact_diagrams",
+    "exact_mode_loss", "exact_topofilter", "layer_sweep", "wasserstein_1",
 ]
