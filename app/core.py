@@ -17,7 +17,7 @@ import torch
 from app.config import AppConfig
 from app.models import AppInputError, Loaded, ModelRegistry
 from qtg.builder import resolve_device
-from qtg.tokenizer import decode, encode
+from qtg.tokenizer import encode, token_strings
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Explorer:
                                 f"(its context): shorten it")
         if len(ids) < min_tokens:
             raise AppInputError(f"the {what} is {len(ids)} token(s); at least {min_tokens} are needed")
-        tokens = [decode(loaded.tokenizer, [i]) for i in ids]
+        tokens = token_strings(loaded.tokenizer, ids)
         return torch.tensor([ids], dtype=torch.long, device=loaded.device), tokens
 
 

@@ -20,8 +20,7 @@ from app.tabs.common import export_controls
 from qtg.evaluate import score_windows, windows
 from qtg.plots import diagrams_side_by_side
 from qtg.tokenizer import EOS_TOKEN
-from qtg.topology import exact_diagrams
-from qtg.topology.compare import bottleneck
+from qtg.topology import bottleneck, exact_diagrams
 
 MODES = ("approximate", "exact")  # the TopoFilter's soft-min s~, or the exact causal s (QTG only)
 METRICS = ["side", "model", "device", "TopoFilter", "tokens", "loss (nats/token)", "perplexity", "bits per byte",

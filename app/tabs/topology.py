@@ -15,8 +15,8 @@ from app.exports import Exportable
 from app.models import AppInputError
 from app.tabs.common import export_controls
 from qtg.plots import barcode, exact_vs_approx, persistence_diagram
-from qtg.topology import approx_view, compare, exact_diagrams
-from qtg.topology.compare import bottleneck, layer_name
+from qtg.topology import approx_view, bottleneck, compare, exact_diagrams
+from qtg.topology.compare import layer_name
 
 BACKENDS = {
     "gudhi + ripser (overlaid)": ("gudhi", "ripser"),
