@@ -388,7 +388,8 @@ def load(
     Tried in order:
 
     1. a checkpoint directory (holding ``model.safetensors``), or a ``.pt``/``.bin``
-       path, which is refused as a pickle;
+       path, which is refused as a pickle; a sharded (torchrun) checkpoint or run
+       directory is read whole into this process (``qtg export`` makes it one file);
     2. a training output directory holding ``latest``: a checkpoint subdirectory,
        or a text file naming one (relative to the output directory);
     3. a tier name: its shipped weights under ``assets/checkpoints/<tier>/``;
@@ -410,6 +411,14 @@ def load(
     path = Path(name_or_dir)
     if _is_pickle_path(path) or _is_checkpoint(path):
         return load_checkpoint(path, device, dtype)
+    if path.is_dir():
+        from qtg.distributed.checkpoint import read_full_model, sharded_checkpoint  # only when needed
+
+        sharded = sharded_checkpoint(path)
+        if sharded is not None:  # written by torchrun ranks: read whole into this process
+            model = read_full_model(sharded, resolve_dtype(dtype) if dtype else None).to(resolve_device(device))
+            model.checkpoint_dir, model.random_weights = sharded, False
+            return model
     if path.is_dir() and (path / LATEST).exists():
         return load_checkpoint(_resolve_latest(path), device, dtype)
     if _is_checkpoint(SHIPPED_DIR / str(name_or_dir)):  # shipped weights, tiers and baselines alike

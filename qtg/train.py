@@ -25,6 +25,11 @@ Choices:
 * **Non-finite losses** skip the update (the batch is still consumed, the step
   still counts and is logged with ``"skipped": true``); ``max_bad_steps`` in a
   row stop the run with a TrainingError. Weights are checked before every save.
+* **Several ranks** (``torchrun --nproc_per_node N qtg train ...``): the
+  model is sharded with FSDP2, the global batch stays ``batch_size x
+  grad_accum`` windows in the same order, and checkpoints are sharded (DCP);
+  either kind of checkpoint resumes at any world size. The machinery lives in
+  :mod:`qtg.distributed`; a plain process gets identity collectives.
 * **Validation** runs every ``eval_every`` steps and at each checkpoint, so
   ``best`` (lowest ``val_loss``, the training objective on the validation split)
   is exact. ``val_bpb`` is the validation NLL in bits per UTF-8 byte of text,
@@ -42,7 +47,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +56,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from qtg.builder import build, resolve_device
-from qtg.checkpoint import load, load_checkpoint, read_state, save_checkpoint
+from qtg import distributed
+from qtg.checkpoint import save_checkpoint
 from qtg.data import (
     default_corpus_path,
     load_documents,
@@ -104,6 +109,7 @@ class _Run:
     tokens_seen: int = 0
     best_val: float | None = None
     best_name: str | None = None
+    world: distributed.World = field(default_factory=distributed.World)  # ranks; by default one plain process
 
     def autocast(self):
         # bf16 autocast on CUDA only: CPU bf16 matmuls are slow and not what a CPU run is measured in
@@ -151,10 +157,10 @@ def _tokenizer(cfg: TrainConfig, train_docs: list, start: Any, vocab_size: int) 
     return tok
 
 
-def _prepare(cfg: TrainConfig) -> _Run:
+def _prepare(cfg: TrainConfig, world: distributed.World) -> _Run:
     """Model, tokenizer, data, optimizer: fresh, from --init, or restored from ``out/latest``."""
-    out, t = Path(cfg.checkpoint.dir), cfg.training
-    device = resolve_device(t.device)
+    out, t, device = Path(cfg.checkpoint.dir), cfg.training, world.device
+    distributed.split_sizes(cfg.data.batch_size, t.grad_accum, world.size, cfg.data.micro_batch_size)  # fail early
     resume_from = _latest(out)
     if resume_from is not None and not t.resume:
         raise TrainingError(f"{out} already holds a training run (latest: {resume_from.name}); pass --resume "
@@ -165,7 +171,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-    start = load_checkpoint(resume_from, device) if resume_from else load(t.init, device) if t.init else None
+    begin_with = resume_from or t.init  # a checkpoint (sharded or not), a run directory or a tier
+    start = distributed.load_start(begin_with, world) if begin_with else None
     if start is not None and getattr(start, "random_weights", False):
         raise ConfigError(f"training.init {t.init!r} has no trained weights to start from")
     model_cfg = _model_config(cfg, start.cfg if start is not None else None)
@@ -173,11 +180,14 @@ def _prepare(cfg: TrainConfig) -> _Run:
     data_path = Path(cfg.data.path) if cfg.data.path else default_corpus_path()
     docs = load_documents(data_path)
     train_docs, val_docs = split_documents(docs, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
-    tok = _tokenizer(cfg, train_docs, start, model_cfg.vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tok, out / "tokenizer.json")
-    cache = resolve_cache_dir(data_path, cfg.data.cache_dir)
-    td = tokenize_documents(docs, tok, cache)
+    with world.main_first():  # rank 0 trains the tokenizer and fills the token cache; the other ranks read both
+        if world.is_main:
+            tok = _tokenizer(cfg, train_docs, start, model_cfg.vocab_size)
+            out.mkdir(parents=True, exist_ok=True)
+            save_tokenizer(tok, out / "tokenizer.json")
+        else:
+            tok = load_tokenizer(out / "tokenizer.json")
+        td = tokenize_documents(docs, tok, resolve_cache_dir(data_path, cfg.data.cache_dir))
     train_split = make_split("train", td, [d.name for d in train_docs])
     val_split = make_split("val", td, [d.name for d in val_docs])
 
@@ -188,15 +198,18 @@ def _prepare(cfg: TrainConfig) -> _Run:
         val_split.loader(seq_len, cfg.data.batch_size, shuffle=False, drop_last=False)
     except DataError as e:
         raise DataError(f"validation split ({', '.join(val_split.doc_names)}): {e}") from None
-    model = start if start is not None else build(model_cfg, device=device, seed=t.seed)
+    model = distributed.make_model(model_cfg, world, start, t.seed, t.mixed_precision,
+                                   t.activation_checkpointing)
     model.tokenizer = tok
     model.train()
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device)
     loader = train_split.loader(seq_len, cfg.data.batch_size, seed=t.seed)
-    run = _Run(cfg, out, device, model, optimizer, loader, val_split, seq_len)
+    run = _Run(cfg, out, device, model, optimizer, loader, val_split, seq_len, world=world)
     if resume_from is not None:
         _restore(run, resume_from)
-    _clean_up(run)
+    if world.is_main:
+        _clean_up(run)
+    world.barrier()
     return run
 
 
@@ -226,11 +239,16 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> N
 def _restore(run: _Run, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
-    state = read_state(ckpt)
+    state = distributed.read_train_state(ckpt)
     if not state or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt}: no training state ({STATE_FORMAT}) in state.json")
     tensors = load_file(str(ckpt / TRAINER_FILE))
-    load_optimizer_state(run.optimizer, tensors, state["optimizer"])
+    if distributed.is_sharded(ckpt):  # written by N ranks, read by this run's M (a plain process included)
+        distributed.load_sharded_optimizer(run.model, run.optimizer, ckpt)  # the weights came with the start
+    elif run.world.sharded:  # a single-file checkpoint: each rank keeps its slices
+        distributed.load_full_optimizer(run.model, run.optimizer, tensors, state["optimizer"])
+    else:
+        load_optimizer_state(run.optimizer, tensors, state["optimizer"])
     _set_rng_state(tensors, state["rng"])
     run.loader.load_state_dict(state["loader"])
     run.step, run.bad_steps, run.tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
@@ -284,10 +302,15 @@ def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _save(run: _Run, val_loss: float | None) -> Path:
-    """Write ``step_XXXXXX`` (weights, then optimizer + RNG), then move ``latest`` and ``best`` to it."""
-    tensors, optim_meta = optimizer_state(run.optimizer)
+    """Write ``step_XXXXXX`` (weights, then optimizer + RNG), then move ``latest`` and ``best`` to it.
+
+    Under torchrun every rank writes its shards (:func:`qtg.distributed.save_sharded`, which checks them).
+    """
+    sharded = run.world.sharded
+    tensors, optim_meta = ({}, None) if sharded else optimizer_state(run.optimizer)
     rng_tensors, rng_meta = _rng_state()
-    bad = [n for n, t in [*run.model.state_dict().items(), *tensors.items()] if not torch.isfinite(t).all()]
+    weights = {} if sharded else run.model.state_dict()
+    bad = [n for n, t in [*weights.items(), *tensors.items()] if not torch.isfinite(t).all()]
     if bad:  # cannot happen after a skipped step; a guard so no checkpoint ever holds nan
         raise TrainingError(f"refusing to save step {run.step}: non-finite values in {', '.join(bad[:5])}")
     name = f"step_{run.step:06d}"
@@ -298,15 +321,21 @@ def _save(run: _Run, val_loss: float | None) -> Path:
              "val_loss": val_loss, "best_val": run.best_val, "best_name": run.best_name,
              "loader": run.loader.state_dict(), "optimizer": optim_meta, "rng": rng_meta,
              "train_config": run.cfg.to_dict()}
-    path = save_checkpoint(run.model, run.out / name, extra_state=state)
-    _atomic_safetensors({**tensors, **rng_tensors}, path / TRAINER_FILE)
-    _atomic_text(run.out / "latest", name + "\n")  # only now is the checkpoint part of the run
-    if is_best:
-        _atomic_text(run.out / "best", name + "\n")
-    steps = sorted((p for p in run.out.glob("step_*") if p.is_dir()), key=_step_of)
-    for old in steps[: -run.cfg.checkpoint.keep_last]:
-        if old.name != run.best_name:
-            shutil.rmtree(old)
+    if sharded:
+        path = distributed.save_sharded(run.model, run.optimizer, run.out / name, state, rng_tensors,
+                                        run.world)
+    else:
+        path = save_checkpoint(run.model, run.out / name, extra_state=state)
+        _atomic_safetensors({**tensors, **rng_tensors}, path / TRAINER_FILE)
+    if run.world.is_main:
+        _atomic_text(run.out / "latest", name + "\n")  # only now is the checkpoint part of the run
+        if is_best:
+            _atomic_text(run.out / "best", name + "\n")
+        steps = sorted((p for p in run.out.glob("step_*") if p.is_dir()), key=_step_of)
+        for old in steps[: -run.cfg.checkpoint.keep_last]:
+            if old.name != run.best_name:
+                shutil.rmtree(old)
+    run.world.barrier()
     return path
 
 
@@ -314,27 +343,31 @@ def _save(run: _Run, val_loss: float | None) -> Path:
 
 
 def _train_step(run: _Run, lr: float) -> dict[str, Any]:
-    """One optimizer update over ``grad_accum`` batches; skipped if a loss or the gradient is not finite."""
-    t, model = run.cfg.training, run.model
+    """One optimizer update over ``grad_accum`` batches; skipped if a loss or the gradient is not finite.
+
+    Under torchrun each rank runs its share of the global batch (:func:`qtg.distributed.rank_batches`);
+    the finiteness checks are agreed by all ranks and the logged losses are means over ranks.
+    """
+    t, model, world = run.cfg.training, run.model, run.world
     set_lr(run.optimizer, lr)
     begin = time.perf_counter()
     losses, terms, finite = [], {}, True
-    for _ in range(t.grad_accum):
-        x, y = (b.to(run.device, non_blocking=True) for b in run.loader.next_batch())
-        if not finite:
-            continue  # still draw the batch: a skipped step moves the data on like any other
+    batches = distributed.rank_batches(run.loader, run.cfg.data.batch_size, t.grad_accum, world.rank, world.size,
+                           run.cfg.data.micro_batch_size)  # the data moves on even if the step is skipped
+    for x, y in batches:
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         with run.autocast():
             out = model(x, targets=y)
-        if not torch.isfinite(out.loss):
+        if not world.all_true(bool(torch.isfinite(out.loss))):
             finite = False
-            continue
-        (out.loss / t.grad_accum).backward()
+            break
+        (out.loss / len(batches)).backward()
         losses.append(out.loss.item())
         for k, v in out.loss_terms.items():
-            terms[k] = terms.get(k, 0.0) + v.item() / t.grad_accum
+            terms[k] = terms.get(k, 0.0) + v.item() / len(batches)
     grad_norm = None
     if finite:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        grad_norm = distributed.clip_grad_norm(model.parameters(), t.grad_clip)
         finite = math.isfinite(grad_norm)
     if finite:
         run.optimizer.step()
@@ -347,7 +380,8 @@ def _train_step(run: _Run, lr: float) -> dict[str, Any]:
     if not finite:
         return {"loss": None, "lr": lr, "grad_norm": None, "tokens_per_s": tokens / seconds, "skipped": True,
                 "seconds": seconds}
-    return {"loss": sum(losses) / len(losses), **terms, "lr": lr, "grad_norm": grad_norm,
+    loss, *means = world.mean([sum(losses) / len(losses), *terms.values()])
+    return {"loss": loss, **dict(zip(terms, means)), "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens / seconds, "skipped": False, "seconds": seconds}
 
 
@@ -441,16 +475,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         TrainingError: ``max_bad_steps`` non-finite steps in a row, or an
             existing run in ``checkpoint.dir`` without ``resume``.
         ConfigError, DataError, CheckpointError: bad settings, data or checkpoints.
+
+    Under torchrun every rank calls it (the CLI does); rank 0 writes the
+    metrics and the files of the run, every rank its checkpoint shards.
     """
     cfg.validate()
+    world = distributed.init_world(cfg.training.device)
+    try:
+        summary = _train(cfg, world)
+    except BaseException:
+        distributed.close_world(world, failed=True)
+        raise
+    distributed.close_world(world)
+    return summary
+
+
+def _train(cfg: TrainConfig, world: distributed.World) -> dict[str, Any]:
     begin = time.perf_counter()
-    run = _prepare(cfg)
+    run = _prepare(cfg, world)
     t, lg = cfg.training, cfg.logging
+    lg.progress = lg.progress and world.is_main
     start, summary = run.step, {"loss": None, "val_loss": None}
-    (run.out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if world.is_main:
+        (run.out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     step_seconds, step_tokens, skipped = 0.0, 0, 0
     bar = tqdm(total=t.steps, initial=start, unit="step", disable=not lg.progress, dynamic_ncols=True)
-    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as metrics, bar:
+    metrics_path = run.out / "metrics.jsonl" if world.is_main else os.devnull
+    with open(metrics_path, "a", encoding="utf-8") as metrics, bar:
         while run.step < t.steps:
             lr = lr_at(run.step, t.lr, t.min_lr, t.warmup_steps, t.schedule_steps)
             record = _train_step(run, lr)
@@ -478,4 +529,4 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "latest_checkpoint": str(latest) if latest else None,
             "tokens_per_s": step_tokens / step_seconds if step_seconds else None,
             "seconds": time.perf_counter() - begin, "device": str(run.device), "tier": run.model.cfg.name,
-            "params": sum(p.numel() for p in run.model.parameters())}
+            "params": sum(p.numel() for p in run.model.parameters()), "rank": world.rank, "ranks": world.size}

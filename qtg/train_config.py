@@ -34,7 +34,8 @@ class DataSection:
     val_fraction: float = 0.1
     split_seed: int = 0
     seq_len: int | None = None  # None: the model's max_seq_len
-    batch_size: int = 16
+    batch_size: int = 16  # windows per batch; a step's global batch is batch_size x grad_accum, at any world size
+    micro_batch_size: int | None = None  # windows per forward on one rank; None: as large as divides evenly
     cache_dir: str | None = None
 
 
@@ -56,6 +57,10 @@ class TrainingSection:
     max_bad_steps: int = 5
     resume: bool = False
     init: str | None = None  # initial weights: checkpoint dir, run dir or tier with shipped weights
+    # under torchrun (FSDP2): bf16 parameters with float32 reduction ("auto": on CUDA only), and
+    # recomputing each block in backward instead of keeping its activations
+    mixed_precision: str = "auto"  # auto | bf16 | fp32
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -101,6 +106,9 @@ class TrainConfig:
                   (t.grad_accum >= 1, "training.grad_accum must be >= 1"),
                   (t.grad_clip > 0, "training.grad_clip must be > 0"),
                   (t.max_bad_steps >= 1, "training.max_bad_steps must be >= 1"),
+                  (t.mixed_precision in ("auto", "bf16", "fp32"), "training.mixed_precision must be auto, bf16 "
+                                                                   "or fp32"),
+                  (d.micro_batch_size is None or d.micro_batch_size >= 1, "data.micro_batch_size must be >= 1"),
                   (d.batch_size >= 1, "data.batch_size must be >= 1"),
                   (c.every >= 1 and c.keep_last >= 1, "checkpoint.every and keep_last must be >= 1"),
                   (lg.eval_every >= 1, "logging.eval_every must be >= 1"), (lg.sample_tokens >= 0,

@@ -13,10 +13,10 @@ import sys
 from qtg import __version__
 from qtg.cli import app as app_cmd
 from qtg.cli import eval as eval_cmd
-from qtg.cli import generate, info, tokenizer, topo, train
+from qtg.cli import export, generate, info, tokenizer, topo, train
 from qtg.errors import QTGError
 
-COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo, app_cmd]
+COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo, export, app_cmd]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?
@@ -26,6 +26,9 @@ EPILOG = """examples:
   qtg eval --data assets/corpus/hamlet.txt.gz               loss, perplexity, bits per byte
   qtg tokenizer train --vocab-size 2048 --out runs/tok.json   a BPE tokenizer on the bundled corpus
   qtg topo --text "To be, or not to be" --layer all --html topo.html   exact persistence vs the TopoFilter
+  torchrun --nproc_per_node 2 $(which qtg) train --config configs/nano.yaml --out runs/nano2   sharded (FSDP2)
+  qtg export runs/nano2 --out runs/nano2-single   a sharded checkpoint as one file for qtg.load
+  qtg info --tier 30b --plan --gpus 8   memory per GPU under FSDP2 and the fewest GPUs that fit
   qtg app                       the web app on the shipped nano, http://127.0.0.1:7860
 
 Set QTG_DEBUG=1 to see full tracebacks."""

@@ -27,7 +27,12 @@ def load_model(args: argparse.Namespace):
     model = load(args.checkpoint or args.tier or "nano", device=args.device, dtype=args.dtype)
     if getattr(model, "random_weights", False):
         log.warning("tier %r has no trained weights: using random ones", model.cfg.name)
+    check_tokenizer(model)
+    return model.eval()
+
+
+def check_tokenizer(model) -> None:
+    """A clear error for a model without a tokenizer (random weights carry none)."""
     if model.tokenizer is None:
         raise ConfigError(f"{model.cfg.name!r} has no tokenizer (random weights carry none): "
                           "load a trained checkpoint with --checkpoint, or --tier nano")
-    return model.eval()

@@ -23,14 +23,26 @@ the step the run stops at, not a number of steps to add: `--steps 1000
 --resume` continues a run that stopped at step 400 up to step 1000. The
 learning-rate schedule (warm-up, cosine) comes from the config, never from
 --steps. A run killed at any moment leaves its last checkpoint loadable;
-`qtg.load(OUT)` loads it."""
+`qtg.load(OUT)` loads it.
+
+Under torchrun (`torchrun --nproc_per_node N $(which qtg) train ...`, multi-node
+with torchrun's usual flags) the model is sharded with FSDP2, one unit per
+block (bf16 parameters with float32 reduction on CUDA), built on the meta
+device so no rank ever holds all of it. The global batch stays batch_size x
+grad_accum windows in the same order at any number of ranks, so the loss curve
+is the one a single process draws. Checkpoints are then sharded
+(torch.distributed.checkpoint, one safetensors file per rank); either kind
+resumes at any number of ranks, and `qtg export` turns a sharded one into a
+single file. Rank 0 writes metrics.jsonl and prints."""
 
 EXAMPLES = """examples:
   qtg train --config configs/nano.yaml --out runs/nano
   qtg train --config configs/nano.yaml --out runs/nano --steps 3000 --resume
   qtg train --config configs/nano.yaml --arch baseline --tokenizer runs/nano/tokenizer.json --out runs/base
   qtg train --tier micro --data my_texts/ --out runs/micro --steps 200 --device cpu
-  qtg train --tier nano --init runs/nano --data poems.jsonl --out runs/poems --steps 500"""
+  qtg train --tier nano --init runs/nano --data poems.jsonl --out runs/poems --steps 500
+  torchrun --nproc_per_node 2 $(which qtg) train --config configs/nano.yaml --out runs/nano2
+  torchrun --nproc_per_node 8 $(which qtg) train --tier 7b --activation-checkpointing --out runs/7b"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--init", metavar="WEIGHTS_DIR", help="start from these weights (checkpoint or run directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's (auto)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="under torchrun: recompute each block in backward instead of keeping its activations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -65,19 +79,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.arch is not None:
         cfg.model.overrides = {**cfg.model.overrides, "arch": args.arch}
     cfg.training.resume = cfg.training.resume or args.resume
+    cfg.training.activation_checkpointing = cfg.training.activation_checkpointing or args.activation_checkpointing
     cfg.logging.progress = cfg.logging.progress and not args.no_progress
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     summary = train(config_from_args(args))
+    if summary["rank"] != 0:  # under torchrun, rank 0 speaks for the run
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     loss = "-" if summary["loss"] is None else f"{summary['loss']:.4f}"
     val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
     tps = "-" if summary["tokens_per_s"] is None else f"{summary['tokens_per_s']:,.0f}"
-    print(f"trained {summary['tier']} ({summary['params']:,} parameters) on {summary['device']} from step "
+    ranks = f" x {summary['ranks']} ranks" if summary["ranks"] > 1 else ""
+    print(f"trained {summary['tier']} ({summary['params']:,} parameters) on {summary['device']}{ranks} from step "
           f"{summary['start_step']} to {summary['step']} in {summary['seconds']:.1f} s: loss {loss}, val_loss {val}, "
           f"{tps} tokens/s, {summary['skipped_steps']} skipped step(s)")
     print(f"latest: {summary['latest_checkpoint']}   best: {summary['best_checkpoint']}   "

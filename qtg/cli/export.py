@@ -1,0 +1,61 @@
+"""``qtg export``: a sharded (torchrun) checkpoint as one single-file checkpoint that ``qtg.load`` reads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qtg.checkpoint import save_checkpoint
+from qtg.errors import CheckpointError
+
+HELP = """Convert a sharded checkpoint - written by `torchrun ... qtg train` with
+torch.distributed.checkpoint, one safetensors file per rank - into the
+single-file checkpoint format (model.safetensors, config.json,
+tokenizer.json) that qtg.load, qtg generate, the app and the notebooks read.
+
+SOURCE is a sharded checkpoint directory (step_XXXXXX) or a run directory
+(its latest checkpoint). The shards are read whatever the number of ranks
+that wrote them; the whole model must fit in this machine's memory. The
+weights are written as stored (float32 master weights) unless --dtype says
+otherwise. Only the weights travel: to continue training, resume the run
+itself (`qtg train --resume` reads sharded checkpoints at any world size)."""
+
+EXAMPLES = """examples:
+  qtg export runs/nano2 --out runs/nano2-single
+  qtg export runs/nano2/step_000300 --out exported/nano --dtype bf16
+  qtg generate --checkpoint runs/nano2-single --prompt "KING:\""""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a sharded (torchrun) checkpoint -> a single-file checkpoint",
+                       description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE", help="sharded checkpoint directory, or a run directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, ... (default: as stored)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=run)
+
+
+def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Write the sharded checkpoint ``source`` (or a run's latest) as a single-file checkpoint in ``out``."""
+    from qtg.builder import resolve_dtype
+    from qtg.distributed.checkpoint import read_full_model, read_train_state, sharded_checkpoint
+
+    ckpt = sharded_checkpoint(source)
+    if ckpt is None:
+        raise CheckpointError(f"{source}: not a sharded checkpoint or a run directory whose latest checkpoint is "
+                              "sharded (a single-file checkpoint needs no export: qtg.load reads it)")
+    model = read_full_model(ckpt, resolve_dtype(dtype) if dtype else None)
+    state = read_train_state(ckpt) or {}
+    return save_checkpoint(model, out, extra_state={"format": "qtg-export/1", "exported_from": str(ckpt),
+                                                    "step": state.get("step"), "ranks": state.get("sharded")})
+
+
+def run(args: argparse.Namespace) -> int:
+    path = export(args.source, args.out, args.dtype)
+    if args.json:
+        print(json.dumps({"source": str(args.source), "out": str(path)}))
+    else:
+        print(f"exported {args.source} -> {path} (load it with qtg.load({str(path)!r}) or --checkpoint {path})")
+    return 0

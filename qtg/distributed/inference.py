@@ -1,0 +1,76 @@
+"""A sharded model for inference under torchrun: every rank runs the forward, rank 0 prints.
+
+    world = init_world("auto")
+    model = load_sharded_model("runs/nano2", world)      # sharded or single-file checkpoint, run dir, tier
+    ids = qtg.generate.generate(model, prompt, 50, temperature=0)   # the same call on every rank
+
+The same FSDP2 sharding as training: between forwards each rank holds
+``1 / ranks`` of the weights, and a block is all-gathered only while it runs,
+so a model whose weights do not fit one device still generates. Every rank
+must make the same calls in the same order (each forward is a collective):
+the prompt and the sampling seed are the same everywhere, so the ranks draw
+the same tokens and stop together. Greedy decoding gives the tokens a single
+process gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+from torch import nn
+
+from qtg.checkpoint import MODEL_FILE, SHIPPED_DIR, load
+from qtg.distributed.checkpoint import load_sharded, meta_start, sharded_checkpoint
+from qtg.distributed.parallelize import build_sharded, load_full_weights
+from qtg.distributed.world import World
+from qtg.tiers import TIERS, get_tier
+
+log = logging.getLogger("qtg")
+
+
+def load_sharded_model(name_or_dir: str | os.PathLike, world: World, precision: str = "auto") -> nn.Module:
+    """``qtg.load``'s model, sharded over ``world`` and in eval mode.
+
+    Args:
+        name_or_dir: a sharded checkpoint or run directory (read shard by shard,
+            at any number of ranks), a single-file checkpoint or run directory
+            (read whole on the CPU of each rank, then sliced), or a tier name
+            (shipped weights, else the random weights ``qtg.load`` would give).
+        world: a sharded World.
+        precision: "auto" (bf16 parameters on CUDA), "bf16" or "fp32".
+
+    Returns:
+        The model with ``tokenizer``, ``checkpoint_dir`` and ``random_weights``, as ``qtg.load`` sets them.
+    """
+    sharded = sharded_checkpoint(name_or_dir)
+    if sharded is not None:
+        start = meta_start(sharded)
+        model = build_sharded(start.cfg, world, precision=precision, init=False)
+        load_sharded(model, sharded)
+        model.tokenizer, model.checkpoint_dir, model.random_weights = start.tokenizer, sharded, False
+    elif _random_tier(name_or_dir):  # what qtg.load builds (seed 0), without ever holding it whole
+        log.warning("tier %r has no shipped weights: using RANDOM weights; its output is noise", str(name_or_dir))
+        model = build_sharded(get_tier(str(name_or_dir)), world, seed=0, precision=precision)
+        model.tokenizer, model.checkpoint_dir, model.random_weights = None, None, True
+    else:
+        start = load(name_or_dir, "cpu")
+        model = build_sharded(start.cfg, world, precision=precision, init=False)
+        load_full_weights(model, start.state_dict())
+        model.tokenizer, model.checkpoint_dir = start.tokenizer, start.checkpoint_dir
+        model.random_weights = start.random_weights
+    return model.eval()
+
+
+def _random_tier(name: str | os.PathLike) -> bool:
+    """A tier name with no shipped weights (so ``qtg.load`` would build it with random weights)."""
+    key = str(name).strip().lower()
+    return not os.path.exists(name) and key in TIERS and not (SHIPPED_DIR / key / MODEL_FILE).is_file()
+
+
+def shared_seed(world: World, seed: int | None) -> int | None:
+    """``seed``, or one drawn by rank 0 and sent to all: sampling must draw the same tokens on every rank."""
+    if seed is not None or not world.sharded:
+        return seed
+    return world.broadcast(random.SystemRandom().randrange(2**31))
