@@ -124,6 +124,7 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
     scores.generated = [False] * len(tokens)
     new_ids: list[int] = []
     fig, live_note = None, ""
+    fig_sent = None
     t0 = time.perf_counter()
     first = last_yield = last_live = None
     ex.counters.add("streams_started")
@@ -138,13 +139,17 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         return " · ".join(p for p in parts if p) + (f"  \n{live_note}" if live_note else "")
 
     def update(done: bool) -> tuple:
+        nonlocal fig_sent
         text = decode(tok, new_ids)
         new_session = Session(session.model, session.device, prompt + text)
         numbers = {"prompt": prompt, "continuation": text, "token_ids": new_ids, "sampling": args,
                    "tokens": scores.text, "soft": scores.soft, "exact": scores.exact, "weights": scores.weight,
                    "generated": scores.generated, "model": loaded.source.key}
         payload = Exportable("generate", {"live_diagram": fig} if fig is not None else {}, numbers)
-        return token_html(scores), text, fig, stats(done), new_session, payload
+        # an unchanged figure is not sent again: serialising it at every update halved the stream's speed
+        shown = gr.skip() if fig_sent is fig and not done else fig
+        fig_sent = fig
+        return token_html(scores), text, shown, stats(done), new_session, payload
 
     for step in steps:
         now = time.perf_counter()
