@@ -44,12 +44,17 @@ class Counters:
 class Explorer:
     """The app's state outside any session: config, shared models, counters."""
 
-    def __init__(self, cfg: AppConfig):
+    def __init__(self, cfg: AppConfig, model: Any = None):
+        """``model``: serve this one only (under torchrun, a sharded model's rank-0 handle)."""
         self.cfg = cfg
         self.limits = cfg.limits
         self.registry = ModelRegistry(cfg.checkpoint_dirs, cfg.max_cached_models)
         self.counters = Counters()
-        self.device = str(resolve_device(cfg.device))
+        if model is not None:
+            self.device = str(next(model.parameters()).device)
+            self.registry.pin(cfg.model, model, self.device)
+        else:
+            self.device = str(resolve_device(cfg.device))
         self.default_key = self.registry.default_key(cfg.model)
 
     def new_session(self) -> Session:
@@ -61,6 +66,8 @@ class Explorer:
         return self.registry.get(session.model, session.device)
 
     def devices(self) -> list[str]:
+        if self.registry.pinned is not None:
+            return [self.device]
         return ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
 
     def encode(self, loaded: Loaded, text: Any, max_chars: int, what: str, min_tokens: int = 1,

@@ -4,7 +4,8 @@ A session names a model by a *source key*, never by a path it typed:
 
 * ``shipped:<name>`` -- weights under ``assets/checkpoints/`` (``qtg.checkpoint.shipped_models``);
 * ``dir:<path>``     -- a checkpoint directory given on the command line (``--checkpoint-dir``);
-* ``tier:<name>``    -- a tier preset with random weights, labelled as such.
+* ``tier:<name>``    -- a tier preset with random weights, labelled as such;
+* ``sharded:<name>`` -- under torchrun, the one model sharded across the ranks (then the only source).
 
 Any other key is refused, so a request can never make the server open a file
 of its choosing. Loading goes through ``qtg.load`` / ``qtg.build``, which refuse a
@@ -25,12 +26,12 @@ from typing import Any
 
 import qtg
 from qtg.builder import resolve_device
-from qtg.checkpoint import load_checkpoint, shipped_models
+from qtg.checkpoint import shipped_models
 from qtg.errors import QTGError
 
 log = logging.getLogger(__name__)
 
-SHIPPED, DIR, TIER = "shipped", "dir", "tier"
+SHIPPED, DIR, TIER, SHARDED = "shipped", "dir", "tier", "sharded"
 
 
 class AppInputError(QTGError, ValueError):
@@ -66,6 +67,9 @@ class Loaded:
         place: right in a script, wrong in a server)."""
         if not self.is_qtg:
             raise AppInputError("exact TopoFilter mode needs a QTG model; this one is a dot-product baseline")
+        if getattr(self.model, "lockstep", False):
+            raise AppInputError("exact TopoFilter mode needs a second copy of the module, which a model sharded "
+                                "across ranks does not have: run the app without torchrun for it")
         with self._lock:
             if self._exact is None:
                 m = self.model
@@ -95,7 +99,7 @@ class Loaded:
 
 def _label(kind: str, name: str) -> str:
     return {SHIPPED: f"{name} (shipped, trained)", DIR: f"{name} (checkpoint dir)",
-            TIER: f"{name} tier (random weights)"}[kind]
+            TIER: f"{name} tier (random weights)", SHARDED: f"{name} (sharded across ranks)"}[kind]
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,9 +131,21 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self.loads = 0  # how many times weights were actually read (tests hold the sharing to this)
+        self.pinned: Loaded | None = None  # under torchrun: the one sharded model, and nothing else
+
+    def pin(self, name: str, model: Any, device: str) -> Loaded:
+        """Serve ``model`` (already loaded, e.g. sharded across ranks) as the only model."""
+        tokenizer, note = model.tokenizer, ""
+        if tokenizer is None:
+            tokenizer, note = fallback_tokenizer(model.cfg.vocab_size)
+        src = Source(f"{SHARDED}:{name}", SHARDED, name, _label(SHARDED, name))
+        self.pinned = Loaded(src, device, model, tokenizer, note, 0.0)
+        return self.pinned
 
     # --- what can be loaded ---------------------------------------------------------
     def sources(self) -> list[Source]:
+        if self.pinned is not None:
+            return [self.pinned.source]
         out = [Source(f"{SHIPPED}:{n}", SHIPPED, n, _label(SHIPPED, n)) for n in shipped_models()]
         out += [Source(f"{DIR}:{p}", DIR, p.name, _label(DIR, p.name)) for p in self.checkpoint_dirs]
         out += [Source(f"{TIER}:{t}", TIER, t, _label(TIER, t)) for t in qtg.TIERS]
@@ -144,7 +160,7 @@ class ModelRegistry:
         raise AppInputError(f"unknown model {str(key)[:200]!r}: choose one of {offered}")
 
     def default_key(self, name: str) -> str:
-        for kind in (SHIPPED, DIR, TIER):
+        for kind in (SHARDED, SHIPPED, DIR, TIER):
             for s in self.sources():
                 if s.kind == kind and (s.name == name or s.key == name):
                     return s.key
@@ -154,6 +170,8 @@ class ModelRegistry:
     def get(self, key: str, device: str = "auto") -> Loaded:
         """The model for ``key`` on ``device``, loading it at most once however many sessions ask."""
         src = self.source(key)
+        if self.pinned is not None:
+            return self.pinned
         dev = str(resolve_device(device))
         slot = (src.key, dev)
         with self._lock:
@@ -178,8 +196,8 @@ class ModelRegistry:
         t0 = time.perf_counter()
         if src.kind == SHIPPED:
             model = qtg.load(src.name, device=device)
-        elif src.kind == DIR:
-            model = load_checkpoint(src.key.split(":", 1)[1], device=device)
+        elif src.kind == DIR:  # a checkpoint, a training run's latest, or a sharded run read whole
+            model = qtg.load(src.key.split(":", 1)[1], device=device)
         else:  # random weights; qtg.build refuses a tier that does not fit before allocating
             model = qtg.build(src.name, device=device, seed=0)
             model.random_weights = True

@@ -41,9 +41,11 @@ def _limits_update(ex: Explorer, session) -> tuple:
             gr.update(maximum=max(0, cfg.n_heads - 1)))
 
 
-def build_app(cfg: AppConfig) -> tuple[gr.Blocks, Explorer]:
-    """The Blocks app and its Explorer; the default model is loaded before this returns."""
-    ex = Explorer(cfg)
+def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
+    """The Blocks app and its Explorer; the default model is loaded before this returns.
+
+    ``model``: serve this one only (under torchrun, rank 0's ``qtg.distributed.Lockstep`` handle)."""
+    ex = Explorer(cfg, model)
     first = ex.current(None)
     # the tier table counts 5.5q on the meta device (seconds): warm it while the page loads
     threading.Thread(target=tiers.summaries, args=(ex.device,), daemon=True).start()
@@ -76,8 +78,8 @@ def theme() -> gr.themes.Base:
                              font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 
 
-def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860,
-           block: bool = True) -> tuple[gr.Blocks, Explorer, str]:
+def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           model=None) -> tuple[gr.Blocks, Explorer, str]:
     """Serve the app. Files are served from the export directory only (Gradio's cache lives there too).
 
     Returns:
@@ -86,7 +88,7 @@ def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860,
     export_dir = Path(cfg.export_dir).resolve()
     export_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(export_dir / "gradio-cache")
-    demo, ex = build_app(cfg)
+    demo, ex = build_app(cfg, model)
     repo = Path(__file__).resolve().parent.parent
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block,
                             allowed_paths=[str(export_dir)], blocked_paths=[str(repo / "assets")],

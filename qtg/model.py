@@ -257,8 +257,8 @@ class GeoAttention(nn.Module):
 
     def forward(
         self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, str]:
-        """Args: x ``[B, N, 2d]`` (normed). Returns out ``[B, N, 2d]``, (A, d_FR) or None, impl."""
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None, str]:
+        """Args: x ``[B, N, 2d]`` (normed). Returns out ``[B, N, 2d]``, (A, d_FR, gamma ``[H]``) or None, impl."""
         sp = sqrt_simplex(self._split(self.wq(x)))  # [B, H, N, d_h] float32
         sk = sqrt_simplex(self._split(self.wk(x)))  # [B, H, N, d_h] float32
         v = self._split(self.wv(x))  # [B, H, N, d_h]
@@ -273,7 +273,8 @@ class GeoAttention(nn.Module):
             out = attention_flex(sp, sk, v, gamma, slopes)
         else:
             out = attention_reference(sp, sk, v, gamma, slopes, q_offset=offset)
-        maps = attention_maps(sp, sk, gamma, slopes, q_offset=offset) if want_maps else None
+        # gamma rides with the maps: read here, where FSDP has gathered the parameters, it is a plain tensor
+        maps = (*attention_maps(sp, sk, gamma, slopes, q_offset=offset), gamma.detach()) if want_maps else None
         B, _, N, _ = out.shape
         out = out.transpose(1, 2).reshape(B, N, -1)  # [B, N, d]
         return self.wo(out), maps, impl
@@ -380,7 +381,7 @@ class QTG(nn.Module):
             cache_points = psi if past is None else torch.cat([past, psi], dim=1)
 
         x = filtered
-        states, attention, distances, impls = [psi, filtered], [], [], []
+        states, attention, distances, gammas, impls = [psi, filtered], [], [], [], []
         for layer, block in enumerate(self.blocks):
             x, maps, impl = block(x, cache=cache, layer=layer, want_maps=return_internals)
             impls.append(impl)
@@ -388,6 +389,7 @@ class QTG(nn.Module):
                 states.append(x)
                 attention.append(maps[0])
                 distances.append(maps[1])
+                gammas.append(maps[2])
         if cache is not None:
             cache.points = cache_points  # after the blocks: their offsets read the old length
             cache.advance(ids.shape[1])
@@ -400,7 +402,7 @@ class QTG(nn.Module):
             out.states = states
             out.topo_scores, out.topo_exact_scores, out.topo_weights = soft, hard, w
             out.attention, out.distances = attention, distances
-            out.gamma = [b.attn.gamma(ids.device).detach() for b in self.blocks]
+            out.gamma = gammas
             out.attn_impl = impls
         return out
 

@@ -21,6 +21,7 @@ from app.core import Explorer, Session  # noqa: E402
 from app.errors import user_facing  # noqa: E402
 from app.exports import export  # noqa: E402
 from app.tabs import attention, compare, generate, tiers, topology  # noqa: E402
+from qtg.generate import generate as generate_ids  # noqa: E402
 from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
 from qtg.topology import approx_view, exact_diagrams  # noqa: E402
 from qtg.topology import compare as topo_compare  # noqa: E402
@@ -43,11 +44,12 @@ def _last(stream):
     return outs, outs[-1]
 
 
-def library_greedy(loaded, prompt: str, n: int) -> str:
-    ids = torch.tensor([encode(loaded.tokenizer, prompt)])
-    eos = loaded.tokenizer.token_to_id(EOS_TOKEN)
-    out = qtg.generate.generate(loaded.model, ids, n, temperature=0, eos_id=eos)
-    return decode(loaded.tokenizer, out[0, ids.shape[1]:].tolist())
+def library_greedy(model, tokenizer, prompt: str, n: int) -> str:
+    """The library's greedy continuation, stopping at EOS as the app does."""
+    ids = torch.tensor([encode(tokenizer, prompt)])
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    out = generate_ids(model, ids, n, temperature=0, eos_id=eos)
+    return decode(tokenizer, out[0, ids.shape[1]:].tolist())
 
 
 # --- generate ----------------------------------------------------------------------------
@@ -55,7 +57,7 @@ def library_greedy(loaded, prompt: str, n: int) -> str:
 
 def test_generate_greedy_equals_library(ex, nano):
     outs, (html, text, fig, stats, session, payload) = _last(generate.generate(ex, None, PROMPT, 40, 0, 0, 1, -1))
-    assert text == library_greedy(nano, PROMPT, 40)
+    assert text == library_greedy(nano.model, nano.tokenizer, PROMPT, 40)
     assert session.last_text == PROMPT + text
     assert "done: 40 new tokens" in stats and "first token" in stats
     assert fig is not None and len(fig.data) > 0  # the live exact diagram
@@ -282,7 +284,7 @@ def test_qtg_app_help_and_bad_flags():
     r = run_qtg("app", "--help")
     assert r.returncode == 0 and "127.0.0.1" in r.stdout and "--checkpoint-dir" in r.stdout
     r = run_qtg("app", "--checkpoint-dir", "/nonexistent/ckpt")
-    assert r.returncode == 2 and "not a checkpoint directory" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "not a checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_the_library_never_imports_the_app():
@@ -294,3 +296,15 @@ def test_the_library_never_imports_the_app():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_checkpoint_dir_given_at_launch_loads(tiny_checkpoint, tmp_path):
+    ex = Explorer(AppConfig(export_dir=tmp_path, device="cpu", checkpoint_dirs=(tiny_checkpoint,),
+                            model=tiny_checkpoint.name))
+    assert ex.default_key == f"dir:{tiny_checkpoint.resolve()}"
+    loaded = ex.current(None)
+    assert loaded.source.kind == "dir" and not loaded.random_weights
+    text = _last(generate.generate(ex, None, "First Citizen:", 5, 0, 0, 1, -1))[1][1]
+    assert text == library_greedy(loaded.model, loaded.tokenizer, "First Citizen:", 5)
+    with pytest.raises(qtg.QTGError, match="unknown model"):  # a sibling folder was not given
+        ex.registry.get(f"dir:{tiny_checkpoint.parent}", "cpu")

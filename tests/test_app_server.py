@@ -70,7 +70,7 @@ def test_generate_streams_and_equals_the_library(server):
     updates = [out for out in job]
     assert len(updates) >= 3, "the text should arrive in several updates"
     final = job.outputs()[-1]
-    assert final[1] == library_greedy(ex.current(None), PROMPT, 120)
+    assert final[1] == library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 120)
     assert "done: " in final[3]
 
 
@@ -115,8 +115,8 @@ def test_two_clients_keep_their_own_models(server):
     for t in threads:
         t.join(120)
     micro = ex.registry.get("tier:micro", "cpu")
-    assert results["a"] == library_greedy(micro, PROMPT, 30)
-    assert results["b"] == library_greedy(ex.current(None), PROMPT, 30)
+    assert results["a"] == library_greedy(micro.model, micro.tokenizer, PROMPT, 30)
+    assert results["b"] == library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 30)
     assert results["a"] != results["b"]
 
 

@@ -381,3 +381,53 @@ def worker(run_dir: str, report: str, device: str = "cpu") -> None:
 
 if __name__ == "__main__":
     worker(*sys.argv[1:])
+
+
+# --- the app under torchrun -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_app_serves_a_model_sharded_over_two_ranks(tmp_path):
+    """``torchrun -m app``: rank 0 serves, rank 1 joins every forward; greedy text equals one process."""
+    pytest.importorskip("gradio", reason="the app extra is not installed")
+    import time
+    import urllib.request
+
+    from gradio_client import Client
+
+    from tests.test_app_handlers import PROMPT, library_greedy
+    from tests.test_app_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "app",
+           "--model", "nano", "--port", str(port), "--device", "cpu", "--export-dir", str(tmp_path)]
+    log = tmp_path / "app.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.25)
+        c = Client(url, verbose=False)
+        assert "sharded across ranks" in c.predict("sharded:nano", "cpu", api_name="/load")
+        text = c.predict(PROMPT, 16, 0, 0, 1, -1, api_name="/generate")[1]
+        nano = qtg.load("nano")
+        assert text == library_greedy(nano, nano.tokenizer, PROMPT, 16)
+        attn = c.predict("To be, or not to be", 1, -1, api_name="/attention")[4]
+        with torch.inference_mode():
+            ref = nano(torch.tensor([qtg.tokenizer.encode(nano.tokenizer, "To be, or not to be")]),
+                       return_internals=True)
+        assert attn["gamma"][1] == pytest.approx(ref.gamma[1].tolist(), rel=1e-6)
+        with pytest.raises(Exception, match="sharded across ranks does not have"):
+            c.predict("To be", "sharded:nano", "cpu", "exact", "sharded:nano", "cpu", "approximate", -1,
+                      api_name="/compare")
+    finally:
+        proc.terminate()
+        proc.wait(30)

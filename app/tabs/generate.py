@@ -116,7 +116,9 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
     ids, tokens = ex.encode(loaded, prompt, ex.limits.max_prompt_chars, "prompt")
     tok = loaded.tokenizer
     eos = tok.token_to_id(EOS_TOKEN)
-    steps = stream(loaded.model, ids, eos_id=eos, **args)  # checks the request (context length) now
+    # a model sharded across ranks keeps no decoding cache (see qtg.distributed.lockstep)
+    cached = not getattr(loaded.model, "lockstep", False)
+    steps = stream(loaded.model, ids, eos_id=eos, use_cache=cached, **args)  # checks the request now
 
     scorer, scores = Scorer(loaded.model), TokenScores()
     soft, hard, w = scorer.add(ids)

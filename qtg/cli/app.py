@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from qtg.errors import QTGError
 HELP = """Serve the QTG Explorer web app: generate with streaming and TopoFilter colours,
 exact topology (gudhi + ripser) beside the TopoFilter's approximation, Fisher-Rao
 attention maps, side-by-side comparisons, and the tier table.
+
+Under torchrun (`torchrun --nproc_per_node N -m app --model M`) the model is
+sharded across the ranks with FSDP2, rank 0 serves the page and the other ranks
+join each forward; that one model is then the only one served.
 
 It binds to 127.0.0.1 unless --host says otherwise, loads the shipped nano at start,
 fetches nothing from the network, serves files only from --export-dir, and loads
@@ -22,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  qtg app\n  qtg app --port 8080 --device cuda\n"
                               "  qtg app --checkpoint-dir runs/nano/step_003000 --model step_003000\n"
-                              "  python -m app --host 0.0.0.0   # reachable from other machines")
+                              "  python -m app --host 0.0.0.0   # reachable from other machines\n"
+                              "  torchrun --nproc_per_node 2 -m app --model nano   # sharded across 2 ranks")
     p.add_argument("--model", "--tier", dest="model", default="nano",
                    help="model loaded at start: a shipped model, a tier (random weights), or the name of a "
                         "--checkpoint-dir (default nano)")
@@ -49,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         raise QTGError(f"the app needs its extra ({e.name} is missing): pip install -e '.[app]' "
                        "(make app does it)") from None
     for d in args.checkpoint_dir:
-        if not (d / "model.safetensors").is_file():
-            raise QTGError(f"--checkpoint-dir {d}: not a checkpoint directory (no model.safetensors)")
+        if not any((d / name).exists() for name in ("model.safetensors", "latest", "dcp")):
+            raise QTGError(f"--checkpoint-dir {d}: not a checkpoint (no model.safetensors), a training run "
+                           "(no latest) or a sharded checkpoint (no dcp/)")
     if args.concurrency < 1:
         raise QTGError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.threads is not None and args.threads < 1:
@@ -61,6 +68,39 @@ def run(args: argparse.Namespace) -> int:
     cfg = AppConfig(model=args.model, device=args.device, checkpoint_dirs=tuple(args.checkpoint_dir),
                     concurrency=args.concurrency,
                     **({"export_dir": args.export_dir} if args.export_dir else {}))
+    from qtg.distributed.world import under_torchrun
+
+    if under_torchrun():
+        return _run_sharded(cfg, args)
     print(f"QTG Explorer: loading {args.model} and starting on http://{args.host}:{args.port} ...", flush=True)
     launch(cfg, host=args.host, port=args.port)
+    return 0
+
+
+def _run_sharded(cfg, args: argparse.Namespace) -> int:
+    """Under torchrun: the model sharded across the ranks; rank 0 serves the app, the others follow."""
+    from app.server import launch
+    from qtg.distributed.inference import load_sharded_model
+    from qtg.distributed.lockstep import Lockstep, follow
+    from qtg.distributed.world import close_world, init_world
+
+    source = args.checkpoint_dir[0] if args.checkpoint_dir else args.model
+    cfg = dataclasses.replace(cfg, model=Path(source).name)
+    world = init_world(args.device)
+    try:
+        model = load_sharded_model(source, world)
+        if not world.is_main:
+            follow(model, world)
+        else:
+            handle = Lockstep(model, world)
+            print(f"QTG Explorer: {cfg.model} sharded over {world.size} ranks, serving on "
+                  f"http://{args.host}:{args.port} ...", flush=True)
+            try:
+                launch(cfg, host=args.host, port=args.port, model=handle)
+            finally:
+                handle.close()
+    except BaseException:
+        close_world(world, failed=True)
+        raise
+    close_world(world)
     return 0

@@ -12,6 +12,8 @@ Each idea in its own module, each readable in one sitting:
   ``torch.distributed.checkpoint`` in safetensors files, N ranks -> M ranks,
   and their conversion to the single-file format (``qtg export``).
 * :mod:`~qtg.distributed.inference`: a sharded model for ``qtg generate`` under torchrun.
+* :mod:`~qtg.distributed.lockstep`: the same model driven from rank 0 alone (the web app), the
+  other ranks joining each forward.
 * :mod:`~qtg.distributed.plan`: memory per rank under FSDP2, the smallest
   number of GPUs, and why ``5.5q`` fits no number of them.
 
@@ -33,6 +35,8 @@ _EXPORTS = {
     "batching": ("rank_batches", "split_sizes"),
     "checkpoint": ("save_sharded", "load_sharded", "load_sharded_optimizer", "load_full_optimizer", "load_start",
                    "read_full_model", "read_train_state", "is_sharded", "sharded_checkpoint"),
+    "inference": ("load_sharded_model",),
+    "lockstep": ("Lockstep", "follow"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)
