@@ -47,8 +47,9 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
     ``model``: serve this one only (under torchrun, rank 0's ``qtg.distributed.Lockstep`` handle)."""
     ex = Explorer(cfg, model)
     first = ex.current(None)
-    # the tier table counts 5.5q on the meta device (seconds): warm it while the page loads
-    threading.Thread(target=tiers.summaries, args=(ex.device,), daemon=True).start()
+    # The tier table counts 5.5q on the meta device (seconds): warm it while the page loads. Not a daemon:
+    # a daemon thread killed inside torch at interpreter exit aborts the process ("terminate called ...").
+    threading.Thread(target=tiers.summaries, args=(ex.device,), name="warm-tier-table").start()
     mcfg = first.model.cfg
     with gr.Blocks(title="QTG Explorer", analytics_enabled=False) as demo:
         session = gr.State(ex.new_session())  # copied per browser session / client
