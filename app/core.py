@@ -8,6 +8,7 @@ so one user's choice never changes another's view and the same weights load once
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,7 @@ def as_int(value: Any, name: str, lo: int, hi: int) -> int:
         f = float(value)
     except (TypeError, ValueError):
         raise AppInputError(f"{name} must be a number, got {str(value)[:50]!r}") from None
-    if f != f or f != int(f):
+    if not math.isfinite(f) or f != int(f):
         raise AppInputError(f"{name} must be a whole number, got {value!r}")
     if not lo <= f <= hi:
         raise AppInputError(f"{name} must be between {lo} and {hi}, got {int(f)}")

@@ -105,9 +105,11 @@ def _plot_rendered(page, elem_id: str, timeout: float = 90_000) -> None:
     page.wait_for_selector(f"#{elem_id} .js-plotly-plot .main-svg", timeout=timeout)
 
 
-def test_app_starts_within_10_seconds(app_url):
+def test_first_page_is_served_soon_after_the_command(app_url):
+    """The target is 10 s on this 2-core machine (6-8 s measured by benchmarks/bench_app.py); the assertion
+    allows 30 s so that a loaded CI machine does not fail it, and the figure is printed."""
     print(f"\nfirst page served {STARTUP['seconds']:.1f} s after `python -m app`")
-    assert STARTUP["seconds"] < 30  # the issue's target is 10 s; 30 leaves room for a loaded CI machine
+    assert STARTUP["seconds"] < 30
 
 
 def test_first_page_shows_the_loaded_model(page):

@@ -26,7 +26,7 @@ from app.exports import Exportable
 from app.tabs.common import export_controls
 from qtg.generate import check_sampling, stream
 from qtg.plots import persistence_diagram
-from qtg.tokenizer import EOS_TOKEN, decode
+from qtg.tokenizer import EOS_TOKEN, decode, token_strings
 from qtg.topology import exact_diagrams
 
 YIELD_EVERY_S = 0.05  # page updates at most this often (each carries every token so far)
@@ -148,7 +148,7 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
                    "tokens": scores.text, "soft": scores.soft, "exact": scores.exact, "weights": scores.weight,
                    "generated": scores.generated, "model": loaded.source.key}
         payload = Exportable("generate", {"live_diagram": fig} if fig is not None else {}, numbers)
-        # an unchanged figure is not sent again: serialising it at every update halved the stream's speed
+        # the live figure changes at most every live_every_s: between redraws it is not sent again
         shown = gr.skip() if fig_sent is fig and not done else fig
         fig_sent = fig
         return token_html(scores), text, shown, stats(done), new_session, payload
@@ -160,7 +160,7 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         new_ids.append(token)
         ex.counters.add("tokens_generated")
         soft, hard, w = scorer.add(step.view(1, 1).to(ids.device))
-        scores.text.append(decode(tok, [token]))
+        scores.text += token_strings(tok, [token])
         scores.soft += soft
         scores.exact += hard
         scores.weight += w

@@ -5,7 +5,6 @@ Endpoints: ``/tiers`` (the table for a device) and ``/load`` (switch this sessio
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import gradio as gr
@@ -21,16 +20,10 @@ from qtg.memory import human_bytes, human_count, tier_summary
 COLUMNS = ["tier", "d", "layers", "heads", "context", "params (counted)", "seed's claim", "counted / claimed",
            "inference (device dtype)", "training (device dtype)", "fits inference", "fits training"]
 
-_summaries: dict[str, list[dict]] = {}
-_summaries_lock = threading.Lock()
-
-
 def summaries(device: str) -> list[dict]:
-    """``tier_summary`` of every tier on ``device`` (5.5q's meta count takes seconds: computed once)."""
-    with _summaries_lock:
-        if device not in _summaries:
-            _summaries[device] = [tier_summary(t, device) for t in qtg.TIERS]
-        return _summaries[device]
+    """``tier_summary`` of every tier on ``device``, with the memory available now. The parameter counts
+    (5.5q's meta build takes seconds) are cached by ``qtg.count_params`` itself."""
+    return [tier_summary(t, device) for t in qtg.TIERS]
 
 
 def _row(s: dict) -> list[Any]:

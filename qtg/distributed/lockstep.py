@@ -39,7 +39,7 @@ log = logging.getLogger("qtg")
 _FORWARD, _CLOSE = "forward", "close"
 
 
-def gather_whole(module: nn.Module, world: World) -> dict[str, torch.Tensor]:
+def gather_whole(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of ``module``'s state, whole (a collective: every rank calls it)."""
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
             for k, v in module.state_dict().items()}
@@ -88,7 +88,7 @@ class Lockstep:
 def follow(model: nn.Module, world: World) -> int:
     """Run every forward rank 0's :class:`Lockstep` asks for, until it closes. Returns how many ran."""
     if hasattr(model, "topo"):
-        gather_whole(model.embed, world)  # in step with rank 0's Lockstep(...)
+        gather_whole(model.embed)  # in step with rank 0's Lockstep(...)
     done = 0
     while True:
         message = world.broadcast(None)
@@ -115,5 +115,5 @@ def _whole_embed(model: nn.Module, world: World) -> nn.Module | None:
     from qtg.model import QEmbed
 
     embed = QEmbed(model.cfg).to(world.device)
-    embed.load_state_dict(gather_whole(model.embed, world))
+    embed.load_state_dict(gather_whole(model.embed))
     return embed.eval()
