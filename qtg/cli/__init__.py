@@ -49,6 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    from qtg.distributed.world import under_torchrun
+
+    if under_torchrun():
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """End a torchrun rank without interpreter finalization.
+
+    The command is done and its process group destroyed, but a rank that goes on through Python's
+    shutdown can still abort there ("terminate called without an active exception": a C++ worker
+    thread still joinable when its owner is destroyed; seen once in about 65 2-rank gloo runs
+    here, the teardown race of pytorch/pytorch#179291). Nothing is left to run, so flush and exit.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
