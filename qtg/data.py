@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -202,57 +202,93 @@ def _check_unique(names: Sequence[str], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # splits
 # --------------------------------------------------------------------------------------------
+class WorkSplit(NamedTuple):
+    """Documents split three ways, whole works only: fit on ``train``, choose on ``val``, report ``test``."""
+
+    train: list[Document]
+    val: list[Document]
+    test: list[Document]
+
+
 def split_documents(
     docs: Sequence[Document],
     *,
     val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
     seed: int = 0,
     val_names: Sequence[str] | None = None,
-) -> tuple[list[Document], list[Document]]:
-    """Split documents into training and validation sets, whole documents only.
+    test_names: Sequence[str] | None = None,
+) -> WorkSplit:
+    """Split documents into training, validation and test sets, whole documents only.
+
+    Held-out figures must be held out from every choice: the validation set picks
+    checkpoints and hyper-parameters, and the test set is only ever reported.
 
     Args:
         docs: the documents, e.g. from :func:`load_documents`.
-        val_fraction: with no ``val_names``, documents are drawn in a random
-            order fixed by ``seed`` until the validation set holds at least this
-            fraction of all UTF-8 bytes (so at least one document).
+        val_fraction, test_fraction: documents are drawn in one random order
+            fixed by ``seed``; the test set takes documents until it holds at
+            least ``test_fraction`` of all UTF-8 bytes, then the validation set
+            until it holds ``val_fraction``. ``test_fraction = 0`` gives no test set.
         seed: fixes the draw; the same seed and documents give the same split,
             whatever order the documents come in.
-        val_names: the validation documents by name (overrides ``val_fraction``).
+        val_names, test_names: the documents by name (override the fractions).
 
     Returns:
-        ``(train, val)``, each in the order of ``docs``.
+        ``WorkSplit(train, val, test)``, each in the order of ``docs``.
 
     Raises:
-        ConfigError: ``val_fraction`` not in (0, 1).
-        DataError: an unknown name in ``val_names``, or an empty split.
+        ConfigError: a fraction outside its range.
+        DataError: an unknown name, a document named twice, or an empty training or validation split.
     """
+    known = {d.name for d in docs}
+    order = _seeded_order(docs, seed)
+    how = f"val_fraction={val_fraction}, test_fraction={test_fraction}, seed={seed}"
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if test_names is not None:
+        test_set = _named(test_names, known, "test")
+    else:
+        test_set = _draw_by_bytes(docs, order, test_fraction)
     if val_names is not None:
-        val_set = set(val_names)
-        unknown = sorted(val_set - {d.name for d in docs})
-        if unknown:
-            known = ", ".join(sorted(d.name for d in docs)[:8])
-            raise DataError(f"unknown validation document(s): {', '.join(unknown)}; documents include: {known}")
+        val_set = _named(val_names, known, "validation")
         how = f"val_names={sorted(val_set)}"
     else:
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        val_set = _draw_by_bytes(docs, val_fraction, seed)
-        how = f"val_fraction={val_fraction}, seed={seed}"
-    train = [d for d in docs if d.name not in val_set]
+        val_set = _draw_by_bytes(docs, [n for n in order if n not in test_set], val_fraction)
+    both = sorted(val_set & test_set)
+    if both:
+        raise DataError(f"document(s) in both the validation and the test split: {', '.join(both)}")
+    train = [d for d in docs if d.name not in val_set | test_set]
     val = [d for d in docs if d.name in val_set]
+    test = [d for d in docs if d.name in test_set]
     for split_name, split in (("training", train), ("validation", val)):
         if not split:
             raise DataError(f"the {split_name} split is empty ({len(docs)} document(s), {how}); "
-                            "splits take whole documents, so at least 2 are needed")
-    return train, val
+                            "splits take whole documents, so at least 2 are needed (3 with a test split)")
+    return WorkSplit(train, val, test)
 
 
-def _draw_by_bytes(docs: Sequence[Document], fraction: float, seed: int) -> set[str]:
-    """Names drawn in a seeded order until they hold ``fraction`` of all bytes."""
-    sizes = {d.name: d.n_bytes for d in docs}
-    order = sorted(sizes)  # independent of the input order
+def _named(names: Sequence[str], known: set[str], what: str) -> set[str]:
+    chosen = set(names)
+    unknown = sorted(chosen - known)
+    if unknown:
+        some = ", ".join(sorted(known)[:8])
+        raise DataError(f"unknown {what} document(s): {', '.join(unknown)}; documents include: {some}")
+    return chosen
+
+
+def _seeded_order(docs: Sequence[Document], seed: int) -> list[str]:
+    """Document names in an order fixed by ``seed`` alone, whatever order ``docs`` come in."""
+    order = sorted(d.name for d in docs)
     random.Random(seed).shuffle(order)
+    return order
+
+
+def _draw_by_bytes(docs: Sequence[Document], order: Sequence[str], fraction: float) -> set[str]:
+    """Names taken in ``order`` until they hold ``fraction`` of all documents' bytes."""
+    sizes = {d.name: d.n_bytes for d in docs}
     target, total, chosen = fraction * sum(sizes.values()), 0, set()
     for name in order:
         if total >= target:
@@ -432,7 +468,7 @@ def resolve_cache_dir(data_path: str | os.PathLike, cache_dir: str | os.PathLike
 class TokenSplit:
     """One split as a token stream: every document's ids followed by one EOS."""
 
-    name: str  # "train" or "val"
+    name: str  # "train", "val" or "test"
     doc_names: list[str]
     tokens: np.ndarray  # [T] uint16/uint32
     n_bytes: int  # UTF-8 bytes of the documents' text (EOS adds none)
@@ -476,10 +512,11 @@ def make_split(name: str, td: TokenizedDocuments, doc_names: Sequence[str]) -> T
 
 @dataclass
 class DataSplits:
-    """What :func:`prepare_data` returns: the two splits and where their ids came from."""
+    """What :func:`prepare_data` returns: the splits and where their ids came from."""
 
     train: TokenSplit
     val: TokenSplit
+    test: TokenSplit | None  # None when no test fraction was asked for
     cache_path: Path | None
     from_cache: bool
     data_path: Path
@@ -488,9 +525,11 @@ class DataSplits:
     def summary(self) -> dict[str, Any]:
         """Plain numbers for logs and reports."""
         split = {s.name: {"documents": len(s.doc_names), "tokens": s.n_tokens, "bytes": s.n_bytes,
-                          "bytes_per_token": round(s.bytes_per_token, 4)} for s in (self.train, self.val)}
+                          "bytes_per_token": round(s.bytes_per_token, 4)}
+                 for s in (self.train, self.val, self.test) if s is not None}
         cache = str(self.cache_path) if self.cache_path else None
         return {"data": str(self.data_path), "seed": self.seed, **split, "val_documents": self.val.doc_names,
+                "test_documents": self.test.doc_names if self.test else [],
                 "cache": cache, "from_cache": self.from_cache}
 
 
@@ -499,6 +538,7 @@ def prepare_data(
     tokenizer: Tokenizer,
     *,
     val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
     seed: int = 0,
     val_names: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -509,20 +549,22 @@ def prepare_data(
     Args:
         path: data file or folder (see :func:`load_documents`); None is the bundled corpus.
         tokenizer: a tokenizer with ``<|endoftext|>``.
-        val_fraction, seed, val_names: the split (see :func:`split_documents`).
+        val_fraction, test_fraction, seed, val_names: the split (see :func:`split_documents`).
         cache_dir: the token cache folder (see :func:`resolve_cache_dir`).
         use_cache: False tokenizes in memory and writes nothing.
 
     Returns:
-        ``DataSplits(train, val, cache_path, from_cache, data_path, seed)``.
+        ``DataSplits(train, val, test, cache_path, from_cache, data_path, seed)``.
     """
     path = default_corpus_path() if path is None else Path(path)
     docs = load_documents(path)
-    train_docs, val_docs = split_documents(docs, val_fraction=val_fraction, seed=seed, val_names=val_names)
+    works = split_documents(docs, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                            val_names=val_names)
     cache = resolve_cache_dir(path, cache_dir) if use_cache else None
     td = tokenize_documents(docs, tokenizer, cache)
-    return DataSplits(make_split("train", td, [d.name for d in train_docs]),
-                      make_split("val", td, [d.name for d in val_docs]), td.cache_path, td.from_cache,
+    test = make_split("test", td, [d.name for d in works.test]) if works.test else None
+    return DataSplits(make_split("train", td, [d.name for d in works.train]),
+                      make_split("val", td, [d.name for d in works.val]), test, td.cache_path, td.from_cache,
                       path, seed)
 
 

@@ -179,12 +179,16 @@ def _prepare(cfg: TrainConfig, world: distributed.World) -> _Run:
 
     data_path = Path(cfg.data.path) if cfg.data.path else default_corpus_path()
     docs = load_documents(data_path)
-    train_docs, val_docs = split_documents(docs, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    train_docs, val_docs, test_docs = split_documents(docs, val_fraction=cfg.data.val_fraction,
+                                                      test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
     with world.main_first():  # rank 0 trains the tokenizer and fills the token cache; the other ranks read both
         if world.is_main:
             tok = _tokenizer(cfg, train_docs, start, model_cfg.vocab_size)
             out.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tok, out / "tokenizer.json")
+            split = {"train": [d.name for d in train_docs], "val": [d.name for d in val_docs],
+                     "test": [d.name for d in test_docs]}  # the test works are reported, never chosen on
+            _atomic_text(out / "split.json", json.dumps(split, indent=1) + "\n")
         else:
             tok = load_tokenizer(out / "tokenizer.json")
         td = tokenize_documents(docs, tok, resolve_cache_dir(data_path, cfg.data.cache_dir))

@@ -31,7 +31,8 @@ class ModelSection:
 class DataSection:
     path: str | None = None  # file or folder; None: the bundled corpus
     tokenizer: str | None = None  # tokenizer JSON; None: trained on the training split
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # of the UTF-8 bytes, whole works: checkpoint selection
+    test_fraction: float = 0.0  # of the UTF-8 bytes, whole works: never trained on nor selected on
     split_seed: int = 0
     seq_len: int | None = None  # None: the model's max_seq_len
     batch_size: int = 16  # windows per batch; a step's global batch is batch_size x grad_accum, at any world size

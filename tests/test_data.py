@@ -153,7 +153,8 @@ def test_bundled_corpus_matches_its_provenance():
 # --- splits ------------------------------------------------------------------------------------
 def test_split_is_by_whole_documents(corpus):
     docs = load_documents(corpus)
-    train, val = split_documents(docs, val_fraction=0.3, seed=0)
+    train, val, test = split_documents(docs, val_fraction=0.3, seed=0)
+    assert test == []  # no test fraction, no test split
     assert sorted(train + val, key=lambda d: d.name) == docs  # every document once, text untouched
     assert not {d.name for d in train} & {d.name for d in val}
     total = sum(d.n_bytes for d in docs)
@@ -172,7 +173,7 @@ def test_split_is_deterministic_in_the_seed(corpus):
 
 def test_split_by_names_and_its_errors(corpus):
     docs = load_documents(corpus)
-    train, val = split_documents(docs, val_names=["work3", "work1"])
+    train, val, _ = split_documents(docs, val_names=["work3", "work1"])
     assert [d.name for d in val] == ["work1", "work3"] and len(train) == 4
     with pytest.raises(DataError, match="unknown validation document.*: hamlet; documents include: work0"):
         split_documents(docs, val_names=["hamlet"])
@@ -185,6 +186,27 @@ def test_split_by_names_and_its_errors(corpus):
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ConfigError, match="val_fraction must be in \\(0, 1\\)"):
             split_documents(docs, val_fraction=bad)
+
+
+def test_three_way_split_keeps_the_test_works_apart_and_the_old_validation_draw(corpus):
+    docs = load_documents(corpus)
+    works = split_documents(docs, val_fraction=0.2, test_fraction=0.2, seed=3)
+    sets = [{d.name for d in part} for part in works]
+    assert all(sets) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == {d.name for d in docs}
+    total = sum(d.n_bytes for d in docs)
+    assert sum(d.n_bytes for d in works.test) >= 0.2 * total
+    # without a test fraction the validation draw is the one earlier runs used
+    two_way = split_documents(docs, val_fraction=0.2, seed=3)
+    assert [d.name for d in two_way.test] == []
+    # the test works come first in the seeded order, so they are the old two-way validation works
+    assert [d.name for d in works.test] == [d.name for d in two_way.val]
+    by_name = split_documents(docs, val_names=["work1"], test_names=["work2"])
+    assert [d.name for d in by_name.val] == ["work1"] and [d.name for d in by_name.test] == ["work2"]
+    with pytest.raises(DataError, match="in both the validation and the test split: work1"):
+        split_documents(docs, val_names=["work1"], test_names=["work1"])
+    with pytest.raises(ConfigError, match=r"test_fraction must be in \[0, 1\)"):
+        split_documents(docs, test_fraction=1.0)
 
 
 # --- the token cache ---------------------------------------------------------------------------
