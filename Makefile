@@ -39,8 +39,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# Every Python file the project ships: the library, the app, the benchmarks and the tests.
 lint: install
-	$(VENV)/bin/ruff check qtg tests benchmarks
+	$(VENV)/bin/ruff check qtg app benchmarks tests
 
 bench: install
 	$(PY) benchmarks/bench_attention.py

@@ -1,9 +1,13 @@
-"""What every tab shares: the app's configuration, the model registry, per-session state, text checks.
+"""What every tab shares: the app's configuration, the model registry, per-session state, input checks.
 
 Per-session state is a small :class:`Session` held in a ``gr.State``: which model this
 browser tab (or ``gradio_client``) has loaded, on which device, and its last generation.
 Loaded weights live in the :class:`~app.models.ModelRegistry`, shared by every session,
 so one user's choice never changes another's view and the same weights load once.
+
+Every request that runs a model first asks :meth:`Explorer.check_memory` what it will
+allocate (``qtg.views.view_memory``) and is refused, with needed against available
+and the longest text that would fit, before any work starts.
 """
 
 from __future__ import annotations
@@ -11,21 +15,25 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.config import AppConfig
+from app.exports import private_dir
 from app.models import AppInputError, Loaded, ModelRegistry
 from qtg.builder import resolve_device
-from qtg.tokenizer import encode, token_strings
+from qtg.memory import available_memory, human_bytes
+from qtg.tokenizer import decode, encode, token_strings
+from qtg.views import max_view_tokens, view_memory
 
 
 @dataclass
 class Session:
     model: str  # a source key (see app.models)
     device: str
-    last_text: str = ""  # the last generation, prompt included: the Topology tab's default text
+    last_text: str = ""  # the last generation, prompt included: the other tabs' text when theirs is empty
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Counters:
     tokens_generated: int = 0
     streams_started: int = 0
     streams_finished: int = 0
+    forwards: int = 0  # model runs of the inspection views (a refused request adds none)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -43,12 +52,13 @@ class Counters:
 
 
 class Explorer:
-    """The app's state outside any session: config, shared models, counters."""
+    """The app's state outside any session: config, shared models, counters, this launch's export folder."""
 
     def __init__(self, cfg: AppConfig, model: Any = None):
         """``model``: serve this one only (under torchrun, a sharded model's rank-0 handle)."""
         self.cfg = cfg
         self.limits = cfg.limits
+        self.export_dir: Path = private_dir(cfg.export_dir)
         self.registry = ModelRegistry(cfg.checkpoint_dirs, cfg.max_cached_models)
         self.counters = Counters()
         if model is not None:
@@ -71,50 +81,125 @@ class Explorer:
             return [self.device]
         return ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
 
+    # --- texts ------------------------------------------------------------------------
+    @staticmethod
+    def text_or_last(session: Session | None, text: Any) -> Any:
+        """The text a tab runs on: the one given, or, when that is empty, the session's last generation.
+
+        Raises:
+            AppInputError: neither is there.
+        """
+        if isinstance(text, str) and text.strip():
+            return text
+        if session is not None and session.last_text:
+            return session.last_text
+        if text is None or isinstance(text, str):
+            raise AppInputError("text: empty, and nothing was generated yet (the last generation is used "
+                                "when the text is empty)")
+        return text  # not a string: encode() names the type
+
     def encode(self, loaded: Loaded, text: Any, max_chars: int, what: str, min_tokens: int = 1,
                max_tokens: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """Checked token ids ``[1, N]`` on the model's device and the N token strings.
 
         Raises:
             AppInputError: not a string, empty, over ``max_chars`` characters, fewer than
-                ``min_tokens`` tokens, or more than ``max_tokens`` (default: the model's context).
+                ``min_tokens`` tokens, or more than ``max_tokens`` (default: the model's context),
+                the last with the real limit in tokens and in characters of this text.
         """
         if not isinstance(text, str):
-            raise AppInputError(f"the {what} must be text, got {type(text).__name__}")
+            raise AppInputError(f"{what}: expected text, got {type(text).__name__}")
         if not text.strip():
-            raise AppInputError(f"the {what} is empty: type some text")
+            raise AppInputError(f"{what}: empty; type some text")
         if len(text) > max_chars:
-            raise AppInputError(f"the {what} is {len(text):,} characters; the limit is {max_chars:,} "
-                                f"(max {what} characters)")
+            raise AppInputError(f"{what}: {len(text):,} characters is above the maximum {max_chars:,}")
         ids = encode(loaded.tokenizer, text)
         limit = loaded.model.cfg.max_seq_len if max_tokens is None else max_tokens
         if len(ids) > limit:
-            raise AppInputError(f"the {what} is {len(ids)} tokens; {loaded.source.name} reads at most {limit} "
-                                f"(its context): shorten it")
+            fits = len(decode(loaded.tokenizer, ids[:limit]))
+            raise AppInputError(f"{what}: {len(ids):,} tokens ({len(text):,} characters) is above the "
+                                f"{limit:,} tokens {loaded.source.name} reads at once (its context); here that "
+                                f"is the first {fits:,} characters: shorten it")
         if len(ids) < min_tokens:
-            raise AppInputError(f"the {what} is {len(ids)} token(s); at least {min_tokens} are needed")
+            raise AppInputError(f"{what}: {len(ids)} token(s) is below the minimum {min_tokens}")
         tokens = token_strings(loaded.tokenizer, ids)
         return torch.tensor([ids], dtype=torch.long, device=loaded.device), tokens
 
+    # --- memory -----------------------------------------------------------------------
+    def memory_budget(self, device: str) -> int:
+        """Bytes one request may allocate beyond the weights: the configured budget, else the device's free
+        memory now shared by the heavy requests that may run at once."""
+        if self.limits.memory_budget is not None:
+            return int(self.limits.memory_budget)
+        return available_memory(device) // max(1, self.cfg.concurrency)
+
+    def check_memory(self, loaded: Loaded, n_tokens: int, view: str, map_blocks: int = 0,
+                     kind: str = "internals") -> None:
+        """Refuse, before any work, a view whose memory (``qtg.views.view_memory``) exceeds the budget.
+
+        Raises:
+            AppInputError: needed against available, and the most tokens that fit.
+        """
+        model = loaded.model
+        dtype = next(model.parameters()).dtype
+        need = view_memory(model.cfg, n_tokens, dtype, map_blocks, kind, loaded.device)
+        budget = self.memory_budget(loaded.device)
+        if need.request <= budget:
+            return
+        fits = max_view_tokens(model.cfg, budget, dtype, map_blocks, kind, loaded.device)
+        fix = (f"at most {fits:,} tokens fit: shorten the text" if fits else
+               "no text fits: free memory or use a smaller model")
+        raise AppInputError(f"{view}: {n_tokens:,} tokens on {loaded.source.name} need {human_bytes(need.request)} "
+                            f"beyond the weights, {human_bytes(budget)} is available; {fix}")
+
+
+# --- form fields --------------------------------------------------------------------------
+
 
 def as_int(value: Any, name: str, lo: int, hi: int) -> int:
-    """An integer field from a form or an API call, in [lo, hi], or a message naming the field."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise AppInputError(f"{name} must be a number, got {str(value)[:50]!r}") from None
-    if not math.isfinite(f) or f != int(f):
-        raise AppInputError(f"{name} must be a whole number, got {value!r}")
-    if not lo <= f <= hi:
-        raise AppInputError(f"{name} must be between {lo} and {hi}, got {int(f)}")
-    return int(f)
+    """An integer field from a form or an API call, exactly (never through a float), in [lo, hi].
+
+    Raises:
+        AppInputError: one line naming the field.
+    """
+    if isinstance(value, bool):
+        raise AppInputError(f"{name}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise AppInputError(f"{name}: expected a whole number, got {value!r}")
+        n = int(value)
+    elif isinstance(value, str) and value.strip():
+        try:
+            n = int(value.strip())
+        except ValueError:
+            raise AppInputError(f"{name}: expected a whole number, got {value.strip()[:50]!r}") from None
+    else:
+        raise AppInputError(f"{name}: expected a whole number, got {str(value)[:50]!r}")
+    if n < lo:
+        raise AppInputError(f"{name}: {n} is below the minimum {lo}")
+    if n > hi:
+        raise AppInputError(f"{name}: {n} is above the maximum {hi}")
+    return n
 
 
 def as_float(value: Any, name: str, lo: float, hi: float) -> float:
+    """A real field in [lo, hi] (finite).
+
+    Raises:
+        AppInputError: one line naming the field.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise AppInputError(f"{name}: expected a number, got {str(value)[:50]!r}")
     try:
         f = float(value)
-    except (TypeError, ValueError):
-        raise AppInputError(f"{name} must be a number, got {str(value)[:50]!r}") from None
-    if not lo <= f <= hi:  # also refuses nan
-        raise AppInputError(f"{name} must be between {lo:g} and {hi:g}, got {f:g}")
+    except ValueError:
+        raise AppInputError(f"{name}: expected a number, got {str(value)[:50]!r}") from None
+    if not math.isfinite(f):
+        raise AppInputError(f"{name}: expected a finite number, got {value!r}")
+    if f < lo:
+        raise AppInputError(f"{name}: {f:g} is below the minimum {lo:g}")
+    if f > hi:
+        raise AppInputError(f"{name}: {f:g} is above the maximum {hi:g}")
     return f

@@ -1,10 +1,14 @@
-"""Every tab's figures to standalone HTML and PNG, its numbers to JSON, under the export directory.
+"""Every tab's figures to standalone HTML and PNG, its numbers to JSON, in this launch's export folder.
 
 A tab's last result is an :class:`Exportable` kept in the session. ``export`` writes
-``<export_dir>/<tab>-<id>/`` holding ``figures.html`` (all figures, plotly.js inlined, so
+``<export folder>/<tab>-<id>/`` holding ``figures.html`` (all figures, plotly.js inlined, so
 it opens offline), one ``<name>.png`` per figure, and ``numbers.json``. PNG needs plotly's
 kaleido and a Chromium; without them the HTML and JSON are still written and the message
 says why the PNGs are missing (the camera icon on each figure also saves a PNG).
+
+The export folder is private to one launch (:func:`private_dir`: a fresh name, mode 0700,
+created atomically, so nothing planted beforehand is followed), every file in it is
+readable by its owner only, and :func:`prune` keeps it under a size and an age, oldest first.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import stat
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +34,72 @@ from qtg.plots import save_html
 
 log = logging.getLogger(__name__)
 
+PNG_SIZE = (1200, 600)  # width, height of a PNG whose figure sizes itself to the page
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# C0 controls (but tab and newline) and DEL: Chromium drops a figure holding one (a NUL in a token label)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
 
 @dataclass
 class Exportable:
     tab: str
     figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly Figure
     numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def private_dir(parent: Path | None = None) -> Path:
+    """A fresh folder only this user can enter (``mkdtemp``: new name, mode 0700, atomic).
+
+    ``parent`` (the folder a user named; default the system's temporary folder) must be a real
+    folder, not a symbolic link; it is created (mode 0700) when missing.
+
+    Raises:
+        AppInputError: ``parent`` is a link or not a folder.
+    """
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    if parent.is_symlink():
+        raise AppInputError(f"export dir {parent} is a symbolic link: name a real folder")
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(parent).st_mode):
+        raise AppInputError(f"export dir {parent} is not a folder")
+    return Path(tempfile.mkdtemp(prefix="qtg-explorer-", dir=parent))
+
+
+def prune(folder: Path, max_bytes: int, max_age_s: float, keep: Path | None = None) -> int:
+    """Remove files older than ``max_age_s``, then the oldest until the folder holds at most ``max_bytes``.
+
+    Links are never followed (a link counts as its own few bytes and is removed like a file).
+    Files under ``keep`` (the export just written) stay. Returns the number of files removed.
+    """
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+    files.sort()  # oldest first
+    now, total, removed = time.time(), sum(size for _, size, _ in files), 0
+    for mtime, size, path in files:
+        if now - mtime <= max_age_s and total <= max_bytes:
+            break
+        if keep is not None and path.is_relative_to(keep):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed += 1
+    for root, dirs, _ in os.walk(folder, topdown=False, followlinks=False):
+        for d in dirs:
+            try:
+                os.rmdir(os.path.join(root, d))  # only empty ones go
+            except OSError:
+                pass
+    return removed
 
 
 def to_json(obj: Any) -> Any:
@@ -51,43 +119,75 @@ def to_json(obj: Any) -> Any:
     return obj
 
 
+def printable(obj: Any) -> Any:
+    """A copy with control characters in every string shown as their Unicode pictures (NUL -> ␀, DEL -> ␡)."""
+    if isinstance(obj, str):
+        return _CONTROL.sub(lambda m: "␡" if m.group() == "\x7f" else chr(0x2400 + ord(m.group())), obj)
+    if isinstance(obj, dict):
+        return {k: printable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(printable(v) for v in obj)
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "OUS":
+        return np.array([printable(v) for v in obj.ravel().tolist()], dtype=object).reshape(obj.shape)
+    return obj
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "figure"
 
 
-def write_pngs(figures: list[Any], paths: list[Path]) -> str | None:
-    """Write the PNGs in one Chromium session (kaleido starts one browser per call); None on success,
-    else why not."""
+def write_pngs(figures: list[go.Figure], paths: list[Path]) -> str | None:
+    """Write the PNGs in one Chromium session (kaleido starts one browser per call), each at its figure's
+    own size (a figure that follows the page's width gets ``PNG_SIZE``). None on success, else why not."""
     import plotly.io as pio
 
     try:
-        for fig in figures:  # the page's height, a fixed width: the same picture whoever exports it
-            fig.update_layout(width=fig.layout.width or 1200)
-        pio.write_images(figures, [str(p) for p in paths], format="png")
+        pio.write_images(figures, [str(p) for p in paths], format="png",
+                         width=[f.layout.width or PNG_SIZE[0] for f in figures],
+                         height=[f.layout.height or PNG_SIZE[1] for f in figures])
         return None
     except Exception as e:  # kaleido or Chromium missing or failing: HTML and JSON still stand
-        log.warning("PNG export failed: %s", e)
+        log.warning("PNG export failed: %s", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def export(item: Exportable | None, export_dir: Path, png: bool = True) -> tuple[list[str], str]:
-    """Write the files; returns (paths, a one-paragraph message for the page)."""
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == PNG_MAGIC
+    except OSError:
+        return False
+
+
+def export(item: Exportable | None, export_dir: Path, png: bool = True,
+           max_bytes: int = 256 * 2**20, max_age_s: float = 6 * 3600.0) -> tuple[list[str], str]:
+    """Write the files; returns (the paths written, a one-paragraph message for the page, naming no path).
+
+    Before returning, the export folder is pruned to ``max_bytes`` and ``max_age_s`` (this export kept).
+    """
     if item is None or not (item.figures or item.numbers):
         raise AppInputError("nothing to export yet: run this tab first")
     out = Path(export_dir) / f"{_safe(item.tab)}-{uuid.uuid4().hex[:10]}"
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700)
+    figures = {name: go.Figure(printable(f.to_plotly_json())) for name, f in item.figures.items()}
     paths = []
-    if item.figures:
-        paths.append(save_html(list(item.figures.values()), out / "figures.html", title=f"QTG Explorer: {item.tab}"))
+    if figures:
+        paths.append(save_html(list(figures.values()), out / "figures.html", title=f"QTG Explorer: {item.tab}"))
     numbers = out / "numbers.json"
     numbers.write_text(json.dumps(to_json(item.numbers), indent=2, allow_nan=False), encoding="utf-8")
     paths.append(numbers)
     why_not = None
-    if png and item.figures:
-        targets = [out / f"{_safe(name)}.png" for name in item.figures]
-        why_not = write_pngs([go.Figure(f) for f in item.figures.values()], targets)
-        paths += [] if why_not else targets
-    msg = f"Wrote {len(paths)} file(s) to `{out}`."
+    if png and figures:
+        targets = [out / f"{_safe(name)}.png" for name in figures]
+        why_not = write_pngs(list(figures.values()), targets)
+        written = [p for p in targets if _is_png(p)]
+        if not why_not and len(written) < len(targets):
+            why_not = f"{len(targets) - len(written)} of {len(targets)} figures were not drawn"
+        paths += written
+    for p in paths:
+        os.chmod(p, 0o600)
+    prune(Path(export_dir), max_bytes, max_age_s, keep=out)
+    msg = f"Wrote {len(paths)} file(s): {', '.join(Path(p).name for p in paths)} (download them below)."
     if why_not:
         msg += (f" PNG export failed ({why_not}); it needs `kaleido` and Chromium. Each figure's camera "
                 "icon saves a PNG from the browser.")

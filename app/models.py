@@ -14,20 +14,25 @@ tier that does not fit the device before allocating anything.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import qtg
 from qtg.builder import resolve_device
-from qtg.checkpoint import shipped_models
+from qtg.checkpoint import SHIPPED_DIR, read_config, shipped_models
+from qtg.documents import default_corpus_path, load_documents
 from qtg.errors import QTGError
+from qtg.memory import available_memory, count_params, human_bytes, human_count, memory_estimate
+from qtg.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,11 @@ class Source:
 
 @dataclass
 class Loaded:
-    """A model in memory and what the page says about it."""
+    """A model in memory and what the page says about it.
+
+    Every request runs on ``model`` itself: an intervention (exact TopoFilter mode) is an argument of
+    the call (``intervene=qtg.Intervention(topo="exact")``), so no copy of the module exists and nothing
+    is ever switched on the shared weights."""
 
     source: Source
     device: str
@@ -56,45 +65,32 @@ class Loaded:
     tokenizer: Any
     tokenizer_note: str  # where the tokenizer came from, when not from the checkpoint
     seconds: float  # time to load
-    _exact: Any = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def exact_model(self) -> Any:
-        """The same model with its TopoFilter in exact mode (s in place of s~), sharing every weight.
-
-        A separate module object, so exact mode for one request never changes what a concurrent
-        request on the shared model computes (``qtg.topology.exact_topofilter`` flips the flag in
-        place: right in a script, wrong in a server)."""
-        if not self.is_qtg:
-            raise AppInputError("exact TopoFilter mode needs a QTG model; this one is a dot-product baseline")
-        if getattr(self.model, "lockstep", False):
-            raise AppInputError("exact TopoFilter mode needs a second copy of the module, which a model sharded "
-                                "across ranks does not have: run the app without torchrun for it")
-        with self._lock:
-            if self._exact is None:
-                m = self.model
-                shared = {id(t): t for t in [*m.parameters(), *m.buffers(), m.tokenizer] if t is not None}
-                twin = copy.deepcopy(m, memo=shared)
-                twin.topo.exact_mode = True
-                self._exact = twin
-            return self._exact
 
     @property
     def random_weights(self) -> bool:
-        return bool(getattr(self.model, "random_weights", False))
+        return bool(self.model.random_weights)
 
     @property
-    def is_qtg(self) -> bool:
-        return hasattr(self.model, "topo")
+    def has_topofilter(self) -> bool:
+        return bool(self.model.has_topofilter)
+
+    @property
+    def state_names(self) -> list[str]:
+        """The names of ``out.states``, in order: QEmbed, TopoFilter, block 1, ... (or embedding, block 1, ...)."""
+        return list(self.model.state_names)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def describe(self) -> str:
         cfg = self.model.cfg
         weights = "RANDOM weights (untrained: its text is noise)" if self.random_weights else "trained weights"
-        arch = "QTG" if self.is_qtg else "dot-product baseline"
+        arch = "QTG" if self.has_topofilter else "dot-product baseline"
         note = f"; {self.tokenizer_note}" if self.tokenizer_note else ""
-        return (f"**{self.source.label}** on {self.device}: {arch}, {qtg.memory.human_count(qtg.count_params(cfg))} "
-                f"parameters, d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, context "
-                f"{cfg.max_seq_len}, {weights}{note} (loaded in {self.seconds:.2f} s)")
+        return (f"**{self.source.label}** on {self.device}: {arch}, {human_count(count_params(cfg))} "
+                f"parameters ({human_bytes(self.weight_bytes)}), d={cfg.d_model}, {cfg.n_layers} layers, "
+                f"{cfg.n_heads} heads, context {cfg.max_seq_len}, {weights}{note} (loaded in {self.seconds:.2f} s)")
 
 
 def _label(kind: str, name: str) -> str:
@@ -106,13 +102,8 @@ def _label(kind: str, name: str) -> str:
 def fallback_tokenizer(vocab_size: int):
     """A tokenizer for a model that carries none (random weights): the shipped nano's when its ids
     fit the vocabulary, else a byte-level BPE of exactly ``vocab_size`` trained on the bundled corpus."""
-    from qtg.data import default_corpus_path, load_documents
-    from qtg.tokenizer import train_tokenizer
-
-    shipped = qtg.checkpoint.SHIPPED_DIR / "nano"
+    shipped = SHIPPED_DIR / "nano"
     if (shipped / "tokenizer.json").is_file():
-        from qtg.tokenizer import load_tokenizer
-
         tok = load_tokenizer(shipped / "tokenizer.json")
         if tok.get_vocab_size() <= vocab_size:
             return tok, "tokenizer: the shipped nano's"
@@ -121,8 +112,20 @@ def fallback_tokenizer(vocab_size: int):
         f"tokenizer: a {vocab_size}-token BPE trained on 3 bundled works at load"
 
 
+def allocated_bytes(device: str) -> int:
+    """What this process holds on ``device`` now: CUDA memory allocated by torch, or resident memory on CPU."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.memory_allocated(dev))
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class ModelRegistry:
-    """Loaded models keyed by (source key, device), shared by all sessions, LRU-evicted."""
+    """Loaded models keyed by (source key, device), shared by all sessions, LRU-evicted or unloaded."""
 
     def __init__(self, checkpoint_dirs: tuple[Path, ...] = (), max_models: int = 4):
         self.checkpoint_dirs = tuple(Path(p).resolve() for p in checkpoint_dirs)
@@ -157,7 +160,7 @@ class ModelRegistry:
             if s.key == key:
                 return s
         offered = ", ".join(s.key for s in self.sources())
-        raise AppInputError(f"unknown model {str(key)[:200]!r}: choose one of {offered}")
+        raise AppInputError(f"model: unknown {str(key)[:200]!r}; choose one of {offered}")
 
     def default_key(self, name: str) -> str:
         for kind in (SHARDED, SHIPPED, DIR, TIER):
@@ -166,7 +169,29 @@ class ModelRegistry:
                     return s.key
         raise AppInputError(f"no shipped model, checkpoint dir or tier called {name!r}")
 
+    def config_of(self, src: Source) -> Any:
+        """The config a source would load, read without loading any weight."""
+        if src.kind == SHARDED and self.pinned is not None:
+            return self.pinned.model.cfg
+        if src.kind == TIER:
+            return qtg.get_tier(src.name)
+        return read_config(SHIPPED_DIR / src.name if src.kind == SHIPPED else Path(src.key.split(":", 1)[1]))
+
+    def weights_needed(self, key: str, device: str) -> tuple[int, int]:
+        """(bytes the weights of ``key`` take, bytes free on ``device`` now), before loading."""
+        src = self.source(key)
+        try:
+            cfg = self.config_of(src)
+        except (QTGError, OSError):  # a training run's folder holds its config one level down
+            return 0, available_memory(resolve_device(device))
+        # fp32: what qtg.build allocates and what the shipped checkpoints hold
+        return memory_estimate(cfg, "fp32", "inference").weights, available_memory(resolve_device(device))
+
     # --- loading ---------------------------------------------------------------------
+    def is_loaded(self, key: str, device: str) -> bool:
+        with self._lock:
+            return (key, str(resolve_device(device))) in self._models or self.pinned is not None
+
     def get(self, key: str, device: str = "auto") -> Loaded:
         """The model for ``key`` on ``device``, loading it at most once however many sessions ask."""
         src = self.source(key)
@@ -192,15 +217,24 @@ class ModelRegistry:
                 self._loading.pop(slot, None)
         return loaded
 
+    def unload(self, key: str, device: str) -> bool:
+        """Drop ``key``'s weights on ``device`` from the shared cache (a session that asks again reloads them).
+        Returns whether they were loaded."""
+        self.source(key)
+        with self._lock:
+            gone = self._models.pop((key, str(resolve_device(device))), None)
+        if gone is not None:
+            log.info("unloaded %s on %s", key, device)
+        return gone is not None
+
     def _load(self, src: Source, device: str) -> Loaded:
         t0 = time.perf_counter()
         if src.kind == SHIPPED:
             model = qtg.load(src.name, device=device)
         elif src.kind == DIR:  # a checkpoint, a training run's latest, or a sharded run read whole
             model = qtg.load(src.key.split(":", 1)[1], device=device)
-        else:  # random weights; qtg.build refuses a tier that does not fit before allocating
+        else:  # random weights (model.random_weights); qtg.build refuses a tier that does not fit first
             model = qtg.build(src.name, device=device, seed=0)
-            model.random_weights = True
         model.eval()
         self.loads += 1
         tokenizer, note = model.tokenizer, ""
@@ -216,6 +250,6 @@ class ModelRegistry:
     def baseline_for(self, loaded: Loaded) -> Loaded | None:
         """The same-size dot-product baseline shipped beside a QTG model (``<name>-baseline``), if any."""
         name = f"{loaded.source.name}-baseline"
-        if not loaded.is_qtg or loaded.source.kind != SHIPPED or name not in shipped_models():
+        if not loaded.has_topofilter or loaded.source.kind != SHIPPED or name not in shipped_models():
             return None
         return self.get(f"{SHIPPED}:{name}", loaded.device)

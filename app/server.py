@@ -6,6 +6,16 @@
 Heavy events (generate, topology, attention, compare) share one queue slot pool of
 ``cfg.concurrency``; loading and exporting run one at a time. The page makes no request
 outside this server: analytics are off, fonts are the system's, plotly.js is served locally.
+
+What the server refuses or rewrites (:class:`Guard`, around Gradio's own routes):
+
+* a state-changing request (POST, ...) whose ``Origin`` is not this server: a page on another
+  site cannot drive the app through a visitor's browser;
+* uploads: the app has no upload widget (Gradio's file-size limit is also 0);
+* every file it serves (``/file=``) goes out as a download (``Content-Disposition: attachment``)
+  under ``Content-Security-Policy: sandbox``, so nothing served renders as a page of this origin.
+
+Files are served only from this launch's private export folder (Gradio's cache lives there too).
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from app.config import AppConfig  # noqa: E402
 from app.core import Explorer  # noqa: E402
@@ -29,16 +42,77 @@ INTRO = """# QTG Explorer
 A QTG language model (TopoFilter + Fisher–Rao GeoAttention) beside exact topology. **Generate** streams text
 coloured by the TopoFilter's weights with a live exact diagram; **Topology** sets gudhi and ripser beside the
 TopoFilter's approximation; **Attention** shows Fisher–Rao maps and the baseline's; **Compare** runs one text
-through two models; **Tiers** loads another model."""
+through two models; **Tiers** loads and unloads models."""
+
+# Table headers break between words only; the Compare and Tiers tables scroll rather than clip.
+CSS = """
+#tiers-table th, #compare-table th, #tiers-table th *, #compare-table th * {
+  word-break: normal !important; overflow-wrap: normal !important; hyphens: none !important; }
+"""
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+FILE_ROUTES = ("/file=", "/file/")
+QUIET_LOGGERS = ("kaleido", "choreographer", "logistro", "httpx", "urllib3")
 
 
-def _limits_update(ex: Explorer, session) -> tuple:
-    """Slider ranges for the session's model (layers and heads differ between tiers)."""
+class Guard:
+    """ASGI middleware: cross-origin writes and uploads refused, served files sent as sandboxed downloads."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if method not in SAFE_METHODS:
+            origin = headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc != headers.get("host", ""):
+                log.warning("refused %s %s: foreign origin %s", method, path, origin[:100])
+                await _plain(send, 403, "cross-origin request refused")
+                return
+            if path.rstrip("/").endswith("/upload"):
+                log.warning("refused %s %s: this app accepts no uploads", method, path)
+                await _plain(send, 413, "this app accepts no uploads")
+                return
+        if any(r in path for r in FILE_ROUTES):
+            send = _as_download(send)
+        await self.app(scope, receive, send)
+
+
+async def _plain(send: Any, status: int, text: str) -> None:
+    body = text.encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _as_download(send: Any) -> Any:
+    """``send`` with a served file's headers made a download in a sandbox, whatever its type."""
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            kept = [(k, v) for k, v in message.get("headers", [])
+                    if k.lower() not in (b"content-disposition", b"content-security-policy", b"x-content-type-options")]
+            disposition = next((v for k, v in message.get("headers", []) if k.lower() == b"content-disposition"), b"")
+            filename = disposition.partition(b";")[2].strip()
+            kept += [(b"content-disposition", b"attachment" + (b"; " + filename if filename else b"")),
+                     (b"content-security-policy", b"default-src 'none'; sandbox"),
+                     (b"x-content-type-options", b"nosniff")]
+            message = {**message, "headers": kept}
+        await send(message)
+
+    return wrapped
+
+
+def control_ranges(ex: Explorer, session) -> tuple:
+    """Every range-bound control, set for the session's model: generate's max new tokens, topology's layers,
+    attention's blocks, heads and pages of heads; and the status line."""
     loaded = ex.current(session)
-    cfg = loaded.model.cfg
-    n_states = cfg.n_layers + (2 if loaded.is_qtg else 1)
-    return (gr.update(maximum=n_states - 1), gr.update(maximum=max(0, cfg.n_layers - 1)),
-            gr.update(maximum=max(0, cfg.n_heads - 1)))
+    return (loaded.describe(), *generate.control_ranges(ex, loaded), *topology.control_ranges(ex, loaded),
+            *attention.control_ranges(ex, loaded))
 
 
 def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
@@ -47,28 +121,32 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
     ``model``: serve this one only (under torchrun, rank 0's ``qtg.distributed.Lockstep`` handle)."""
     ex = Explorer(cfg, model)
     first = ex.current(None)
-    # The tier table counts 5.5q on the meta device (seconds): warm it while the page loads. Not a daemon:
-    # a daemon thread killed inside torch at interpreter exit aborts the process ("terminate called ...").
-    threading.Thread(target=tiers.summaries, args=(ex.device,), name="warm-tier-table").start()
-    mcfg = first.model.cfg
+    # Gradio's cache (where it would copy served files, and where uploads would land) is the export folder:
+    # exports are served from where they are written, and one folder is pruned and removed.
+    os.environ["GRADIO_TEMP_DIR"] = str(ex.export_dir)
     with gr.Blocks(title="QTG Explorer", analytics_enabled=False) as demo:
         session = gr.State(ex.new_session())  # copied per browser session / client
         gr.Markdown(INTRO)
         status = gr.Markdown(first.describe(), elem_id="status")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                generate.build(ex, session)
+                gen = generate.build(ex, session, first)
             with gr.Tab("Topology", id="topology"):
-                topo = topology.build(ex, session, mcfg.n_layers + (2 if first.is_qtg else 1))
+                topo = topology.build(ex, session, first)
             with gr.Tab("Attention", id="attention"):
-                attn = attention.build(ex, session, mcfg.n_layers, mcfg.n_heads)
+                attn = attention.build(ex, session, first)
             with gr.Tab("Compare", id="compare"):
                 compare.build(ex, session)
             with gr.Tab("Tiers", id="tiers"):
                 tier = tiers.build(ex, session)
-        sliders = [topo["layer"], attn["layer"], attn["head"]]
-        tier["load_event"].then(lambda s: (ex.current(s).describe(), *_limits_update(ex, s)), [session],
-                                [status, *sliders], api_visibility="private")
+        ranged = [status, *gen["ranges"], *topo["ranges"], *attn["ranges"]]
+        follow = dict(fn=lambda s: control_ranges(ex, s), inputs=[session], outputs=ranged,
+                      api_visibility="private")
+        tier["load_event"].then(**follow)
+        tier["unload_event"].then(**follow)
+        # On every page load: the ranges of this session's model, and the tier table (no button press needed)
+        demo.load(**follow)
+        demo.load(**tier["table_event"], api_visibility="private", concurrency_id="light")
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo, ex
 
@@ -79,20 +157,31 @@ def theme() -> gr.themes.Base:
                              font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 
 
+def quiet_logs() -> None:
+    """Libraries that log every step of a PNG export or an HTTP call: warnings only."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
            model=None) -> tuple[gr.Blocks, Explorer, str]:
-    """Serve the app. Files are served from the export directory only (Gradio's cache lives there too).
+    """Serve the app. Files are served from this launch's private export folder only.
+
+    The tier table's parameter counts (5.5q's meta build takes seconds) are warmed in a thread started
+    once the server answers, so the first page does not wait for them.
 
     Returns:
         (demo, explorer, local URL); with ``block`` False the server runs in a thread and this returns at once.
     """
-    export_dir = Path(cfg.export_dir).resolve()
-    export_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["GRADIO_TEMP_DIR"] = str(export_dir / "gradio-cache")
+    quiet_logs()
     demo, ex = build_app(cfg, model)
     repo = Path(__file__).resolve().parent.parent
-    _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block,
-                            allowed_paths=[str(export_dir)], blocked_paths=[str(repo / "assets")],
-                            ssr_mode=False, mcp_server=False, footer_links=["api"], quiet=not block,
-                            theme=theme(), show_error=True)
+    _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
+                            blocked_paths=[str(repo / "assets")], max_file_size=0,
+                            app_kwargs={"middleware": [Middleware(Guard)]}, ssr_mode=False, mcp_server=False,
+                            footer_links=["api"], quiet=not block, theme=theme(), css=CSS, show_error=True)
+    # Not a daemon: a daemon thread killed inside torch at interpreter exit aborts the process.
+    threading.Thread(target=tiers.summaries, args=(ex.device,), name="warm-tier-table").start()
+    if block:
+        demo.block_thread()
     return demo, ex, url

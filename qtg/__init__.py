@@ -5,13 +5,16 @@
     out = model(ids, return_internals=True)     # logits, states, topology scores, attention maps
     qtg.count_params("7b"), qtg.memory_estimate("7b", "bf16", "train")
     qtg.save_checkpoint(model, "ckpt/"); model = qtg.load("ckpt/")   # safetensors + JSON, never a pickle
-    model.generate(ids, 50, temperature=0.8, top_p=0.9, seed=0)      # see qtg.generate
+    qtg.generate.generate(model, ids, 50, temperature=0.8, top_p=0.9, seed=0)
+    model(ids, intervene=qtg.Intervention(topo="exact", ablate_heads={0: [1]}))  # per call, weights untouched
 """
 
+from qtg import generate
 from qtg.builder import build
 from qtg.checkpoint import load, load_checkpoint, save_checkpoint
 from qtg.config import QTGConfig
 from qtg.errors import CheckpointError, ConfigError, GenerationError, QTGError, TierTooLargeError
+from qtg.intervention import Intervention, InterventionError
 from qtg.memory import count_params, memory_estimate
 from qtg.model import QTG, QTGCache, QTGOutput
 from qtg.tiers import TIERS, baseline_of, get_tier, seed_faithful
@@ -19,7 +22,8 @@ from qtg.tiers import TIERS, baseline_of, get_tier, seed_faithful
 __version__ = "0.1.0"
 
 __all__ = [
-    "QTG", "QTGCache", "QTGConfig", "QTGOutput", "TIERS", "ConfigError", "QTGError", "TierTooLargeError",
-    "CheckpointError", "GenerationError", "build", "count_params", "get_tier", "load", "load_checkpoint",
+    "Intervention", "InterventionError", "QTG", "QTGCache", "QTGConfig", "QTGOutput", "TIERS", "ConfigError",
+    "QTGError", "TierTooLargeError",
+    "CheckpointError", "GenerationError", "build", "count_params", "generate", "get_tier", "load", "load_checkpoint",
     "memory_estimate", "save_checkpoint", "seed_faithful", "baseline_of",
 ]

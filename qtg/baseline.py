@@ -20,6 +20,7 @@ internals are asked for; the topology fields stay None.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtg.config import QTGConfig
-from qtg.model import IGNORE_INDEX, Block, QTGCache, QTGOutput, check_ids
+from qtg.intervention import NO_INTERVENTION, Intervention
+from qtg.model import IGNORE_INDEX, Block, DecoderLM, QTGCache, QTGOutput, check_ids
 
 ROPE_BASE = 10_000.0
 
@@ -62,8 +64,10 @@ class DotProductAttention(nn.Module):
         B, N, _ = t.shape
         return t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, d_h]
 
-    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
-        """Args: x ``[B, N, 2d]``. Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa"."""
+    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False,
+                intervene: Intervention = NO_INTERVENTION):
+        """Args: x ``[B, N, 2d]``; ``intervene`` may ablate heads (nothing else applies here).
+        Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa"."""
         offset = 0 if cache is None else cache.length
         cos, sin = rope_angles(x.shape[1], self.head_dim, offset, x.device)
         q = apply_rope(self._split(self.wq(x)), cos, sin)
@@ -80,20 +84,24 @@ class DotProductAttention(nn.Module):
         if want_maps:
             scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
             maps = scores.masked_fill(~allowed, float("-inf")).softmax(-1).detach()
+        keep = intervene.head_mask(layer, self.n_heads, out.device)
+        if keep is not None:  # an ablated head's slice of the output is zero before W_o
+            out = out * keep.view(1, -1, 1, 1).to(out.dtype)
         B, _, N, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(B, N, -1)), maps, "sdpa"
 
 
-class Baseline(nn.Module):
+class Baseline(DecoderLM):
     """Embedding -> blocks (RoPE attention, SwiGLU) -> RMSNorm -> tied head."""
 
+    has_topofilter = False
+    input_state_names = ("embedding",)
+
     def __init__(self, cfg: QTGConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.blocks = nn.ModuleList(Block(cfg, DotProductAttention) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.tokenizer = None
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -108,13 +116,17 @@ class Baseline(nn.Module):
                           generator=gen)
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, return_internals: bool = False,
-                cache: QTGCache | None = None) -> QTGOutput:
-        """Same contract as :meth:`qtg.model.QTG.forward` (topology fields stay None)."""
+                cache: QTGCache | None = None, *, intervene: Intervention | None = None,
+                map_blocks: Collection[int] | None = None) -> QTGOutput:
+        """Same contract as :meth:`qtg.model.QTG.forward` (topology fields stay None; of an
+        intervention only ``ablate_heads`` applies, the rest is refused by name)."""
         check_ids(ids, self.cfg.vocab_size)
+        intervene = self.check_forward_args(intervene, map_blocks)
         x = self.embed(ids)  # [B, N, 2d]
         states, maps_all = [x], []
         for layer, block in enumerate(self.blocks):
-            x, maps, _ = block(x, cache=cache, layer=layer, want_maps=return_internals)
+            want_maps = return_internals and (map_blocks is None or layer in map_blocks)
+            x, maps, _ = block(x, cache=cache, layer=layer, want_maps=want_maps, intervene=intervene)
             states.append(x)
             maps_all.append(maps)
         if cache is not None:
@@ -128,9 +140,3 @@ class Baseline(nn.Module):
             out.states, out.attention = states, maps_all
             out.attn_impl = ["sdpa"] * len(self.blocks)
         return out
-
-    def generate(self, ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
-        """See :func:`qtg.generate.generate`."""
-        from qtg.generate import generate
-
-        return generate(self, ids, max_new_tokens, **kwargs)

@@ -7,28 +7,12 @@ import torch
 from qtg.config import QTGConfig
 from qtg.errors import ConfigError, TierTooLargeError
 from qtg.memory import available_memory, human_bytes, memory_estimate
-from qtg.model import QTG
-from qtg.tiers import get_tier
+from qtg.model import DecoderLM
+from qtg.registry import meta_model
+from qtg.tiers import resolve_config
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
-
-
-def model_class(cfg: QTGConfig) -> type:
-    """QTG, or the same-size Baseline decoder for ``arch="baseline"``."""
-    if cfg.arch == "baseline":
-        from qtg.baseline import Baseline
-
-        return Baseline
-    return QTG
-
-
-def resolve_config(tier_or_config: str | QTGConfig) -> QTGConfig:
-    if isinstance(tier_or_config, QTGConfig):
-        return tier_or_config
-    if isinstance(tier_or_config, str):
-        return get_tier(tier_or_config)
-    raise ConfigError(f"expected a tier name or QTGConfig, got {type(tier_or_config).__name__}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -67,13 +51,14 @@ def build(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
-) -> QTG:
+) -> DecoderLM:
     """Build a randomly initialised QTG model (or its baseline, ``cfg.arch == "baseline"``).
 
-    The model is created on the ``meta`` device (shapes, no storage), checked
-    against the target device's free memory, then materialised with
-    ``to_empty`` and initialised from ``seed``: a tier that does not fit is
-    refused before a single weight is allocated.
+    The model is created on the ``meta`` device (shapes, no storage) and cast
+    to ``dtype`` there, checked against the target device's free memory, then
+    materialised with ``to_empty`` and initialised from ``seed``: a tier that
+    does not fit is refused before a single weight is allocated, and one that
+    fits is allocated once, in ``dtype`` (never in float32 first).
 
     Args:
         tier_or_config: a name from ``qtg.TIERS`` or a QTGConfig.
@@ -84,8 +69,6 @@ def build(
     cfg = resolve_config(tier_or_config)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     check_fits(cfg, device, dtype)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = meta_model(cfg, dtype).to_empty(device=device)
     model.init_weights(seed=seed)
     return model

@@ -24,11 +24,14 @@ Design choices:
 * **Validated loads.** Every problem (missing file, corrupt safetensors, bad
   JSON, unknown config field, wrong shape, non-finite weight) is a
   :class:`~qtg.errors.CheckpointError` with one line naming the file. The
-  model is built on the ``meta`` device and checked against free memory
-  (:func:`qtg.builder.check_fits`) before any weight is allocated.
+  model is built on the ``meta`` device in the target dtype and checked
+  against free memory (:func:`qtg.builder.check_fits`) before any weight is
+  allocated; each weight is then allocated once, in that dtype.
 * :func:`load` resolves what a user types: a tier name (shipped weights under
   ``assets/checkpoints/<tier>/``, else random weights with a warning), a
-  checkpoint directory, or a training output directory holding ``latest``.
+  checkpoint directory, a training output directory holding ``latest``, or a
+  sharded checkpoint written by torchrun ranks (read whole here; writing one
+  is :mod:`qtg.distributed.checkpoint`'s job).
 """
 
 from __future__ import annotations
@@ -39,16 +42,22 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+from torch import nn
 
-from qtg.builder import build, check_fits, model_class, resolve_device, resolve_dtype
+from qtg.atomic import atomic_safetensors, atomic_text, fsync_dir
+from qtg.builder import build, check_fits, resolve_device, resolve_dtype
 from qtg.config import QTGConfig
 from qtg.errors import CheckpointError, ConfigError
-from qtg.model import QTG
+from qtg.model import DecoderLM
+from qtg.registry import meta_model
 from qtg.tiers import TIERS, get_tier
 
 log = logging.getLogger("qtg")
@@ -57,6 +66,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 TOKENIZER_FILE = "tokenizer.json"
+TRAINER_FILE = "trainer.safetensors"  # in a training checkpoint: optimizer moments and RNG states (qtg.train)
+SHARDS_DIR = "dcp"  # in a sharded checkpoint: one safetensors file per rank (qtg.distributed.checkpoint)
 LATEST = "latest"  # in a training output directory: a checkpoint subdirectory, or a file naming one
 FORMAT_VERSION = "1"
 # Shipped weights: assets/checkpoints/<tier>/ at the repository root.
@@ -73,7 +84,7 @@ _NO_PICKLE = "pickles are not loaded (they can run code); save the weights as sa
 
 
 def save_checkpoint(
-    model: QTG,
+    model: DecoderLM,
     directory: str | os.PathLike,
     *,
     extra_state: dict[str, Any] | None = None,
@@ -100,7 +111,7 @@ def save_checkpoint(
         if not isinstance(extra_state, dict):
             raise CheckpointError(f"extra_state must be a dict, got {type(extra_state).__name__}")
         blobs[STATE_FILE] = _json_text(extra_state, STATE_FILE)
-    if tokenizer_json is None and hasattr(getattr(model, "tokenizer", None), "to_str"):
+    if tokenizer_json is None and hasattr(model.tokenizer, "to_str"):
         tokenizer_json = model.tokenizer.to_str()  # keep the model's tokenizer with its weights
     if tokenizer_json is not None:
         _parse_json(tokenizer_json, TOKENIZER_FILE)
@@ -111,10 +122,9 @@ def save_checkpoint(
     _prepare_target(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_safetensors(tensors, tmp / MODEL_FILE)
+        atomic_safetensors(tensors, tmp / MODEL_FILE, metadata={"format": "pt", "qtg_format": FORMAT_VERSION})
         for name, text in blobs.items():
-            _write_text(tmp / name, text)
-        _fsync_dir(tmp)
+            atomic_text(tmp / name, text)
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,44 +160,11 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         old = _old_path(target)
         os.rename(target, old)
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         shutil.rmtree(old)
     else:
         os.rename(tmp, target)
-    _fsync_dir(target.parent)
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt", "qtg_format": FORMAT_VERSION})
-    _fsync_file(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (POSIX only; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 def _json_text(obj: Any, name: str) -> str:
@@ -204,7 +181,7 @@ def load_checkpoint(
     directory: str | os.PathLike,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
-) -> QTG:
+) -> DecoderLM:
     """Load a checkpoint directory written by :func:`save_checkpoint`.
 
     Args:
@@ -221,17 +198,16 @@ def load_checkpoint(
     """
     ckpt = _checkpoint_dir(Path(directory))
     cfg = read_config(ckpt)
-    tokenizer = _read_tokenizer(ckpt, cfg)  # cheap checks before any weight is read
+    tokenizer = read_tokenizer(ckpt, cfg)  # cheap checks before any weight is read
     path = ckpt / MODEL_FILE
     with _open_safetensors(path) as f:
         stored = _stored_dtype(f, path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype) if dtype is not None else stored
         check_fits(cfg, device, dtype)
-        with torch.device("meta"):
-            model = model_class(cfg)(cfg)
+        model = meta_model(cfg, dtype)
         _check_names_and_shapes(model, f, path)
-        model = model.to_empty(device=device).to(dtype)
+        model = model.to_empty(device=device)  # each weight allocated once, in dtype
         with torch.no_grad():
             for name, param in model.state_dict().items():
                 t = f.get_tensor(name)  # one tensor at a time: never a second full copy
@@ -249,7 +225,7 @@ def read_config(directory: str | os.PathLike) -> QTGConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint needs {MODEL_FILE} and {CONFIG_FILE}")
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
     try:
@@ -263,7 +239,7 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = _checkpoint_dir(Path(directory)) / STATE_FILE
     if not path.is_file():
         return None
-    return _read_json(path)
+    return read_json(path)
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -293,8 +269,6 @@ def _checkpoint_dir(path: Path) -> Path:
 @contextlib.contextmanager
 def _open_safetensors(path: Path) -> Iterator[Any]:
     """``safe_open`` on ``path`` (header validated, nothing read yet); pickles and corrupt files refused."""
-    from safetensors import SafetensorError, safe_open
-
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO):
@@ -317,7 +291,7 @@ def _stored_dtype(f: Any, path: Path) -> torch.dtype:
     return max((_SAFETENSORS_FLOATS[n] for n in names), key=lambda d: torch.finfo(d).bits)
 
 
-def _check_names_and_shapes(model: QTG, f: Any, path: Path) -> None:
+def _check_names_and_shapes(model: nn.Module, f: Any, path: Path) -> None:
     """The stored tensor names and shapes against the (meta) model that config.json describes."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored = set(f.keys())
@@ -341,15 +315,15 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _read_tokenizer(ckpt: Path, cfg: QTGConfig):
-    """The checkpoint's ``tokenizers.Tokenizer``, or None when it has no tokenizer.json."""
-    path = ckpt / TOKENIZER_FILE
+def read_tokenizer(ckpt: str | os.PathLike, cfg: QTGConfig) -> Tokenizer | None:
+    """The checkpoint's ``tokenizers.Tokenizer``, or None when it has no tokenizer.json.
+
+    Raises:
+        CheckpointError: the file is not a tokenizer, or has more tokens than ``cfg.vocab_size``.
+    """
+    path = Path(ckpt) / TOKENIZER_FILE
     if not path.is_file():
         return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise CheckpointError(f"{path}: reading it needs the 'tokenizers' package: pip install tokenizers") from None
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
@@ -360,7 +334,8 @@ def _read_tokenizer(ckpt: Path, cfg: QTGConfig):
     return tok
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content; CheckpointError names the file if it is not UTF-8 JSON."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -382,7 +357,7 @@ def load(
     name_or_dir: str | os.PathLike,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
-) -> QTG:
+) -> DecoderLM:
     """A model from whatever a user names.
 
     Tried in order:
@@ -411,14 +386,11 @@ def load(
     path = Path(name_or_dir)
     if _is_pickle_path(path) or _is_checkpoint(path):
         return load_checkpoint(path, device, dtype)
-    if path.is_dir():
-        from qtg.distributed.checkpoint import read_full_model, sharded_checkpoint  # only when needed
-
-        sharded = sharded_checkpoint(path)
-        if sharded is not None:  # written by torchrun ranks: read whole into this process
-            model = read_full_model(sharded, resolve_dtype(dtype) if dtype else None).to(resolve_device(device))
-            model.checkpoint_dir, model.random_weights = sharded, False
-            return model
+    sharded = sharded_checkpoint(path) if path.is_dir() else None
+    if sharded is not None:  # written by torchrun ranks: read whole into this process
+        model = read_full_model(sharded, resolve_dtype(dtype) if dtype else None).to(resolve_device(device))
+        model.checkpoint_dir, model.random_weights = sharded, False
+        return model
     if path.is_dir() and (path / LATEST).exists():
         return load_checkpoint(_resolve_latest(path), device, dtype)
     if _is_checkpoint(SHIPPED_DIR / str(name_or_dir)):  # shipped weights, tiers and baselines alike
@@ -472,3 +444,72 @@ def _resolve_latest(out_dir: Path) -> Path:
     if not _is_checkpoint(target):
         raise CheckpointError(f"{latest}: names {name!r}, but {target} is not a checkpoint directory")
     return target
+
+
+# --- sharded checkpoints (written by torchrun ranks), read in one process ----------------------
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """A sharded (DCP) checkpoint directory: its weights are in ``dcp/``, one file per rank."""
+    return (Path(path) / SHARDS_DIR).is_dir()
+
+
+def sharded_checkpoint(name_or_dir: str | os.PathLike) -> Path | None:
+    """The sharded checkpoint ``name_or_dir`` names (itself, or a run directory's ``latest``), or None."""
+    path = Path(name_or_dir)
+    if is_sharded(path):
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text(encoding="utf-8").strip()
+        if is_sharded(target):
+            return target
+    return None
+
+
+def read_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON training state of a sharded or single-file checkpoint (``state.json``), or None."""
+    if not is_sharded(path):
+        return read_state(path)
+    file = Path(path) / STATE_FILE
+    return read_json(file) if file.is_file() else None
+
+
+def dcp_load(state_dict: dict[str, Any], path: str | os.PathLike) -> None:
+    """Read ``state_dict``'s tensors in place from the shards in ``path/dcp``, with or without a process group.
+
+    DCP asks for the slices each tensor of ``state_dict`` covers and casts them
+    to its dtype, so any number of ranks (one plain process included) reads a
+    checkpoint that any number wrote.
+    """
+    import torch.distributed as dist  # torch.distributed.checkpoint is a heavy import: only when reading shards
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # without a process group DCP warns that it reads in one process: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state_dict, storage_reader=dcp.HuggingFaceStorageReader(str(Path(path) / SHARDS_DIR)),
+                 no_dist=not dist.is_initialized())
+
+
+def load_sharded(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a sharded checkpoint's weights into a sharded or plain model, in place, at any world size."""
+    msd = model.state_dict()
+    dcp_load({"model": msd}, path)
+    model.load_state_dict(msd)
+
+
+def read_full_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> DecoderLM:
+    """A sharded checkpoint as a plain CPU model, whole (for export: it must fit in host memory).
+
+    Args:
+        path: the sharded checkpoint directory.
+        dtype: the parameter dtype (None: float32); each weight is allocated once, in it.
+    """
+    path = Path(path)
+    if not is_sharded(path):
+        raise CheckpointError(f"{path}: not a sharded checkpoint (no {SHARDS_DIR}/ directory)")
+    cfg = read_config(path)
+    model = meta_model(cfg, dtype).to_empty(device="cpu")
+    load_sharded(model, path)
+    model.tokenizer = read_tokenizer(path, cfg)
+    return model.eval()

@@ -5,7 +5,7 @@ copies of a preset (``cfg.replace(n_layers=2)``). Claims copied from the seed
 documents are kept in ``claimed_*`` fields and never used for computation:
 everything the project reports is counted or measured.
 
-Notation follows ``QTG_SPEC.md``: complex width ``d`` (the real view of a
+Notation follows ``docs/model.md``: complex width ``d`` (the real view of a
 state is ``2d`` wide: real half, then imaginary half), ``H`` heads, head width
 ``d_h = d / H``.
 """
@@ -30,7 +30,7 @@ class QTGConfig:
     name: str = "custom"
     arch: str = "qtg"  # "qtg", or "baseline": a same-size conventional decoder (qtg.baseline)
 
-    # --- shape (spec section 5) -------------------------------------------
+    # --- shape (docs/model.md §5) -----------------------------------------
     vocab_size: int = 512
     d_model: int = 64  # complex width d; the real residual stream is 2d wide
     n_layers: int = 2
@@ -41,21 +41,22 @@ class QTGConfig:
     ffn_mult: float = 8 / 3
     ffn_multiple_of: int = 64
 
-    # --- TopoFilter (spec section 2) --------------------------------------
+    # --- TopoFilter (docs/model.md §2) ------------------------------------
     topo_threshold: float = 0.1  # theta
     topo_tau: float = 1.0  # tau
-    # T of the soft-min s~_i = -T log sum_j exp(-delta_ij / T). The spec names
+    # T of the soft-min s~_i = -T log sum_j exp(-delta_ij / T). The seed names
     # T without a value; 0.1 keeps s~ within T*log(N) of the exact minimum
-    # while leaving gradients to more than the single nearest neighbour.
+    # while leaving gradients to more than the single nearest neighbour
+    # (docs/model.md §8).
     topo_temperature: float = 0.1
 
-    # --- GeoAttention (spec section 3) ------------------------------------
+    # --- GeoAttention (docs/model.md §3) ----------------------------------
     gamma_init: float = 1.0
     learn_gamma: bool = False  # per-head gamma, log-parameterised
     pos: str = "none"  # "none" (NoPE, the seed) | "alibi"
     attn_impl: str = "auto"  # "auto" | "reference" | "flex"
 
-    # --- loss (spec section 4) --------------------------------------------
+    # --- loss (docs/model.md §4) ------------------------------------------
     lambda_topo: float = 0.01
     lambda_geo: float = 0.01
     lambda_quantum: float = 0.01
@@ -145,9 +146,3 @@ class QTGConfig:
         if "tags" in data:
             data["tags"] = tuple(data["tags"])
         return cls(**data)
-
-    @classmethod
-    def from_name(cls, name: str) -> QTGConfig:
-        from qtg.tiers import get_tier
-
-        return get_tier(name)

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from qtg.data import Document, load_documents
 from qtg.errors import DataError
+from qtg.intervention import Intervention
+from qtg.metrics import bits_per_byte
 from qtg.tokenizer import encode, eos_id
 
 
@@ -47,8 +49,9 @@ def windows(ids: Sequence[int], size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def score_windows(model, chunks: list[list[int]], batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
-    """Sum of nll (nats) and number of predicted tokens over windows of ids."""
+def score_windows(model, chunks: list[list[int]], batch_size: int = 8, progress: bool = False,
+                  intervene: Intervention | None = None) -> tuple[float, int]:
+    """Sum of nll (nats) and number of predicted tokens over windows of ids (under ``intervene``, if given)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     chunks = sorted(chunks, key=len)  # similar lengths batch together with little padding
@@ -62,7 +65,7 @@ def score_windows(model, chunks: list[list[int]], batch_size: int = 8, progress:
             ids[row, :len(c)] = torch.tensor(c)
             mask[row, :len(c) - 1] = True
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(ids[:, :-1]).logits.float()  # [b, w-1, V]
+        logits = model(ids[:, :-1], intervene=intervene).logits.float()  # [b, w-1, V]
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, w-1]
         total += float(nll[mask].sum())
         count += int(mask.sum())
@@ -72,15 +75,16 @@ def score_windows(model, chunks: list[list[int]], batch_size: int = 8, progress:
 
 
 def evaluate(model, data: str | os.PathLike | Sequence[Document], tokenizer=None, batch_size: int = 8,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, intervene: Intervention | None = None) -> EvalResult:
     """Evaluate ``model`` on a text file, a directory, JSONL, or a list of Documents.
 
     Args:
         model: a QTG or Baseline model; its ``tokenizer`` is used unless one is given.
         data: path (see :func:`qtg.data.load_documents`) or documents.
         batch_size: windows per forward pass.
+        intervene: score the model under this :class:`~qtg.intervention.Intervention`.
     """
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
         raise DataError("this model has no tokenizer: load a trained checkpoint (it carries one) or pass a tokenizer")
     docs = load_documents(data) if isinstance(data, (str, os.PathLike)) else list(data)
@@ -91,8 +95,8 @@ def evaluate(model, data: str | os.PathLike | Sequence[Document], tokenizer=None
     for doc in docs:
         chunks += windows([eos] + encode(tokenizer, doc.text), model.cfg.max_seq_len)
     chunks = [c for c in chunks if len(c) > 1]
-    nll, count = score_windows(model, chunks, batch_size=batch_size, progress=progress)
+    nll, count = score_windows(model, chunks, batch_size=batch_size, progress=progress, intervene=intervene)
     n_bytes = sum(d.n_bytes for d in docs)
     loss = nll / count
-    return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
+    return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_byte=bits_per_byte(nll, n_bytes),
                       tokens=count, bytes=n_bytes, documents=len(docs))

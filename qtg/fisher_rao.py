@@ -25,7 +25,6 @@ arccos has an infinite derivative) and beyond it (rounding).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +35,18 @@ from torch import Tensor
 _SERIES_BELOW = 1e-3
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for 16- and 32-bit inputs (BC needs it), float64 for float64 ones."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def sqrt_simplex(x: Tensor) -> Tensor:
-    """sqrt(softmax(x)) over the last dim, in float32.
+    """sqrt(softmax(x)) over the last dim, in float32 (float64 for a float64 ``x``).
 
     Computed as exp(log_softmax(x) / 2), which never takes the square root of
     an underflowed probability (sqrt has an infinite derivative at 0).
     """
-    return torch.exp(0.5 * F.log_softmax(x.float(), dim=-1))
+    return torch.exp(0.5 * F.log_softmax(x.to(compute_dtype(x)), dim=-1))
 
 
 def fr_sq_traceable(bc: Tensor) -> Tensor:
@@ -111,13 +115,14 @@ def _scores(sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None, q_offs
         scores ``[B, H, Nq, Nk]`` with -inf above the causal diagonal, and BC.
     """
     nq, nk = sp.shape[-2], sk.shape[-2]
+    dtype = compute_dtype(sp)
     with no_autocast(sp):  # autocast would run this matmul in bf16
-        bc = sp.float() @ sk.float().transpose(-1, -2)  # [B, H, Nq, Nk], float32
-    scores = -gamma.float().view(1, -1, 1, 1) * fr_sq(bc)
+        bc = sp.to(dtype) @ sk.to(dtype).transpose(-1, -2)  # [B, H, Nq, Nk], float32 (or float64)
+    scores = -gamma.to(dtype).view(1, -1, 1, 1) * fr_sq(bc)
     i = torch.arange(q_offset, q_offset + nq, device=sp.device).view(-1, 1)  # query positions
     j = torch.arange(nk, device=sp.device).view(1, -1)  # key positions
     if slopes is not None:
-        scores = scores - slopes.view(1, -1, 1, 1) * (i - j).clamp(min=0).float()
+        scores = scores - slopes.to(dtype).view(1, -1, 1, 1) * (i - j).clamp(min=0).to(dtype)
     scores = scores.masked_fill(j > i, float("-inf"))
     return scores, bc
 
@@ -139,7 +144,7 @@ def attention_reference(
     scores, _ = _scores(sp, sk, gamma, slopes, q_offset)
     attn = torch.softmax(scores, dim=-1)
     with no_autocast(attn):
-        return (attn @ v.float()).to(v.dtype)
+        return (attn @ v.to(attn.dtype)).to(v.dtype)
 
 
 @torch.no_grad()
@@ -156,14 +161,6 @@ def attention_maps(
 
 
 # --- flex attention ----------------------------------------------------------
-
-
-def flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return False
-    return True
 
 
 @functools.cache
@@ -218,15 +215,3 @@ def attention_flex(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Ten
         block_mask=mask, scale=1.0,
     )
     return out.to(v.dtype)
-
-
-def seed_form_distances(p: Tensor, q: Tensor) -> Tensor:
-    """The seed sketch's N x N x d_h form, kept only as a benchmark baseline.
-
-    Materialises ``[B, H, N, N, d_h]``; never used by the model.
-    """
-    bc = torch.sqrt(p.unsqueeze(-2) * q.unsqueeze(-3)).sum(-1)
-    return torch.acos(bc.clamp(-1.0, 1.0))
-
-
-HALF_PI = math.pi / 2

@@ -19,6 +19,11 @@ Design choices:
   re-runs the whole sequence (O(N^2)). Greedy output is the same token for
   token (a test holds it).
 * **Temperature 0 is greedy** (argmax); top-k and top-p then do nothing.
+  So is any temperature below :data:`MIN_TEMPERATURE`: logits / T would
+  overflow float32 there, and the distribution is one-hot to float32 anyway.
+* **Interventions** (:class:`~qtg.intervention.Intervention`) are passed to
+  every forward pass of the request, prefill and each step alike, so cached
+  and uncached decoding see the same edited model.
 * **Seeded** sampling draws from a ``torch.Generator`` on the model's device:
   the same seed gives the same tokens. Without a seed the global RNG is used.
 * **Batched stopping.** A row finishes when it emits ``eos_id`` or when its
@@ -44,20 +49,44 @@ import torch
 from torch import Tensor
 
 from qtg.errors import GenerationError
-from qtg.model import QTG, QTGCache
+from qtg.intervention import NO_INTERVENTION, Intervention
+from qtg.model import DecoderLM, QTGCache
+
+# Below this temperature sampling is greedy: the largest logit gap of a trained
+# model (~100) over 1e-4 stays far inside float32, while 1e-39 would overflow.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen. temperature 0 is greedy; top_k/top_p None means off."""
+    """How the next token is chosen: temperature (< MIN_TEMPERATURE is greedy), top_k/top_p (None: off),
+    and the seed of the request's random source (None: the global RNG)."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    seed: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A fresh random source for one request (None when unseeded)."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+
+@dataclass
+class _Decode:
+    """What every step of one request reads: the model, its cache and intervention, how to choose, when to stop."""
+
+    model: DecoderLM
+    cache: QTGCache | None
+    intervene: Intervention
+    sampling: Sampling
+    generator: torch.Generator | None
+    stopper: _Stopper
+    pad_id: int
 
 
 # --- next-token choice -------------------------------------------------------------
@@ -78,7 +107,7 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None 
         ``[B, V]`` float32 probabilities, each row summing to 1.
     """
     assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
-    assert temperature > 0, "temperature 0 is greedy: use sample()"
+    assert temperature >= MIN_TEMPERATURE, "temperatures below MIN_TEMPERATURE are greedy: use sample()"
     logits = logits.float() / temperature  # [B, V]
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
@@ -114,25 +143,28 @@ def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
 # --- forward passes ----------------------------------------------------------------
 
 
-def prefill(model: QTG, ids: Tensor, cache: QTGCache | None) -> Tensor:
+def prefill(model: DecoderLM, ids: Tensor, cache: QTGCache | None,
+            intervene: Intervention = NO_INTERVENTION) -> Tensor:
     """Run the prompt once (filling ``cache`` when given).
 
     Args:
         model: the model.
         ids: ``[B, N]`` prompt ids.
         cache: an empty QTGCache, or None.
+        intervene: the request's intervention.
 
     Returns:
         ``[B, V]`` logits for the token after the prompt.
     """
     assert ids.dim() == 2 and ids.shape[1] > 0, f"ids must be [B, N>0], got {tuple(ids.shape)}"
     assert cache is None or cache.length == 0, "prefill needs an empty cache"
-    logits = model(ids, cache=cache).logits  # [B, N, V]
+    logits = model(ids, cache=cache, intervene=intervene).logits  # [B, N, V]
     assert logits.shape[:2] == ids.shape
     return logits[:, -1]
 
 
-def decode_one_token(model: QTG, seq: Tensor, cache: QTGCache | None) -> Tensor:
+def decode_one_token(model: DecoderLM, seq: Tensor, cache: QTGCache | None,
+                     intervene: Intervention = NO_INTERVENTION) -> Tensor:
     """Logits for the token after ``seq``.
 
     With a cache holding ``seq[:, :-1]``, only the last token is fed (O(N));
@@ -142,21 +174,22 @@ def decode_one_token(model: QTG, seq: Tensor, cache: QTGCache | None) -> Tensor:
         model: the model.
         seq: ``[B, T]`` every token so far, prompt included.
         cache: a QTGCache of length T - 1, or None.
+        intervene: the request's intervention (the same at every step).
 
     Returns:
         ``[B, V]`` next-token logits.
     """
     assert seq.dim() == 2, f"seq must be [B, T], got {tuple(seq.shape)}"
     if cache is None:
-        return model(seq).logits[:, -1]  # [B, V]
+        return model(seq, intervene=intervene).logits[:, -1]  # [B, V]
     assert cache.length == seq.shape[1] - 1, f"cache holds {cache.length} tokens, seq has {seq.shape[1]}"
-    logits = model(seq[:, -1:], cache=cache).logits  # [B, 1, V]
+    logits = model(seq[:, -1:], cache=cache, intervene=intervene).logits  # [B, 1, V]
     assert logits.shape[:2] == (seq.shape[0], 1)
     return logits[:, -1]
 
 
 @contextlib.contextmanager
-def _inference(model: QTG) -> Iterator[None]:
+def _inference(model: DecoderLM) -> Iterator[None]:
     """Eval mode and inference mode for one step; the caller's mode is restored after."""
     was_training = model.training
     if was_training:  # model.train(mode) walks every submodule: skip it when nothing changes
@@ -192,39 +225,34 @@ class _Stopper:
         return bool(self.finished.all())
 
 
-def decode_n_tokens(model: QTG, buf: Tensor, prompt_len: int, logits: Tensor, cache: QTGCache | None, n: int,
-                    sampling: Sampling, generator: torch.Generator | None, stopper: _Stopper,
-                    pad_id: int) -> Iterator[Tensor]:
+def decode_n_tokens(run: _Decode, buf: Tensor, prompt_len: int, logits: Tensor, n: int) -> Iterator[Tensor]:
     """Sample up to ``n`` tokens, writing each into ``buf`` and yielding it.
 
     Args:
-        model: the model.
+        run: the request's model, cache (prefilled, or None to re-run the
+            sequence each step), intervention, sampling, random source,
+            stopper (EOS, stop strings) and pad id for finished rows.
         buf: ``[B, prompt_len + n]`` the prompt followed by room for the new tokens.
         prompt_len: N, the prompt length.
         logits: ``[B, V]`` the logits after the prompt (from :func:`prefill`).
-        cache: the prefilled QTGCache, or None to re-run the sequence each step.
         n: the most tokens to generate.
-        sampling: temperature / top-k / top-p.
-        generator: the random source, or None.
-        stopper: tracks finished rows (EOS, stop strings).
-        pad_id: what finished rows emit.
 
     Yields:
         ``[B]`` int64, the tokens of one step.
     """
     B = buf.shape[0]
     assert buf.dim() == 2 and buf.shape[1] == prompt_len + n, f"buf {tuple(buf.shape)} != [B, {prompt_len + n}]"
-    assert logits.shape == (B, model.cfg.vocab_size), f"logits {tuple(logits.shape)}"
+    assert logits.shape == (B, run.model.cfg.vocab_size), f"logits {tuple(logits.shape)}"
     for step in range(n):
         t = prompt_len + step
-        with _inference(model):
-            new = sample(logits, sampling, generator)  # [B]
-            new = torch.where(stopper.finished, torch.full_like(new, pad_id), new)
+        with _inference(run.model):
+            new = sample(logits, run.sampling, run.generator)  # [B]
+            new = torch.where(run.stopper.finished, torch.full_like(new, run.pad_id), new)
             buf[:, t] = new
-            stopper.update(new, buf[:, prompt_len:t + 1])
-            last = stopper.all or step == n - 1
+            run.stopper.update(new, buf[:, prompt_len:t + 1])
+            last = run.stopper.all or step == n - 1
             if not last:  # no forward pass for a token nobody will read
-                logits = decode_one_token(model, buf[:, :t + 1], cache)
+                logits = decode_one_token(run.model, buf[:, :t + 1], run.cache, run.intervene)
         yield new.clone()  # a normal tensor: usable outside inference mode
         if last:
             return
@@ -234,21 +262,25 @@ def decode_n_tokens(model: QTG, buf: Tensor, prompt_len: int, logits: Tensor, ca
 
 
 def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> None:
+                   top_p: float | None = None, seed: int | None = None) -> None:
     """The checks that need no model: run them before loading one."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise GenerationError(f"temperature must be a finite number >= 0 (below {MIN_TEMPERATURE:g} is greedy), "
+                              f"got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise GenerationError(f"top_k must be an integer >= 1 (or None for off), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise GenerationError(f"top_p must be in (0, 1] (or None for off), got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
+        raise GenerationError(f"seed must be an integer in [0, 2**64) (or None for unseeded), got {seed!r}")
 
 
-def check_request(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                  stop: str | Sequence[str] | None = None, tokenizer: Any = None) -> Tensor:
+def check_request(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, sampling: Sampling = Sampling(),
+                  eos_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer: Any = None,
+                  intervene: Intervention | None = None) -> Tensor:
     """Refuse a request that cannot be served, before any work.
 
     Returns:
@@ -256,6 +288,7 @@ def check_request(model: QTG, ids: Tensor, max_new_tokens: int, temperature: flo
 
     Raises:
         GenerationError: one line saying what is wrong and what would do.
+        InterventionError: an intervention that does not fit the model.
     """
     cfg = model.cfg
     if not isinstance(ids, Tensor):
@@ -274,25 +307,26 @@ def check_request(model: QTG, ids: Tensor, max_new_tokens: int, temperature: flo
         row, col = (int(i) for i in bad.nonzero()[0])
         raise GenerationError(f"token id {int(ids[row, col])} at row {row}, position {col} is out of vocabulary "
                               f"(valid ids: 0..{cfg.vocab_size - 1})")
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
     if N + max_new_tokens > cfg.max_seq_len:
         room = cfg.max_seq_len - N
         fix = f"at most {room} new tokens fit" if room > 0 else f"shorten the prompt below {cfg.max_seq_len} tokens"
         raise GenerationError(f"the prompt is {N} tokens and max_new_tokens is {max_new_tokens}: {N + max_new_tokens} "
-                              f"exceeds {cfg.name!r}'s max_seq_len of {cfg.max_seq_len}; {fix}")
+                              f"exceeds the max_seq_len of {cfg.name} ({cfg.max_seq_len}); {fix}")
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.vocab_size):
         raise GenerationError(f"eos_id must be a token id in 0..{cfg.vocab_size - 1}, got {eos_id!r}")
     stops = _stop_strings(stop)
     if stops and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer to decode the text: pass tokenizer= or load a "
                               "model that has one")
+    model.check_forward_args(intervene, None)
     return ids.to(device=_device(model), dtype=torch.long)
 
 
-def stream(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int | None = None, use_cache: bool = True, eos_id: int | None = None,
-           stop: str | Sequence[str] | None = None, tokenizer: Any = None,
-           pad_id: int | None = None) -> Iterator[Tensor]:
+def stream(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
+           eos_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer: Any = None,
+           pad_id: int | None = None, intervene: Intervention | None = None) -> Iterator[Tensor]:
     """Generate one step at a time, for a streaming UI. Arguments as :func:`generate`.
 
     The request is checked when ``stream`` is called (not at the first ``next``).
@@ -300,23 +334,29 @@ def stream(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.
     Yields:
         ``[B]`` int64: each row's token for this step (``pad_id`` once a row has finished).
     """
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ids = check_request(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, stop, tokenizer)
-    sampling = Sampling(float(temperature), top_k, top_p)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    sampling = Sampling(float(temperature) if isinstance(temperature, (int, float)) else temperature,
+                        top_k, top_p, seed)
+    ids = check_request(model, ids, max_new_tokens, sampling=sampling, eos_id=eos_id, stop=stop,
+                        tokenizer=tokenizer, intervene=intervene)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    return _steps(model, ids, max_new_tokens, sampling, seed, use_cache, eos_id, _stop_strings(stop), tokenizer, pad)
+    run = _Decode(model, QTGCache() if use_cache else None, intervene or NO_INTERVENTION, sampling,
+                  sampling.generator(ids.device), _Stopper(ids.shape[0], ids.device, eos_id, _stop_strings(stop),
+                                                           tokenizer), pad)
+    return _steps(run, ids, max_new_tokens)
 
 
-def generate(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, use_cache: bool = True, eos_id: int | None = None,
-             stop: str | Sequence[str] | None = None, tokenizer: Any = None, pad_id: int | None = None) -> Tensor:
+def generate(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
+             eos_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer: Any = None,
+             pad_id: int | None = None, intervene: Intervention | None = None) -> Tensor:
     """Continue ``ids`` by up to ``max_new_tokens`` tokens.
 
     Args:
-        model: a QTG model (its train/eval mode is restored afterwards).
+        model: a QTG model or its baseline (its train/eval mode is restored afterwards).
         ids: ``[B, N]`` (or ``[N]``) prompt token ids.
         max_new_tokens: >= 1; N + max_new_tokens must fit ``model.cfg.max_seq_len``.
-        temperature: 0 for greedy, else the softmax temperature.
+        temperature: 0 (or anything below MIN_TEMPERATURE) for greedy, else the softmax temperature.
         top_k: sample among the k most likely tokens (None: off).
         top_p: nucleus sampling, in (0, 1] (None: off).
         seed: seeds a torch.Generator: the same seed gives the same tokens.
@@ -326,6 +366,7 @@ def generate(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 
         stop: a string or strings; a row whose generated text contains one has finished.
         tokenizer: decodes text for ``stop`` (default ``model.tokenizer``).
         pad_id: what finished rows emit (default ``eos_id``, else 0).
+        intervene: a :class:`~qtg.intervention.Intervention` for every forward pass of this request.
 
     Returns:
         ``[B, N + T]`` int64, the prompt then T <= max_new_tokens new tokens
@@ -334,25 +375,21 @@ def generate(model: QTG, ids: Tensor, max_new_tokens: int, temperature: float = 
     Raises:
         GenerationError: a bad request, before any work.
     """
-    steps = list(stream(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, stop,
-                        tokenizer, pad_id))
+    steps = list(stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        use_cache=use_cache, eos_id=eos_id, stop=stop, tokenizer=tokenizer, pad_id=pad_id,
+                        intervene=intervene))
     prompt = ids if ids.dim() == 2 else ids.unsqueeze(0)
     return torch.cat([prompt.to(device=steps[0].device, dtype=torch.long), torch.stack(steps, dim=1)], dim=1)
 
 
-def _steps(model: QTG, ids: Tensor, max_new_tokens: int, sampling: Sampling, seed: int | None, use_cache: bool,
-           eos_id: int | None, stop: tuple[str, ...], tokenizer: Any, pad_id: int) -> Iterator[Tensor]:
+def _steps(run: _Decode, ids: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
     """The generator behind :func:`stream`: prefill, then :func:`decode_n_tokens`."""
     B, N = ids.shape
-    device = ids.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    cache = QTGCache() if use_cache else None
-    buf = torch.full((B, N + max_new_tokens), pad_id, dtype=torch.long, device=device)  # prompt, then new tokens
+    buf = torch.full((B, N + max_new_tokens), run.pad_id, dtype=torch.long, device=ids.device)  # prompt, then new
     buf[:, :N] = ids
-    with _inference(model):
-        logits = prefill(model, ids, cache)  # [B, V]
-    stopper = _Stopper(B, device, eos_id, stop, tokenizer)
-    yield from decode_n_tokens(model, buf, N, logits, cache, max_new_tokens, sampling, generator, stopper, pad_id)
+    with _inference(run.model):
+        logits = prefill(run.model, ids, run.cache, run.intervene)  # [B, V]
+    yield from decode_n_tokens(run, buf, N, logits, max_new_tokens)
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -364,5 +401,5 @@ def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return stops
 
 
-def _device(model: QTG) -> torch.device:
+def _device(model: DecoderLM) -> torch.device:
     return next(model.parameters()).device

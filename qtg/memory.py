@@ -1,7 +1,7 @@
 """Counting parameters and estimating memory, without allocating.
 
 * :func:`count_params` instantiates the model on the ``meta`` device (shapes
-  only, no storage), so even ``5.5q`` is counted in seconds.
+  only, no storage), so even ``5.5q`` is counted without allocating a weight.
 * :func:`closed_form_params` is the same count as arithmetic; a test keeps the
   two equal for every tier.
 * :func:`memory_estimate` turns counts and dtypes into bytes for weights,
@@ -18,6 +18,8 @@ import torch
 
 from qtg.config import QTGConfig
 from qtg.errors import ConfigError
+from qtg.registry import meta_model
+from qtg.tiers import resolve_config
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp64": 8, "float64": 8}
 MODES = ("inference", "train")
@@ -31,29 +33,19 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def _resolve(tier: str | QTGConfig) -> QTGConfig:
-    from qtg.tiers import get_tier
-
-    return get_tier(tier) if isinstance(tier, str) else tier
-
-
 def count_params(tier: str | QTGConfig) -> int:
     """Parameters of the model, counted by building it on the meta device."""
-    return _count_on_meta(_resolve(tier))
+    return _count_on_meta(resolve_config(tier))
 
 
 @functools.lru_cache(maxsize=64)
 def _count_on_meta(cfg: QTGConfig) -> int:
-    from qtg.builder import model_class
-
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(cfg).parameters())
 
 
 def closed_form_params(tier: str | QTGConfig) -> int:
     """The same count as arithmetic (tied head, so the table is counted once)."""
-    c = _resolve(tier)
+    c = resolve_config(tier)
     width, qtg = c.width, c.arch == "qtg"
     embed = c.vocab_size * width + (width if qtg else 0)  # table + the seed's bias
     attn = 3 * width * c.d_model + c.d_model * width + (c.n_heads if c.learn_gamma and qtg else 0)
@@ -110,7 +102,7 @@ def memory_estimate(
       token) and values (d, parameter dtype), plus the TopoFilter's earlier
       states (2d, parameter dtype).
     """
-    cfg = _resolve(tier)
+    cfg = resolve_config(tier)
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     n = cfg.max_seq_len if seq_len is None else seq_len
@@ -154,8 +146,9 @@ def available_memory(device: str | torch.device = "cpu") -> int:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
-        if abs(n) < 1024 or unit == "EB":
+    """``n`` bytes in binary units: ``976.6 KiB``, ``1.6 MiB``, ``80.0 GiB`` (1 GiB = 2**30 bytes)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(n) < 1024 or unit == "EiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError
@@ -175,7 +168,7 @@ def tier_summary(tier: str | QTGConfig, device: str | torch.device = "cpu") -> d
     (batch 1, full context), and whether inference / training fit ``device``
     (in bf16 on a GPU, float32 on a CPU).
     """
-    cfg = _resolve(tier)
+    cfg = resolve_config(tier)
     params = count_params(cfg)
     est = {f"{mode}_{dt}": memory_estimate(cfg, dt, mode, params=params)
            for mode in MODES for dt in ("bf16", "fp32")}

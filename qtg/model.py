@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -41,10 +44,12 @@ from qtg.fisher_rao import (
     attention_flex,
     attention_maps,
     attention_reference,
+    compute_dtype,
     fr_sq,
     no_autocast,
     sqrt_simplex,
 )
+from qtg.intervention import NO_INTERVENTION, Intervention
 
 log = logging.getLogger("qtg")
 
@@ -68,12 +73,12 @@ class QTGOutput:
     loss: Tensor | None = None  # scalar, when targets are given
     loss_terms: dict[str, Tensor] | None = None  # ce, topo, geo, quantum
     states: list[Tensor] | None = None  # [B, N, 2d]: 0 QEmbed, 1 TopoFilter, then one per block
-    topo_scores: Tensor | None = None  # s~ (soft-min), [B, N]
+    topo_scores: Tensor | None = None  # s~ (soft-min, with the intervention's T), [B, N]
     topo_exact_scores: Tensor | None = None  # s (causal min distance), [B, N]
-    topo_weights: Tensor | None = None  # w, [B, N]
-    attention: list[Tensor] | None = None  # per block [B, H, N, N], causal, rows sum to 1
-    distances: list[Tensor] | None = None  # per block d_FR [B, H, N, N] in [0, pi/2]
-    gamma: list[Tensor] | None = None  # per block [H]
+    topo_weights: Tensor | None = None  # w as applied (after the intervention), [B, N]
+    attention: list[Tensor | None] | None = None  # per block [B, H, N, N] (None where not in map_blocks)
+    distances: list[Tensor | None] | None = None  # per block d_FR [B, H, N, N] in [0, pi/2], likewise
+    gamma: list[Tensor | None] | None = None  # per block [H] as applied, likewise
     attn_impl: list[str] | None = None  # per block, which path ran
 
 
@@ -143,21 +148,31 @@ class QEmbed(nn.Module):
 
 
 def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
-    """delta_ij = ||x_i - y_j||_2, Gram form computed in float64, returned in float32.
+    """delta_ij = ||x_i - y_j||_2, Gram form computed in float64, returned in float32 (float64 for float64 x).
 
     Args: x ``[B, Nq, D]``, y ``[B, Nk, D]``. Returns ``[B, Nq, Nk]``.
     Squared distances below 1e-12 return exactly 0 with gradient 0.
     """
+    x_in = x
     x, y = x.double(), y.double()
     with no_autocast(x):
         sq = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
         far = sq > _DIST_SQ_FLOOR
         dist = torch.where(far, torch.sqrt(torch.where(far, sq, torch.ones_like(sq))), torch.zeros_like(sq))
-    return dist.float()
+    return dist.to(compute_dtype(x_in))
+
+
+@dataclass
+class TopoScores:
+    """What the TopoFilter computes for N tokens: all ``[B, N]`` float32."""
+
+    soft: Tensor  # s~, the soft-min distance to earlier tokens
+    exact: Tensor | None  # s, the exact minimum (None unless asked for or used)
+    weights: Tensor  # w, as applied to the states
 
 
 class TopoFilter(nn.Module):
-    """Causal approximate-persistence weights (spec section 2).
+    """Causal approximate-persistence weights (docs/model.md §2).
 
     For the Vietoris-Rips filtration of the token states, token i's singleton
     H0 component dies at its nearest-neighbour distance. Looking backwards only:
@@ -165,6 +180,10 @@ class TopoFilter(nn.Module):
         s_i  = min_{j<i} delta_ij                          (exact; s_1 = 0)
         s~_i = -T log sum_{j<i} exp(-delta_ij / T)          (soft-min; s~_1 = 0)
         w_i  = exp(-max(s~_i - theta, 0) / tau),   psi_i <- w_i psi_i
+
+    An :class:`~qtg.intervention.Intervention` may weight by s instead of s~
+    (``topo="exact"``; no gradient flows through s), switch the filter off
+    (``"off"``: w = 1), or override theta, tau and T for one call.
     """
 
     def __init__(self, cfg: QTGConfig):
@@ -172,15 +191,18 @@ class TopoFilter(nn.Module):
         self.theta = cfg.topo_threshold
         self.tau = cfg.topo_tau
         self.temperature = cfg.topo_temperature
-        # Exact mode (the explorer's "what does the approximation cost?"): the
-        # filter weights by the exact s instead of s~; no gradient flows then.
-        self.exact_mode = False
 
-    def scores(self, psi: Tensor, past: Tensor | None = None, exact: bool = False) -> tuple[Tensor, Tensor | None]:
-        """s~ (and s when ``exact``) for the tokens of ``psi``, which follow ``past``.
+    def forward(self, psi: Tensor, past: Tensor | None = None, intervene: Intervention = NO_INTERVENTION,
+                want_exact: bool = False) -> TopoScores:
+        """Scores and weights of the tokens of ``psi``, which follow ``past``.
 
-        Args: psi ``[B, N, 2d]``; past ``[B, P, 2d]`` or None. Returns ``[B, N]`` float32.
+        Args:
+            psi: ``[B, N, 2d]`` QEmbed states of the new tokens.
+            past: ``[B, P, 2d]`` states of earlier tokens, or None.
+            intervene: the call's intervention (mode, theta, tau, T).
+            want_exact: also return s (it is computed anyway when ``topo="exact"``).
         """
+        theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
         offset = 0 if past is None else past.shape[1]
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
         delta = pairwise_distances(psi, points)  # [B, N, P+N]
@@ -191,20 +213,24 @@ class TopoFilter(nn.Module):
         # The first row gets one finite dummy entry so logsumexp's gradient is
         # not nan there; its value is discarded by the final where.
         keep = earlier | (first & (j == 0))
-        logits = torch.where(keep, -delta / self.temperature, torch.full_like(delta, float("-inf")))
-        soft = -self.temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
+        logits = torch.where(keep, -delta / temperature, torch.full_like(delta, float("-inf")))
+        soft = -temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
         soft = torch.where(first.view(1, -1), torch.zeros_like(soft), soft)
         hard = None
-        if exact or self.exact_mode:
+        if want_exact or intervene.topo == "exact":
             inf = torch.full_like(delta, float("inf"))
             hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
             hard = torch.where(first.view(1, -1), torch.zeros_like(hard), hard)
-        if self.exact_mode:
-            return hard, hard
-        return soft, hard
+        if intervene.topo == "off":
+            w = torch.ones_like(soft)
+        else:
+            w = self.weights(hard if intervene.topo == "exact" else soft, theta, tau)
+        return TopoScores(soft, hard, w)
 
-    def weights(self, soft: Tensor) -> Tensor:
-        return torch.exp(-torch.clamp(soft - self.theta, min=0.0) / self.tau)
+    @staticmethod
+    def weights(score: Tensor, theta: float, tau: float) -> Tensor:
+        """w = exp(-max(score - theta, 0) / tau), same shape as ``score``."""
+        return torch.exp(-torch.clamp(score - theta, min=0.0) / tau)
 
 
 # --- GeoAttention ----------------------------------------------------------------
@@ -256,25 +282,39 @@ class GeoAttention(nn.Module):
         return "flex" if not training and x.shape[1] >= FLEX_MIN_LEN_CPU else "reference"
 
     def forward(
-        self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False
+        self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False,
+        intervene: Intervention = NO_INTERVENTION,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None, str]:
-        """Args: x ``[B, N, 2d]`` (normed). Returns out ``[B, N, 2d]``, (A, d_FR, gamma ``[H]``) or None, impl."""
-        sp = sqrt_simplex(self._split(self.wq(x)))  # [B, H, N, d_h] float32
-        sk = sqrt_simplex(self._split(self.wk(x)))  # [B, H, N, d_h] float32
+        """Args:
+            x: ``[B, N, 2d]`` (normed).
+            cache: extended in place with this block's keys and values.
+            layer: this block's index (its cache slot and its key in ``intervene``).
+            want_maps: also return (A, d_FR, gamma ``[H]`` as applied).
+            intervene: gamma replacement/scale, ablated heads, positions off.
+
+        Returns:
+            out ``[B, N, 2d]``, the maps or None, the name of the kernel that ran.
+        """
+        sp = sqrt_simplex(self._split(self.wq(x)))  # [B, H, N, d_h], float32 (float64 for a float64 model)
+        sk = sqrt_simplex(self._split(self.wk(x)))  # [B, H, N, d_h], likewise
         v = self._split(self.wv(x))  # [B, H, N, d_h]
         offset = 0
         if cache is not None:
             offset = cache.length
             sk, v = cache.extend(layer, sk, v)  # [B, H, P+N, d_h]
-        gamma = self.gamma(x.device)
-        slopes = alibi_slopes(self.n_heads, x.device) if self.cfg.pos == "alibi" else None
+        gamma = intervene.gamma_for(layer, self.gamma(x.device))  # [H]
+        alibi = self.cfg.pos == "alibi" and intervene.positions != "none"
+        slopes = alibi_slopes(self.n_heads, x.device) if alibi else None
         impl = self.choose_impl(x, offset)
         if impl == "flex":
             out = attention_flex(sp, sk, v, gamma, slopes)
         else:
-            out = attention_reference(sp, sk, v, gamma, slopes, q_offset=offset)
+            out = attention_reference(sp, sk, v, gamma, slopes, q_offset=offset)  # [B, H, N, d_h]
         # gamma rides with the maps: read here, where FSDP has gathered the parameters, it is a plain tensor
         maps = (*attention_maps(sp, sk, gamma, slopes, q_offset=offset), gamma.detach()) if want_maps else None
+        keep = intervene.head_mask(layer, self.n_heads, out.device)
+        if keep is not None:  # an ablated head's slice of the output is zero before W_o
+            out = out * keep.view(1, -1, 1, 1).to(out.dtype)
         B, _, N, _ = out.shape
         out = out.transpose(1, 2).reshape(B, N, -1)  # [B, N, d]
         return self.wo(out), maps, impl
@@ -311,8 +351,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.ffn_hidden else None
         self.ffn = SwiGLU(cfg) if cfg.ffn_hidden else None
 
-    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False):
-        a, maps, impl = self.attn(self.attn_norm(x), cache=cache, layer=layer, want_maps=want_maps)
+    def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False,
+                intervene: Intervention = NO_INTERVENTION):
+        a, maps, impl = self.attn(self.attn_norm(x), cache=cache, layer=layer, want_maps=want_maps,
+                                  intervene=intervene)
         x = x + a
         if self.ffn is not None:
             x = x + self.ffn(self.ffn_norm(x))
@@ -322,17 +364,59 @@ class Block(nn.Module):
 # --- the model -------------------------------------------------------------------
 
 
-class QTG(nn.Module):
-    """QEmbed -> TopoFilter -> Blocks -> RMSNorm -> tied head, with the four-term loss."""
+class DecoderLM(nn.Module):
+    """What QTG and its baseline declare about themselves, so no caller sniffs.
+
+    Attributes:
+        arch: ``"qtg"`` or ``"baseline"`` (the config's ``arch``).
+        has_topofilter: whether the model has a TopoFilter (and GeoAttention).
+        state_names: the names of the states ``out.states`` holds, in order.
+        tokenizer: the tokenizer the weights were trained with, or None.
+        checkpoint_dir: the checkpoint the weights came from, or None.
+        random_weights: True until trained weights are loaded.
+    """
+
+    has_topofilter: bool = False
+    input_state_names: tuple[str, ...] = ()
 
     def __init__(self, cfg: QTGConfig):
         super().__init__()
         self.cfg = cfg
+        self.arch: str = cfg.arch
+        self.tokenizer: Any = None  # a tokenizers.Tokenizer; set by qtg.load and by training
+        self.checkpoint_dir: Path | None = None
+        self.random_weights: bool = True
+
+    @property
+    def state_names(self) -> list[str]:
+        return [*self.input_state_names, *(f"block {i + 1}" for i in range(self.cfg.n_layers))]
+
+    def check_forward_args(self, intervene: Intervention | None, map_blocks: Collection[int] | None) -> Intervention:
+        """The call's intervention (default: none), checked against this model; ``map_blocks`` in range."""
+        intervene = NO_INTERVENTION if intervene is None else intervene
+        if not isinstance(intervene, Intervention):
+            raise TypeError(f"intervene must be a qtg.Intervention, got {type(intervene).__name__}")
+        if intervene is not NO_INTERVENTION:
+            intervene.check(self)
+        if map_blocks is not None:
+            bad = [b for b in map_blocks if not (isinstance(b, int) and 0 <= b < self.cfg.n_layers)]
+            if bad:
+                raise ValueError(f"map_blocks {bad} out of range 0..{self.cfg.n_layers - 1}")
+        return intervene
+
+
+class QTG(DecoderLM):
+    """QEmbed -> TopoFilter -> Blocks -> RMSNorm -> tied head, with the four-term loss."""
+
+    has_topofilter = True
+    input_state_names = ("QEmbed", "TopoFilter")
+
+    def __init__(self, cfg: QTGConfig):
+        super().__init__(cfg)
         self.embed = QEmbed(cfg)
         self.topo = TopoFilter(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.tokenizer = None  # a tokenizers.Tokenizer, attached by the loader
 
     # --- initialisation ---------------------------------------------------------
     @torch.no_grad()
@@ -362,34 +446,43 @@ class QTG(nn.Module):
         targets: Tensor | None = None,
         return_internals: bool = False,
         cache: QTGCache | None = None,
+        *,
+        intervene: Intervention | None = None,
+        map_blocks: Collection[int] | None = None,
     ) -> QTGOutput:
         """Args:
             ids: token ids ``[B, N]``.
             targets: next-token ids ``[B, N]`` (``-100`` ignored) -> ``.loss``.
-            return_internals: also return states, topology scores and full
+            return_internals: also return states, topology scores and
                 attention maps (materialised for inspection; costs memory).
             cache: a :class:`QTGCache`; ids then continue the cached tokens and
                 the cache is extended in place.
+            intervene: a :class:`~qtg.intervention.Intervention` for this call
+                only (None: the model as it is). Pass the same one at every
+                step of a cached decode.
+            map_blocks: with ``return_internals``, the blocks whose ``[B, H, N, N]``
+                maps are kept (None: all); the others' entries are None.
         """
         check_ids(ids, self.cfg.vocab_size)
+        intervene = self.check_forward_args(intervene, map_blocks)
         past = None if cache is None else cache.points
         psi = self.embed(ids)  # [B, N, 2d], unit norm
-        soft, hard = self.topo.scores(psi, past, exact=return_internals)  # [B, N]
-        w = self.topo.weights(soft)  # [B, N]
-        filtered = psi * w.unsqueeze(-1).to(psi.dtype)  # [B, N, 2d]
+        topo = self.topo(psi, past, intervene, want_exact=return_internals)  # [B, N] each
+        filtered = psi * topo.weights.unsqueeze(-1).to(psi.dtype)  # [B, N, 2d]
         if cache is not None:
             cache_points = psi if past is None else torch.cat([past, psi], dim=1)
 
         x = filtered
         states, attention, distances, gammas, impls = [psi, filtered], [], [], [], []
         for layer, block in enumerate(self.blocks):
-            x, maps, impl = block(x, cache=cache, layer=layer, want_maps=return_internals)
+            want_maps = return_internals and (map_blocks is None or layer in map_blocks)
+            x, maps, impl = block(x, cache=cache, layer=layer, want_maps=want_maps, intervene=intervene)
             impls.append(impl)
             if return_internals:
                 states.append(x)
-                attention.append(maps[0])
-                distances.append(maps[1])
-                gammas.append(maps[2])
+                attention.append(maps[0] if maps else None)
+                distances.append(maps[1] if maps else None)
+                gammas.append(maps[2] if maps else None)
         if cache is not None:
             cache.points = cache_points  # after the blocks: their offsets read the old length
             cache.advance(ids.shape[1])
@@ -397,10 +490,10 @@ class QTG(nn.Module):
 
         out = QTGOutput(logits=logits)
         if targets is not None:
-            out.loss, out.loss_terms = self.loss(logits, targets, w, filtered)
+            out.loss, out.loss_terms = self.loss(logits, targets, topo.weights, filtered)
         if return_internals:
             out.states = states
-            out.topo_scores, out.topo_exact_scores, out.topo_weights = soft, hard, w
+            out.topo_scores, out.topo_exact_scores, out.topo_weights = topo.soft, topo.exact, topo.weights
             out.attention, out.distances = attention, distances
             out.gamma = gammas
             out.attn_impl = impls
@@ -413,7 +506,7 @@ class QTG(nn.Module):
         Fisher-Rao distance to the one-hot target;  L_quantum = mean
         (1 - ||psi_i||^4) after filtering. CE and geo skip targets of -100.
         """
-        logp = F.log_softmax(logits.float(), dim=-1)  # [B, N, V]
+        logp = F.log_softmax(logits.to(compute_dtype(logits)), dim=-1)  # [B, N, V]
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
         logp_y = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # [B, N]
@@ -421,14 +514,7 @@ class QTG(nn.Module):
         ce = -(logp_y * valid).sum() / n_valid
         geo = (fr_sq(torch.exp(0.5 * logp_y)) * valid).sum() / n_valid
         topo = ((1.0 - w) ** 2).mean()
-        quantum = (1.0 - filtered.float().norm(dim=-1) ** 4).mean()
+        quantum = (1.0 - filtered.to(compute_dtype(filtered)).norm(dim=-1) ** 4).mean()
         c = self.cfg
         total = ce + c.lambda_topo * topo + c.lambda_geo * geo + c.lambda_quantum * quantum
         return total, {"ce": ce.detach(), "topo": topo.detach(), "geo": geo.detach(), "quantum": quantum.detach()}
-
-    # --- generation -------------------------------------------------------------
-    def generate(self, ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
-        """Continue ``ids`` ``[B, N]`` -> ``[B, N + T]``; see :func:`qtg.generate.generate` for the options."""
-        from qtg.generate import generate  # qtg.generate imports this module
-
-        return generate(self, ids, max_new_tokens, **kwargs)

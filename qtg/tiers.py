@@ -71,6 +71,15 @@ def get_tier(name: str) -> QTGConfig:
     return TIERS[key]
 
 
+def resolve_config(tier_or_config: str | QTGConfig) -> QTGConfig:
+    """A QTGConfig as given, or the preset a tier name names."""
+    if isinstance(tier_or_config, QTGConfig):
+        return tier_or_config
+    if isinstance(tier_or_config, str):
+        return get_tier(tier_or_config)
+    raise ConfigError(f"expected a tier name or QTGConfig, got {type(tier_or_config).__name__}")
+
+
 def seed_faithful(cfg: QTGConfig) -> QTGConfig:
     """``cfg`` in the seed's form: attention-only, NoPE, gamma = 1 fixed."""
     return cfg.replace(name=f"{cfg.name}-seed", **_SEED_FORM)

@@ -26,22 +26,20 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from qtg.atomic import atomic_text
+from qtg.documents import Document, load_documents
 from qtg.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN,)
 N_BYTE_TOKENS = 256
 
-if TYPE_CHECKING:
-    from qtg.data import Document
-
 # A str is text, a Path (any os.PathLike) is a file or folder to read with
-# qtg.data.load_documents, a Document is its text.
-TextSource = Union[str, os.PathLike, "Document"]
+# qtg.documents.load_documents, a Document is its text.
+TextSource = str | os.PathLike | Document
 
 
 def min_vocab_size(special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> int:
@@ -57,8 +55,6 @@ def _iter_texts(sources: TextSource | Iterable[TextSource]) -> Iterator[str]:
         if isinstance(src, str):
             yield src
         elif isinstance(src, os.PathLike):
-            from qtg.data import load_documents  # qtg.data imports this module
-
             for doc in load_documents(Path(src)):
                 yield doc.text
         elif hasattr(src, "text"):
@@ -87,8 +83,8 @@ def train_tokenizer(
 
     Args:
         paths_or_texts: text (``str``), a file or folder (``pathlib.Path``; read
-            with :func:`qtg.data.load_documents`: ``.txt``, ``.txt.gz``, ``.jsonl``),
-            a ``qtg.data.Document``, or an iterable mixing them.
+            with :func:`qtg.documents.load_documents`: ``.txt``, ``.txt.gz``, ``.jsonl``),
+            a ``qtg.documents.Document``, or an iterable mixing them.
         vocab_size: the largest vocabulary wanted, special tokens included; at
             least ``256 + len(special_tokens)``.
         special_tokens: added first (ids 0, 1, ...); must include ``<|endoftext|>``.
@@ -133,11 +129,10 @@ def train_tokenizer(
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> Path:
-    """Write ``tokenizer`` as one JSON file (the ``tokenizers`` format); parent folders are created."""
+    """Write ``tokenizer`` as one JSON file (the ``tokenizers`` format), atomically; parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path), pretty=True)
-    return path
+    return atomic_text(path, tokenizer.to_str(pretty=True))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -57,7 +57,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from qtg import distributed
-from qtg.checkpoint import save_checkpoint
+from qtg.atomic import atomic_safetensors, atomic_text
+from qtg.checkpoint import TRAINER_FILE, is_sharded, read_train_state, save_checkpoint
 from qtg.data import (
     default_corpus_path,
     load_documents,
@@ -67,6 +68,7 @@ from qtg.data import (
     tokenize_documents,
 )
 from qtg.errors import CheckpointError, ConfigError, DataError, TrainingError
+from qtg.generate import generate
 from qtg.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
 from qtg.tiers import get_tier
 from qtg.tokenizer import decode, eos_id, load_tokenizer, save_tokenizer, train_tokenizer
@@ -80,14 +82,8 @@ from qtg.train_config import (  # noqa: F401  (re-exported: qtg.train.TrainConfi
     load_config,
 )
 
-try:  # generation is optional for training: a sample at each evaluation when present
-    from qtg.generate import generate as _generate
-except ImportError:  # pragma: no cover
-    _generate = None
-
 log = logging.getLogger("qtg")
 
-TRAINER_FILE = "trainer.safetensors"
 STATE_FORMAT = "qtg-train/1"
 
 
@@ -188,7 +184,7 @@ def _prepare(cfg: TrainConfig, world: distributed.World) -> _Run:
             save_tokenizer(tok, out / "tokenizer.json")
             split = {"train": [d.name for d in train_docs], "val": [d.name for d in val_docs],
                      "test": [d.name for d in test_docs]}  # the test works are reported, never chosen on
-            _atomic_text(out / "split.json", json.dumps(split, indent=1) + "\n")
+            atomic_text(out / "split.json", json.dumps(split, indent=1) + "\n")
         else:
             tok = load_tokenizer(out / "tokenizer.json")
         td = tokenize_documents(docs, tok, resolve_cache_dir(data_path, cfg.data.cache_dir))
@@ -243,11 +239,11 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> N
 def _restore(run: _Run, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
-    state = distributed.read_train_state(ckpt)
+    state = read_train_state(ckpt)
     if not state or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt}: no training state ({STATE_FORMAT}) in state.json")
     tensors = load_file(str(ckpt / TRAINER_FILE))
-    if distributed.is_sharded(ckpt):  # written by N ranks, read by this run's M (a plain process included)
+    if is_sharded(ckpt):  # written by N ranks, read by this run's M (a plain process included)
         distributed.load_sharded_optimizer(run.model, run.optimizer, ckpt)  # the weights came with the start
     elif run.world.sharded:  # a single-file checkpoint: each rank keeps its slices
         distributed.load_full_optimizer(run.model, run.optimizer, tensors, state["optimizer"])
@@ -268,7 +264,7 @@ def _clean_up(run: _Run) -> None:
     metrics = run.out / "metrics.jsonl"
     if metrics.is_file():
         lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if _line_step(ln) <= run.step]
-        _atomic_text(metrics, "".join(ln + "\n" for ln in lines))
+        atomic_text(metrics, "".join(ln + "\n" for ln in lines))
 
 
 def _line_step(line: str) -> float:
@@ -284,25 +280,6 @@ def _step_of(path: Path) -> int:
         return int(path.name.removeprefix("step_"))
     except ValueError:
         return -1
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save(run: _Run, val_loss: float | None) -> Path:
@@ -330,11 +307,11 @@ def _save(run: _Run, val_loss: float | None) -> Path:
                                         run.world)
     else:
         path = save_checkpoint(run.model, run.out / name, extra_state=state)
-        _atomic_safetensors({**tensors, **rng_tensors}, path / TRAINER_FILE)
+        atomic_safetensors({**tensors, **rng_tensors}, path / TRAINER_FILE)
     if run.world.is_main:
-        _atomic_text(run.out / "latest", name + "\n")  # only now is the checkpoint part of the run
+        atomic_text(run.out / "latest", name + "\n")  # only now is the checkpoint part of the run
         if is_best:
-            _atomic_text(run.out / "best", name + "\n")
+            atomic_text(run.out / "best", name + "\n")
         steps = sorted((p for p in run.out.glob("step_*") if p.is_dir()), key=_step_of)
         for old in steps[: -run.cfg.checkpoint.keep_last]:
             if old.name != run.best_name:
@@ -421,14 +398,14 @@ def evaluate_split(model: torch.nn.Module, split: Any, seq_len: int, batch_size:
 
 
 def _sample(run: _Run) -> str | None:
-    """A short seeded continuation of ``<|endoftext|>``, or None without qtg.generate."""
+    """A short seeded continuation of ``<|endoftext|>`` (None when ``logging.sample_tokens`` is 0)."""
     n = min(run.cfg.logging.sample_tokens, run.model.cfg.max_seq_len - 1)
-    if _generate is None or n < 1:
+    if n < 1:
         return None
     eos = eos_id(run.model.tokenizer)
     prompt = torch.tensor([[eos]], device=run.device)
     try:  # seeded with its own generator: the global RNG, hence an exact resume, is untouched
-        ids = _generate(run.model, prompt, n, temperature=0.8, top_k=40, seed=0, eos_id=eos)
+        ids = generate(run.model, prompt, n, temperature=0.8, top_k=40, seed=0, eos_id=eos)
     except Exception as e:  # a sample is a courtesy; it must not end a long run
         log.warning("no sample at step %d: %s: %s", run.step, type(e).__name__, e)
         return None
@@ -501,7 +478,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict[str, Any]:
     lg.progress = lg.progress and world.is_main
     start, summary = run.step, {"loss": None, "val_loss": None}
     if world.is_main:
-        (run.out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_text(run.out / "train_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     step_seconds, step_tokens, skipped = 0.0, 0, 0
     bar = tqdm(total=t.steps, initial=start, unit="step", disable=not lg.progress, dynamic_ncols=True)
     metrics_path = run.out / "metrics.jsonl" if world.is_main else os.devnull

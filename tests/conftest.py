@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny presets, built once per session."""
+"""Shared fixtures and helpers: tiny presets built once per session, generated works, the CLI.
+
+Helpers (not fixtures) are imported by name: ``from tests.conftest import run_qtg``.
+"""
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 import qtg
+from qtg.checkpoint import save_checkpoint
+from qtg.tokenizer import save_tokenizer, train_tokenizer
 
 torch.set_num_threads(2)
 
@@ -58,9 +69,64 @@ SAMPLE_TEXT = (
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A micro checkpoint carrying a small BPE tokenizer (random weights), saved as a user would."""
-    from qtg.checkpoint import save_checkpoint
-    from qtg.tokenizer import train_tokenizer
-
     tok = train_tokenizer([SAMPLE_TEXT], vocab_size=400)
     model = qtg.build("micro", seed=0)
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "micro", tokenizer_json=tok.to_str())
+
+
+# --- one intra-op thread ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    micro/nano matrices are too small to gain from a second thread, and on a shared 2-core machine
+    a spinning OpenMP thread that another process has descheduled stalls every op.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- generated works and their tokenizer (training tests) --------------------------------------
+
+WORDS = ("the king doth wake tonight and takes his rouse keeps wassail swaggering upspring reels while "
+         "drains draughts of rhenish down kettle drum trumpet bray out triumph pledge").split()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Three generated 'works' of ~8 KB (``work0.txt`` ...): a whole-work split gives one to validation."""
+    d = tmp_path_factory.mktemp("text")
+    for i in range(3):
+        r = random.Random(i)
+        lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))).capitalize() + "." for _ in range(300)]
+        (d / f"work{i}.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(data_dir, tmp_path_factory) -> Path:
+    """A 512-token BPE trained on ``data_dir``, saved as JSON."""
+    tok = train_tokenizer(sorted(data_dir.glob("*.txt")), 512)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tok.json")
+
+
+def word_tokenizer(n: int = 512) -> Tokenizer:
+    """A word-level tokenizer in which token i is the word ``<i>`` (words are split on whitespace)."""
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(n)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+QTG_BIN = Path(sys.executable).parent / "qtg"
+
+
+def run_qtg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``qtg ARGS...`` in a subprocess (the installed script, else ``python -m qtg``), output captured as text."""
+    exe = [str(QTG_BIN)] if QTG_BIN.exists() else [sys.executable, "-m", "qtg"]
+    return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=timeout)

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import qtg
 from qtg import checkpoint
 from qtg.checkpoint import load_checkpoint, read_state, save_checkpoint
 from qtg.errors import CheckpointError
+from tests.conftest import word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +27,9 @@ def model() -> qtg.QTG:
     return qtg.build("micro", seed=7).eval()
 
 
-@pytest.fixture(scope="module")
-def ids() -> torch.Tensor:
-    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
 @pytest.fixture
 def saved(model, tmp_path) -> Path:
     return save_checkpoint(model, tmp_path / "ckpt", extra_state={"step": 12, "loss": 3.5})
-
-
-def _word_tokenizer(n: int = 512):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(n)}, unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
 
 
 def _logits(m: qtg.QTG, ids: torch.Tensor) -> torch.Tensor:
@@ -52,7 +41,7 @@ def _logits(m: qtg.QTG, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_round_trip_gives_identical_logits_state_and_tokenizer(model, ids, tmp_path):
-    model.tokenizer = _word_tokenizer()
+    model.tokenizer = word_tokenizer()
     try:
         save_checkpoint(model, tmp_path / "ckpt", extra_state={"step": 12, "lr": [1e-3, 5e-4]})
     finally:
@@ -71,6 +60,31 @@ def test_dtype_is_kept_or_converted(model, ids, tmp_path):
     save_checkpoint(model, tmp_path / "fp32")
     as_bf16 = load_checkpoint(tmp_path / "fp32", dtype="bf16")
     assert {p.dtype for p in as_bf16.parameters()} == {torch.bfloat16}
+
+
+class _FloatAllocations(TorchFunctionMode):
+    """Records the dtype of every floating-point CPU tensor a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point():
+                self.dtypes.add(t.dtype)
+        return out
+
+
+def test_a_bf16_load_never_materialises_float32_weights(tmp_path):
+    """Loading is checked against 16-bit bytes, so it must allocate 16-bit weights only (cast on ``meta`` first)."""
+    save_checkpoint(qtg.build("micro", seed=7, dtype="bf16"), tmp_path / "bf16")
+    for dtype in (None, "bf16"):  # as stored, and asked for
+        with _FloatAllocations() as seen:
+            loaded = load_checkpoint(tmp_path / "bf16", dtype=dtype)
+        assert loaded.embed.table.weight.dtype == torch.bfloat16
+        assert seen.dtypes == {torch.bfloat16}, seen.dtypes
 
 
 def test_files_are_safetensors_and_json_with_the_tied_head_stored_once(saved, model):
@@ -200,8 +214,8 @@ def _save_forever(models: list[qtg.QTG], target: Path, ready: int) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_sigkill_during_repeated_saves_leaves_a_loadable_checkpoint(model, tmp_path):
-    # A forked child (torch already imported: no 4 s interpreter start per kill)
-    # saves in a loop; SIGKILL lands at a random moment of a ~35 ms save cycle.
+    # A forked child (torch already imported: no interpreter start per kill)
+    # saves in a loop; SIGKILL lands at a random moment of a save cycle.
     # The child only writes files (no parallel tensor math), so fork is safe here.
     target = tmp_path / "ckpt"
     models = [model, qtg.build("micro", seed=8)]

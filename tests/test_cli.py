@@ -1,20 +1,11 @@
 """The ``qtg`` command line, run as a user runs it: the installed entry point in a subprocess."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import qtg
-
-QTG_BIN = Path(sys.executable).parent / "qtg"
-
-
-def run_qtg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    exe = [str(QTG_BIN)] if QTG_BIN.exists() else [sys.executable, "-m", "qtg"]
-    return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=timeout)
+from tests.conftest import run_qtg  # test_evaluate, test_topology and the app tests import it from here
 
 
 def test_info_json_counts_every_tier_on_the_meta_device():
@@ -33,6 +24,9 @@ def test_info_table_for_one_tier():
     r = run_qtg("info", "--tier", "7b")
     assert r.returncode == 0, r.stderr
     assert "2.00B" in r.stdout and "6.20B" in r.stdout and "micro" not in r.stdout.splitlines()[2]
+    # memory in binary units, labelled as such: 7b's bf16 weights alone are 2 x 1,996,419,072 bytes = 3.7 GiB
+    ours = r.stdout.split("Seed claims")[0]  # the seed's own notes ("12-15 GB VRAM") are quoted as written
+    assert "GiB" in ours and " GB" not in ours
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """Scale-out (qtg.distributed): 2 CPU ranks with gloo under torchrun against one plain process.
 
 Every run is nano on a few kilobytes of generated text (seq_len 32, batch 4,
-one thread per rank). The torchrun launches cost a few seconds each, so they
-are marked slow; together they take about a minute on a 2-core machine.
+one thread per rank). Each torchrun launch starts fresh interpreters, so
+those tests are marked slow.
 
 Run as a script under torchrun, this file is the worker of
 :func:`test_sharded_build_init_plan_and_loading` (see :func:`worker`).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,17 @@ import pytest
 import torch
 
 import qtg
+from qtg.checkpoint import read_full_model
 from qtg.distributed import split_sizes
 from qtg.distributed.plan import plan, shard_numel, shard_params
 from qtg.errors import CheckpointError, ConfigError
-from qtg.tokenizer import save_tokenizer, train_tokenizer
+from qtg.generate import generate
+from qtg.intervention import Intervention
+from qtg.tokenizer import decode, encode
 from qtg.train import TrainConfig, train
 
-WORDS = ("the king doth wake tonight and takes his rouse keeps wassail swaggering upspring reels while "
-         "drains draughts of rhenish down kettle drum trumpet bray out triumph pledge").split()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 5
 PARITY = 1e-5  # relative loss difference allowed between a 2-rank and a 1-process run, at every step
 
@@ -36,24 +38,10 @@ PARITY = 1e-5  # relative loss difference allowed between a 2-rank and a 1-proce
 # --- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
-    """Three generated works (one goes to validation) and a 512-token BPE trained on them."""
-    d = tmp_path_factory.mktemp("text")
-    for i in range(3):
-        r = random.Random(i)
-        lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))).capitalize() + "." for _ in range(300)]
-        (d / f"work{i}.txt").write_text("\n".join(lines) + "\n")
-    tok = save_tokenizer(train_tokenizer(sorted(d.glob("*.txt")), 512), tmp_path_factory.mktemp("tok") / "tok.json")
-    return d, tok
+def data(data_dir, tokenizer_file) -> tuple[Path, Path]:
+    """conftest's three generated works (one goes to validation) and the 512-token BPE trained on them."""
+    return data_dir, tokenizer_file
 
 
 def nano_config(out: Path, data: tuple[Path, Path], steps: int = STEPS, resume: bool = False) -> TrainConfig:
@@ -164,7 +152,7 @@ def test_save_at_two_ranks_resume_in_one_process_and_the_reverse(single, data, t
 @pytest.mark.slow
 def test_a_sharded_run_is_a_starting_point_for_a_plain_process(two_ranks):
     """--init (or resume) from a sharded run in one process: the weights are the shards, reassembled."""
-    from qtg.distributed import World, load_start, make_model, read_full_model
+    from qtg.distributed import World, load_start, make_model
 
     start = load_start(two_ranks, World())
     assert next(start.parameters()).device.type == "meta" and start.tokenizer is not None
@@ -225,10 +213,8 @@ def test_generate_on_two_ranks_equals_single_process_greedy_output():
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 0 prints
     model = qtg.load("nano")
-    from qtg.tokenizer import decode, encode
-
     ids = torch.tensor([encode(model.tokenizer, prompt)])
-    expected = decode(model.tokenizer, model.generate(ids, n, temperature=0)[0].tolist())
+    expected = decode(model.tokenizer, generate(model, ids, n, temperature=0)[0].tolist())
     assert lines[0]["text"] == expected and lines[0]["new_tokens"] == n
 
 
@@ -247,6 +233,8 @@ def test_sharded_build_init_plan_and_loading(two_ranks, tmp_path):
         assert r["grads_with_ac_equal_without"], r
         assert r["sharded_logits_max_diff"] < 1e-5, r
         assert r["single_file_logits_max_diff"] < 1e-5, r
+        # a per-call intervention through the sharded forward: as in one process, and a real change
+        assert r["intervened_logits_max_diff"] < 1e-5 and r["intervention_changes_logits"] > 1e-3, r
     rank0 = next(r for r in ranks if r["rank"] == 0)
     assert rank0["local_params"] == shard_params(qtg.get_tier("micro"), 2) == plan("micro", gpus=2).shard_params
     assert sum(r["local_params"] for r in ranks) == qtg.count_params("micro")  # micro's dim 0s are all even
@@ -274,7 +262,7 @@ def test_plan_numbers_equal_a_meta_device_count(tier, gpus):
 
 @pytest.mark.slow
 def test_plan_fewest_gpus_and_why_5_5q_fits_none():
-    p30 = plan("30b", gpus=8, gpu_mem_gb=80)
+    p30 = plan("30b", gpus=8, gpu_mem_gib=80)
     n = p30.min_gpus["ac"]
     assert plan("30b", gpus=n).fits["ac"] and (n == 1 or not plan("30b", gpus=n - 1).fits["ac"])
     p = plan("5.5q", gpus=8)
@@ -360,14 +348,16 @@ def worker(run_dir: str, report: str, device: str = "cpu") -> None:
         result["grads_with_ac_equal_without"] = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
                                                     for a, b in zip(*grads))
         # a sharded checkpoint and a single-file one, both loaded sharded, against a plain process
-        from qtg.distributed import read_full_model
-
         sharded = load_sharded_model(run_dir, world)
         plain = read_full_model(Path(run_dir) / "step_000005")
         nano_ids = ids % plain.cfg.vocab_size
         with torch.no_grad():
             diff = (sharded(nano_ids).logits - plain(nano_ids).logits).abs().max().item()
             result["sharded_logits_max_diff"] = diff
+            iv = Intervention(topo="exact", ablate_heads={0: [1]})
+            edited = plain(nano_ids, intervene=iv).logits
+            result["intervened_logits_max_diff"] = (sharded(nano_ids, intervene=iv).logits - edited).abs().max().item()
+            result["intervention_changes_logits"] = (edited - plain(nano_ids).logits).abs().max().item()
             shipped = load_sharded_model("nano", world)
             diff = (shipped(nano_ids).logits - qtg.load("nano")(nano_ids).logits).abs().max().item()
             result["single_file_logits_max_diff"] = diff

@@ -72,11 +72,12 @@ def test_generate_cli_greedy_is_deterministic(tiny_checkpoint):
     "extra, message",
     [
         (["--prompt", ""], "empty prompt"),
-        (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["--prompt", "hi", "--intervene", "topo=sideways"], "topo must be one of"),
         (["--prompt", "hi", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
         (["--prompt", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
         (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
-        (["--prompt", "Speak " * 200], r"the prompt is \d+ tokens .* max_seq_len of 128"),
+        (["--prompt", "Speak " * 200], r"the prompt is \d+ tokens .* max_seq_len of micro \(128\)"),
         (["--prompt", "hi", "--max-new-tokens", "500"], "at most 12\\d new tokens fit"),
     ],
 )
@@ -97,6 +98,34 @@ def test_generate_cli_refuses_missing_unknown_and_pickled_checkpoints(tmp_path):
                             (["--checkpoint", str(pickled)], "pickle")]:
         r = run_qtg("generate", *source, "--prompt", "hi", "--device", "cpu")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stop_escapes_are_read_as_the_characters_they_name():
+    from qtg.cli.generate import unescape
+
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\tb\\r") == "a\tb\r"
+    assert unescape("\\\\n") == "\\n"  # an escaped backslash stays one backslash before an n
+    assert unescape("plain é") == "plain é"
+
+
+def test_generate_cli_stops_at_an_escaped_stop_string():
+    """``--stop "\\n"`` as a shell passes it (backslash, n) stops at the first newline."""
+    common = ("generate", "--tier", "nano", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "40",
+              "--json", "--device", "cpu")
+    text = json.loads(run_qtg(*common).stdout)["text"][len("ROMEO:"):]
+    assert "\n" in text.rstrip("\n")  # the shipped model writes verse: lines end within 40 tokens
+    stopped = json.loads(run_qtg(*common, "--stop", "\\n").stdout)
+    continuation = stopped["text"][len("ROMEO:"):]
+    first = text.index("\n")  # the stop fires with the token that completes it, the rest is not generated
+    assert continuation.startswith(text[:first + 1]) and len(continuation) < len(text)
+
+
+def test_eval_cli_scores_an_intervention(tiny_checkpoint, tmp_path):
+    (tmp_path / "t.txt").write_text("All: Speak, speak. First Citizen: You are all resolved.\n" * 6)
+    common = ("eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--json", "--device", "cpu")
+    plain, off = (json.loads(run_qtg(*common, *extra).stdout) for extra in ((), ("--intervene", "topo=off")))
+    assert plain["intervention"] == "plain" and off["intervention"] == "topo=off"
+    assert off["tokens"] == plain["tokens"] and off["loss"] != plain["loss"]
 
 
 def test_generate_cli_stream_prints_the_same_text(tiny_checkpoint):

@@ -9,7 +9,7 @@ import torch
 
 import qtg
 from qtg.errors import GenerationError
-from qtg.generate import generate, logits_to_probs, stream
+from qtg.generate import MIN_TEMPERATURE, generate, logits_to_probs, stream
 
 PROMPTS = [
     torch.tensor([[5], [300]]),  # one token
@@ -72,8 +72,17 @@ def test_batch_rows_match_single_row_runs(lively, prompt, greedy):
         assert torch.equal(generate(lively, prompt[row], 20, temperature=0)[0], greedy[row])
 
 
-def test_model_generate_delegates(lively, prompt, greedy):
-    assert torch.equal(lively.generate(prompt, 20, temperature=0), greedy)
+def test_tiny_temperatures_are_greedy_not_a_crash(lively, prompt, greedy):
+    # 1e-39 and 5e-324 overflow logits / T: below MIN_TEMPERATURE the choice is the argmax
+    for t in (MIN_TEMPERATURE / 2, 1e-39, 5e-324):
+        assert torch.equal(generate(lively, prompt, 20, temperature=t, seed=0), greedy)
+    warm = generate(lively, prompt, 20, temperature=MIN_TEMPERATURE, seed=0)  # sampled, and still finite
+    assert warm.shape == greedy.shape
+
+
+def test_arguments_after_max_new_tokens_are_keywords(lively, prompt):
+    with pytest.raises(TypeError):
+        generate(lively, prompt, 5, 0.0)  # a positional temperature is refused
 
 
 # --- sampling -----------------------------------------------------------------------------
@@ -162,14 +171,16 @@ def test_modes_are_restored_and_outputs_are_ordinary_tensors(prompt):
 @pytest.mark.parametrize("ids, kwargs, message", [
     (torch.zeros(1, 0, dtype=torch.long), {}, r"empty prompt \(ids shape \(1, 0\)\)"),
     (torch.zeros(0, 4, dtype=torch.long), {}, r"empty prompt"),
-    (None, dict(temperature=-0.5), r"temperature must be >= 0 \(0 is greedy\), got -0.5"),
-    (None, dict(temperature=float("nan")), r"temperature must be >= 0"),
+    (None, dict(temperature=-0.5), r"temperature must be a finite number >= 0 \(below 0.0001 is greedy\), got -0.5"),
+    (None, dict(temperature=float("nan")), r"temperature must be a finite number >= 0"),
+    (None, dict(temperature=float("inf")), r"temperature must be a finite number >= 0"),
+    (None, dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
     (None, dict(top_p=0.0), r"top_p must be in \(0, 1\] \(or None for off\), got 0.0"),
     (None, dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (None, dict(top_k=0), r"top_k must be an integer >= 1 \(or None for off\), got 0"),
     (None, dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1, got 0"),
     (None, dict(max_new_tokens=200),
-     r"the prompt is 7 tokens and max_new_tokens is 200: 207 exceeds 'micro''s max_seq_len of 128; "
+     r"the prompt is 7 tokens and max_new_tokens is 200: 207 exceeds the max_seq_len of micro \(128\); "
      r"at most 121 new tokens fit"),
     (torch.zeros(1, 128, dtype=torch.long), {},
      r"the prompt is 128 tokens .* shorten the prompt below 128 tokens"),
@@ -179,7 +190,7 @@ def test_modes_are_restored_and_outputs_are_ordinary_tensors(prompt):
     (None, dict(eos_id=999), r"eos_id must be a token id in 0..511, got 999"),
     (None, dict(stop="\n"), r"stop strings need a tokenizer"),
     (None, dict(stop=[""], tokenizer=object()), r"stop must be a non-empty string"),
-], ids=["empty-prompt", "empty-batch", "neg-temperature", "nan-temperature", "top_p-0", "top_p-1.5", "top_k-0",
+], ids=["empty-prompt", "empty-batch", "neg-temperature", "nan-temperature", "inf-temperature", "neg-seed", "top_p-0", "top_p-1.5", "top_k-0",
         "max_new-0", "too-long", "prompt-fills-context", "oov-high", "oov-negative", "float-ids", "eos-oov",
         "stop-no-tokenizer", "empty-stop"])
 def test_bad_requests_are_refused_before_any_work(lively, prompt, ids, kwargs, message):

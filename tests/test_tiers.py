@@ -1,13 +1,20 @@
 """Tier presets, configs, parameter counts, memory estimates and the fit check."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 import qtg
-from qtg.memory import closed_form_params, count_params, memory_estimate
+import qtg.builder as build_module
+from qtg.config import ARCHS
+from qtg.memory import closed_form_params, count_params, human_bytes, memory_estimate
 from qtg.model import QTGCache
+from qtg.registry import ARCHITECTURES
 
 
 @pytest.mark.parametrize("name", list(qtg.TIERS))
@@ -34,7 +41,7 @@ def test_micro_is_a_few_hundred_thousand_parameters():
 def test_unknown_tier_lists_the_valid_names():
     with pytest.raises(qtg.ConfigError, match="valid tiers: micro, nano, base, 7b, 30b, 100b, 5.5q"):
         qtg.get_tier("13b")
-    assert qtg.QTGConfig.from_name("7B").name == "7b"
+    assert qtg.get_tier(" 7B ").name == "7b"
 
 
 def test_config_validation_names_the_field():
@@ -80,18 +87,18 @@ def test_kv_cache_estimate_equals_the_real_cache(micro):
     assert memory_estimate(micro.cfg, "fp32", "inference", seq_len=n).kv_cache == real
 
 
-def test_a_tier_that_does_not_fit_is_refused_before_allocating():
-    with pytest.raises(qtg.TierTooLargeError, match=r"need .*PB.* available; nothing was allocated"):
+def test_a_tier_that_does_not_fit_is_refused_before_allocating(monkeypatch):
+    with pytest.raises(qtg.TierTooLargeError, match=r"need .*PiB.* available; nothing was allocated"):
         qtg.build("5.5q")
-    with pytest.raises(qtg.TierTooLargeError, match=r"100b.*GB .*available"):
+    # 64 GiB free, whatever this machine has: 100b's bf16 weights (2 bytes x 43.4e9) are 80.9 GiB
+    monkeypatch.setattr(build_module, "available_memory", lambda device: 64 * 2**30)
+    with pytest.raises(qtg.TierTooLargeError, match=r"100b.*need 80\.9 GiB in bfloat16 .* 64\.0 GiB available"):
         qtg.build("100b", dtype="bf16")
 
 
 def test_fit_check_uses_the_devices_free_memory(monkeypatch):
-    import qtg.builder as build_module
-
     monkeypatch.setattr(build_module, "available_memory", lambda device: 1_000_000)
-    with pytest.raises(qtg.TierTooLargeError, match=r"need 1\.6 MB .* 976\.6 KB available"):
+    with pytest.raises(qtg.TierTooLargeError, match=r"need 1\.6 MiB .* 976\.6 KiB available"):
         qtg.build("micro")
     monkeypatch.setattr(build_module, "available_memory", lambda device: 10_000_000)
     assert isinstance(qtg.build("micro"), qtg.QTG)
@@ -101,6 +108,55 @@ def test_build_is_deterministic_in_its_seed():
     a, b, c = qtg.build("micro", seed=1), qtg.build("micro", seed=1), qtg.build("micro", seed=2)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.embed.table.weight, c.embed.table.weight)
+
+
+# Run in a child whose address space is capped (RLIMIT_AS) at its own baseline (interpreter + torch +
+# qtg, measured after a warm-up build) + 3 bytes per parameter of `base`: room for the bf16 weights
+# (2 bytes each) with a margin of 1 byte each, not for float32 weights (4 bytes each).
+CAPPED_BUILD = textwrap.dedent("""
+    import resource, sys, torch
+    import qtg
+
+    def address_space():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+    n = qtg.count_params("base")
+    qtg.build("micro", dtype="bf16"), qtg.build("micro", dtype="fp32")  # warm every allocation path
+    cap = address_space() + 3 * n
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    for dtype in ("bf16", "fp32"):
+        try:
+            model = qtg.build("base", dtype=dtype)
+            print(dtype, "built", model.embed.table.weight.dtype)
+            del model
+        except RuntimeError as e:  # the CPU allocator's "can't allocate memory"
+            print(dtype, "failed", str(e).splitlines()[0][:80])
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_bf16_build_allocates_only_bf16_weights():
+    """The fit check counts 16-bit bytes, so a bf16 build must never hold float32 weights, even briefly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}  # no thread pools or arenas mid-test
+    r = subprocess.run([sys.executable, "-c", CAPPED_BUILD], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "bf16 built torch.bfloat16", r.stdout  # 2 bytes per parameter fit under the cap
+    assert lines[1].startswith("fp32 failed"), r.stdout  # 4 do not: the cap really binds
+
+
+def test_every_architecture_is_registered():
+    assert set(ARCHITECTURES) == set(ARCHS)
+    for arch, cls in ARCHITECTURES.items():
+        assert isinstance(qtg.build(qtg.get_tier("micro").replace(arch=arch)), cls)
+
+
+def test_human_bytes_are_binary_and_say_so():
+    assert human_bytes(1023) == "1023 B"
+    assert human_bytes(1024) == "1.0 KiB"
+    assert human_bytes(80 * 2**30) == "80.0 GiB"
+    assert human_bytes(3 * 2**60) == "3.0 EiB"
 
 
 def test_build_in_bf16_and_unknown_dtype():

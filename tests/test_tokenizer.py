@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +19,7 @@ from qtg.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
-
-QTG_BIN = Path(sys.executable).parent / "qtg"
+from tests.conftest import run_qtg
 
 NASTY = [
     "",
@@ -166,9 +162,7 @@ def test_cli_tokenizer_train_writes_a_tokenizer(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(generated_text())
     out = tmp_path / "out" / "tok.json"
-    exe = [str(QTG_BIN)] if QTG_BIN.exists() else [sys.executable, "-m", "qtg"]
-    r = subprocess.run(exe + ["tokenizer", "train", "--data", str(data), "--vocab-size", "300",
-                              "--out", str(out), "--json"], capture_output=True, text=True, timeout=120)
+    r = run_qtg("tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["vocab_size"] == 300 and summary["documents"] == 1

@@ -14,11 +14,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import minimum_spanning_tree
 
 from qtg import topology
 from qtg.errors import TopologyError
 from qtg.topology.compare import bottleneck, filter_scores
+from qtg.topology.exact import AUTO_RIPS_ENGINE, BACKENDS
 from tests.conftest import SAMPLE_TEXT
 from tests.test_cli import run_qtg
 
@@ -49,29 +51,38 @@ def micro_internals(micro):
 
 
 @pytest.mark.parametrize("layer", [0, 2])  # QEmbed (with duplicates) and the first block's output
-def test_gudhi_and_ripser_agree_on_model_states(micro_internals, layer):
+def test_every_engine_gives_the_same_numbers_on_model_states(micro_internals, layer):
+    # gudhi works in float64; ripser.py and giotto-ph are given exact ranks (backends.rank_edges), so
+    # the four backends must agree number for number, not merely within a float32 rounding
     _, out = micro_internals
     points = out.states[layer][0]
-    results = {b: topology.exact_diagrams(points, maxdim=1, backend=b) for b in ("gudhi", "ripser", "auto")}
-    tol = 1e-3 * results["gudhi"].diameter
+    results = {b: topology.exact_diagrams(points, maxdim=1, backend=b, metric_input="points") for b in BACKENDS}
     assert len(results["gudhi"].dgms[1]) > 0, "a cloud without H1 would not test H1 agreement"
-    for dim in (0, 1):
-        g, r, a = (results[b].dgms[dim] for b in ("gudhi", "ripser", "auto"))
-        assert len(g) == len(r) == len(a)
-        assert bottleneck(g, r) <= tol, f"gudhi and ripser disagree on H{dim}"
-        assert bottleneck(g, a) <= tol
-    assert results["auto"].backend == "mst+ripser"
+    for b in BACKENDS:
+        assert results[b].bounds.precision == "float64" and results[b].bounds.value_error == 0.0
+        for dim in (0, 1):
+            np.testing.assert_array_equal(results[b].dgms[dim], results["gudhi"].dgms[dim], err_msg=f"{b} H{dim}")
+    assert results["auto"].backend == f"mst+{AUTO_RIPS_ENGINE}"
 
 
-@pytest.mark.parametrize("backend", ["auto", "gudhi", "ripser"])
+def explicit_mst_lengths(dist: np.ndarray) -> np.ndarray:
+    """scipy's spanning tree of the complete graph given as an explicit sparse graph (a dense input
+    would read entries below 1e-8 as missing edges)."""
+    i, j = np.triu_indices(len(dist), 1)
+    graph = csr_matrix((dist[i, j], (i, j)), shape=dist.shape)
+    return np.sort(minimum_spanning_tree(graph).data)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_h0_deaths_are_the_minimum_spanning_tree_edges(backend):
     x = unit_vectors(200, 16, seed=1)
+    x[7] = x[3] + 1e-11  # a near twin: an edge of ~4e-11, which scipy's dense spanning tree would drop
     dist = topology.euclidean_distances(x)
-    expected = np.sort(minimum_spanning_tree(dist).data)
+    expected = explicit_mst_lengths(dist)
+    assert expected.min() < 1e-10 and len(expected) == 199
     got = topology.exact_diagrams(x, maxdim=0, backend=backend).dgms[0]
     assert np.isinf(got[-1, 1]) and np.all(np.isfinite(got[:-1, 1])) and np.all(got[:, 0] == 0)
-    # ripser.py stores distances as float32 (relative error <= 6e-8)
-    np.testing.assert_allclose(np.sort(got[:-1, 1]), expected, rtol=1e-6 if backend == "ripser" else 1e-12)
+    np.testing.assert_allclose(np.sort(got[:-1, 1]), expected, rtol=1e-12, atol=0)
 
 
 # --- analytic cases ---------------------------------------------------------------------
@@ -85,7 +96,7 @@ def circle(n: int, r: float, ambient: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [12, 13, 50])
-@pytest.mark.parametrize("backend", ["auto", "gudhi"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_circle_has_one_long_h1_bar_of_the_known_size(n, backend):
     # n points evenly on a circle of radius r: edges joining points k steps apart have
     # length 2 r sin(pi k / n). The cycle is born when neighbours join (k = 1); the
@@ -98,8 +109,8 @@ def test_circle_has_one_long_h1_bar_of_the_known_size(n, backend):
     lengths = h1[:, 1] - h1[:, 0]
     longest = h1[np.argmax(lengths)]
     # tolerance: the embedding rotates coordinates, so edges of equal length differ by rounding
-    # (~1e-15 r); ripser (auto's H1 engine) rounds distances to float32: 6e-8 relative.
-    tol = 1e-6 * r
+    # (~1e-15 r); every engine reports float64 values (the float32 ones through exact ranks)
+    tol = 1e-12 * r
     assert abs(longest[0] - birth) < tol and abs(longest[1] - death) < tol, (longest, birth, death)
     assert np.all(np.delete(lengths, np.argmax(lengths)) < tol), "only one H1 class should be visible"
 
@@ -150,7 +161,7 @@ def test_layer_one_is_the_filters_own_view_and_layer_zero_recomputes_it(micro, m
 # --- bounds -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["auto", "gudhi", "ripser"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_keeps_exactly_the_bars_below_it(backend):
     x = unit_vectors(120, 6, seed=2)
     full = topology.exact_diagrams(x, maxdim=1, backend=backend)
@@ -251,7 +262,8 @@ def _diagonal():
     [
         (_with(np.nan), {}, r"rows 3 contain NaN or inf \(1 of 10\)"),
         (_with(np.inf, row=7), {}, r"rows 7 contain NaN or inf"),
-        (np.ones((1, 4)), {}, r"need at least 2 points, got 1"),
+        (np.ones((0, 4)), {}, r"need at least 1 point, got shape \(0, 4\)"),
+        (np.ones((5, 0)), {}, r"points need at least one coordinate, got shape \(5, 0\)"),
         (np.ones(5), {}, r"expected \[N, D\] points or an \[N, N\] distance matrix, got shape \(5,\)"),
         (np.ones((2, 5, 4)), {}, r"pass states\[k\]\[b\]"),
         ([["a", "b"], ["c", "d"]], {}, r"cannot read the input as a float array"),
@@ -259,7 +271,7 @@ def _diagonal():
         (np.ones((4, 5)), {"metric_input": "distances"}, r"must be square, got shape \(4, 5\)"),
         (-topology.euclidean_distances(unit_vectors(5, 3)), {"metric_input": "distances"}, r"non-negative"),
         (_diagonal(), {"metric_input": "distances"}, r"zero diagonal"),
-        (unit_vectors(5, 3), {"backend": "dionysus"}, r"unknown backend 'dionysus'; valid: auto, gudhi, ripser"),
+        (unit_vectors(5, 3), {"backend": "dionysus"}, r"unknown backend 'dionysus'; valid: auto, gudhi, ripser, giotto-ph"),
         (unit_vectors(5, 3), {"maxdim": 7}, r"maxdim must be an integer from 0 to 3"),
         (unit_vectors(5, 3), {"max_points": 10**6}, r"max_points must lie in \[2, 16384\]"),
         (unit_vectors(5, 3), {"max_edge": -1.0}, r"max_edge must be a positive finite length"),
@@ -272,14 +284,17 @@ def test_bad_input_is_a_clear_error(data, kwargs, message):
         topology.exact_diagrams(data, **kwargs)
 
 
-def test_a_distance_matrix_is_detected_and_gives_the_same_diagrams():
+def test_a_distance_matrix_gives_the_same_diagrams_and_a_square_array_is_never_read_silently():
     x = unit_vectors(60, 5, seed=6)
     a = topology.exact_diagrams(x, maxdim=1)
-    b = topology.exact_diagrams(topology.euclidean_distances(x), maxdim=1)
+    with pytest.warns(UserWarning, match=r"square 60x60 array is ambiguous; it was read as a distance matrix"):
+        b = topology.exact_diagrams(topology.euclidean_distances(x), maxdim=1)
     c = topology.exact_diagrams(torch.tensor(x, dtype=torch.float64), maxdim=1)
+    d = topology.exact_diagrams(topology.euclidean_distances(x), maxdim=1, metric_input="distances")
+    assert (a.bounds.reading, b.bounds.reading, d.bounds.reading) == ("points", "distances", "distances")
     for dim in (0, 1):
-        np.testing.assert_array_equal(a.dgms[dim], b.dgms[dim])
-        np.testing.assert_array_equal(a.dgms[dim], c.dgms[dim])
+        for other in (b, c, d):
+            np.testing.assert_array_equal(a.dgms[dim], other.dgms[dim])
 
 
 # --- the comparison -------------------------------------------------------------------------------
@@ -351,13 +366,13 @@ def test_approx_view_errors(micro_internals):
         topology.approx_view(type("Out", (), {"states": None})())
 
 
-def test_exact_mode_swaps_the_score_and_restores_the_model(micro, micro_internals):
+def test_exact_mode_loss_runs_both_scores_and_leaves_the_model_alone(micro, micro_internals):
     ids, _ = micro_internals
-    with topology.exact_topofilter(micro):
-        out = micro(ids, return_internals=True)
-        torch.testing.assert_close(out.topo_scores, out.topo_exact_scores)
-    assert "scores" not in vars(micro.topo)
+    before = {k: v.clone() for k, v in micro.state_dict().items()}
     res = topology.exact_mode_loss(micro, ids)
+    assert all(torch.equal(v, before[k]) for k, v in micro.state_dict().items())
+    plain = micro(ids[:, :-1], targets=ids[:, 1:])
+    assert res.ce_approx == float(plain.loss_terms["ce"])  # the approximate run is the plain model
     assert res.tokens == 99 and math.isfinite(res.ce_exact) and res.ce_exact != res.ce_approx
     assert res.perplexity_exact == pytest.approx(math.exp(res.ce_exact))
     assert res.mean_weight_exact <= res.mean_weight_approx  # s >= s~, so w is never larger
@@ -383,7 +398,7 @@ def test_cli_topo_json_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     d = json.loads(r.stdout)
     assert d["model"] == "micro" and [x["summary"]["layer"] for x in d["layers"]] == [0, 1, 2, 3]
     layer1 = d["layers"][1]
-    assert layer1["exact"]["backend"] == "mst+ripser" and layer1["exact"]["bounds"]["exact"]
+    assert layer1["exact"]["backend"] == f"mst+{AUTO_RIPS_ENGINE}" and layer1["exact"]["bounds"]["exact"]
     assert layer1["exact"]["dgms"][0][-1][1] is None  # the infinite H0 bar
     assert len(layer1["view"]["tokens"]) == d["tokens"] and "ce_exact" in d["exact_mode"]
     assert page.exists() and "src=\"http" not in page.read_text()

@@ -1,14 +1,13 @@
 """Training loop: exact resume, metrics, LR schedule, weight-decay groups, non-finite steps, config errors.
 
 Every run is the micro tier on a few kilobytes of generated text (seq_len 32,
-batch 4), so the whole file takes seconds on a 2-core CPU.
+batch 4), so that the whole file stays quick on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
@@ -22,40 +21,12 @@ from qtg.cli import main
 from qtg.errors import ConfigError, TrainingError
 from qtg.model import QTG
 from qtg.optim import build_optimizer, lr_at, param_groups
-from qtg.tokenizer import save_tokenizer, train_tokenizer
 from qtg.train import TrainConfig, load_config, train
 
-WORDS = ("the king doth wake tonight and takes his rouse keeps wassail swaggering upspring reels while "
-         "drains draughts of rhenish down kettle drum trumpet bray out triumph pledge").split()
+pytestmark = pytest.mark.usefixtures("one_thread")  # data_dir and tokenizer_file come from conftest
+
 STEP_FIELDS = {"step", "loss", "ce", "topo", "geo", "quantum", "lr", "grad_norm", "tokens_per_s", "skipped"}
 VAL_FIELDS = {"step", "val_loss", "val_ppl", "val_bpb"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: micro's matrices are too small to gain from two, and on a shared 2-core machine
-    two spinning OpenMP threads can make a step 100x slower when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Three generated 'works' of ~8 KB: whole-work split gives one to validation."""
-    d = tmp_path_factory.mktemp("text")
-    for i in range(3):
-        r = random.Random(i)
-        lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))).capitalize() + "." for _ in range(300)]
-        (d / f"work{i}.txt").write_text("\n".join(lines) + "\n")
-    return d
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(data_dir, tmp_path_factory) -> Path:
-    tok = train_tokenizer(sorted(data_dir.glob("*.txt")), 512)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tok.json")
 
 
 def micro_config(out: Path, data_dir: Path, tokenizer_file: Path | None, steps: int, **training) -> TrainConfig:
@@ -121,7 +92,7 @@ def test_a_run_killed_while_saving_keeps_its_previous_checkpoint(monkeypatch, da
     """Dying after the weights of step 10 but before its trainer state: `latest` still names step 5."""
     import qtg.train as qtrain
 
-    write, calls = qtrain._atomic_safetensors, {"n": 0}
+    write, calls = qtrain.atomic_safetensors, {"n": 0}
 
     def dies_on_second_save(*args):
         calls["n"] += 1
@@ -129,14 +100,14 @@ def test_a_run_killed_while_saving_keeps_its_previous_checkpoint(monkeypatch, da
             raise KeyboardInterrupt  # as good as a kill for what is on disk
         write(*args)
 
-    monkeypatch.setattr(qtrain, "_atomic_safetensors", dies_on_second_save)
+    monkeypatch.setattr(qtrain, "atomic_safetensors", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         train(micro_config(tmp_path, data_dir, tokenizer_file, 12))
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "lo')  # a line cut short
     assert (tmp_path / "latest").read_text().strip() == "step_000005"
     assert qtg.load(tmp_path).checkpoint_dir.name == "step_000005"
-    monkeypatch.setattr(qtrain, "_atomic_safetensors", write)
+    monkeypatch.setattr(qtrain, "atomic_safetensors", write)
     summary = train(micro_config(tmp_path, data_dir, tokenizer_file, 12, resume=True))
     assert summary["start_step"] == 5 and (tmp_path / "step_000010" / qtrain.TRAINER_FILE).is_file()
     steps, _ = read_metrics(tmp_path)

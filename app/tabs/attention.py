@@ -1,9 +1,12 @@
-"""Attention tab: Fisher-Rao attention maps and distances per layer and head, with gamma; beside them
+"""Attention tab: Fisher-Rao attention maps and distances per block and head, with gamma; beside them
 the same text through the same-size baseline's dot-product attention. Endpoint ``/attention``.
 
-QTG scores keys by score_ij = -gamma_h d_FR(p_i, q_j)^2 with d_FR = arccos BC(p_i, q_j) (spec,
-GeoAttention); the maps come from ``model(ids, return_internals=True)``: ``out.attention`` and
-``out.distances`` per block, ``[B, H, N, N]``.
+QTG scores keys by score_ij = -gamma_h d_FR(p_i, q_j)^2 with d_FR = arccos BC(p_i, q_j) (docs/model.md,
+GeoAttention); the maps come from ``model(ids, return_internals=True, map_blocks=[block])``, which
+materialises the ``[B, H, N, N]`` maps of the block shown and of no other. Heads are drawn a page at a
+time (``Limits.heads_per_page``), so a 24- or 64-head tier lays out like a 4-head one. Long texts can be
+drawn on a log scale or per row (``qtg.views.scale_maps``); per-head numbers are
+``qtg.metrics.attention_stats``.
 """
 
 from __future__ import annotations
@@ -12,78 +15,139 @@ import math
 from typing import Any
 
 import gradio as gr
+import plotly.graph_objects as go
 import torch
 
 from app.core import Explorer, Session, as_int
 from app.errors import user_facing
 from app.exports import Exportable
 from app.models import AppInputError, Loaded
-from app.tabs.common import export_controls
+from app.tabs.common import Radio, Slider, export_controls, fit
 from qtg.attention_plots import attention_heatmaps, gamma_bars
+from qtg.metrics import attention_stats
+from qtg.views import LOG_FLOOR, SCALES, scale_maps
+
+COLS = 4  # heatmaps per row of a page
+MAX_LABELS = 40  # axis labels drawn per axis; longer texts label every k-th token
+SCALE_LABELS = {"linear": "attention weight a_ij", "log": "log10 a_ij", "row": "a_ij / max_j a_ij"}
+SCALE_RANGES = {"linear": (0.0, None), "log": (math.log10(LOG_FLOOR), 0.0), "row": (0.0, 1.0)}
 
 
-def head_stats(maps: torch.Tensor) -> dict[str, list[float]]:
-    """Per head, over queries: mean row entropy (nats; log i is uniform over i keys) and mean attended
-    distance sum_j a_ij (i - j) in tokens. Args: maps ``[H, N, N]``."""
-    maps = maps.float()
-    n = maps.shape[-1]
-    ent = -(maps * torch.log(maps.clamp_min(1e-30))).sum(-1).mean(-1)  # [H]
-    lag = (torch.arange(n).view(-1, 1) - torch.arange(n).view(1, -1)).clamp_min(0).float()  # [N, N]
-    dist = (maps * lag).sum(-1).mean(-1)  # [H]
-    return {"mean_row_entropy": ent.tolist(), "mean_attended_distance": dist.tolist()}
+def n_pages(n_heads: int, per_page: int) -> int:
+    return max(1, -(-n_heads // per_page))
 
 
-def _maps(loaded: Loaded, ex: Explorer, text: str, layer_arg: Any) -> tuple[Any, list[str], int, str]:
+def page_heads(n_heads: int, per_page: int, page: int) -> list[int]:
+    """The heads page ``page`` (1-based) shows: ``per_page`` consecutive heads, the last page fewer."""
+    return list(range((page - 1) * per_page, min(n_heads, page * per_page)))
+
+
+def heatmaps(maps: Any, tokens: list[str], kind: str, heads: list[int], gamma: Any, title: str,
+             scale: str = "linear") -> go.Figure:
+    """``qtg.attention_plots.attention_heatmaps`` laid out for the page: at most ``COLS`` panels a row, x labels
+    on the bottom row only (so no panel title sits on the labels above it), every k-th label on a long text,
+    and, for attention weights, the chosen scale's colour range and names. Args: maps ``[H, N, N]``."""
+    scaled = scale_maps(maps, scale) if kind == "attention" else maps
+    cols = min(COLS, len(heads))
+    fig = attention_heatmaps(scaled, tokens, kind, heads, gamma, title=title, cols=cols)
+    rows = -(-len(heads) // cols)
+    fig.update_layout(height=max(420, 340 * rows + 120), width=None, autosize=True, margin=dict(b=110))
+    n = len(tokens)
+    axis = list(fig.data[0].x)
+    every = max(1, -(-n // MAX_LABELS))
+    ticks = dict(showticklabels=True, tickmode="array", tickvals=axis[::every], ticktext=axis[::every])
+    fig.update_yaxes(**ticks)
+    fig.update_xaxes(**ticks, tickangle=-60)
+    for r in range(1, rows):
+        fig.update_xaxes(showticklabels=False, row=r)
+    if kind == "attention" and scale != "linear":
+        lo, hi = SCALE_RANGES[scale]
+        fig.update_layout(coloraxis=dict(cmin=lo, cmax=hi, colorbar=dict(title=scale)))
+        fig.for_each_trace(lambda t: t.update(hovertemplate=t.hovertemplate.replace(
+            SCALE_LABELS["linear"], SCALE_LABELS[scale]), zmin=lo, zmax=hi))
+    return fig
+
+
+def gamma_figure(gammas: list[Any]) -> go.Figure:
+    """``gamma_bars`` with gamma = 1 named in the legend (its label drawn over the line overlapped the bars)."""
+    fig = gamma_bars(gammas)
+    fig.layout.annotations = [a for a in fig.layout.annotations if "gamma = 1" not in (a.text or "")]
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="gamma = 1 (the seed's fixed value)",
+                             line=dict(color="gray", dash="dash", width=1)))
+    return fit(fig)
+
+
+def all_gammas(loaded: Loaded) -> list[Any]:
+    """Every block's gamma ``[H]`` as the forward applies it: read from a one-token pass, whose maps are
+    ``[1, H, 1, 1]`` (so a sharded model gathers its parameters as it does for any forward)."""
+    first = torch.zeros((1, 1), dtype=torch.long, device=loaded.device)
+    with torch.inference_mode():
+        return list(loaded.model(first, return_internals=True).gamma)
+
+
+def _forward(ex: Explorer, loaded: Loaded, text: str, block: int, what: str) -> tuple[Any, list[str], str]:
+    """The maps of one block (and every state) for ``text``, after the memory check."""
     ids, tokens = ex.encode(loaded, text, ex.limits.max_text_chars, "text")
     cut = ""
-    if len(tokens) > ex.limits.max_attention_tokens:
-        cut = (f"Showing the first {ex.limits.max_attention_tokens} of {len(tokens)} tokens "
-               f"(max attention tokens).")
-        ids, tokens = ids[:, :ex.limits.max_attention_tokens], tokens[:ex.limits.max_attention_tokens]
-    layer = as_int(layer_arg, "layer", 0, loaded.model.cfg.n_layers - 1)
+    limit = ex.limits.max_attention_tokens
+    if len(tokens) > limit:
+        cut = f"Showing the first {limit} of {len(tokens)} tokens (max attention tokens)."
+        ids, tokens = ids[:, :limit], tokens[:limit]
+    ex.check_memory(loaded, ids.shape[1], what, map_blocks=1)
     with torch.inference_mode():
-        out = loaded.model(ids, return_internals=True)
-    return out, tokens, layer, cut
+        out = loaded.model(ids, return_internals=True, map_blocks=[block])
+    ex.counters.add("forwards")
+    return out, tokens, cut
 
 
-def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, head: Any = -1) -> tuple:
+def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, head: Any = -1, page: Any = 1,
+              scale: Any = "linear") -> tuple:
     """Returns (attention fig, distance fig or None, gamma fig or None, baseline fig or None, numbers, note, payload).
 
-    ``layer`` is a block index; ``head`` -1 draws every head.
+    ``layer`` is a block index; ``head`` -1 draws the heads of page ``page`` (1-based, ``heads_per_page`` a page),
+    else that one head; ``scale`` is how attention weights are coloured (linear, log, row).
     """
     session = session or ex.new_session()
-    text = text if isinstance(text, str) and text.strip() else session.last_text
-    if not text:
-        raise AppInputError("no text: type one, or generate first (the last generation is used when empty)")
     loaded = ex.current(session)
-    out, tokens, layer, cut = _maps(loaded, ex, text, layer)
-    n_heads = loaded.model.cfg.n_heads
-    head = as_int(head, "head", -1, n_heads - 1)
-    heads = None if head < 0 else [head]
+    text = ex.text_or_last(session, text)
+    cfg = loaded.model.cfg
+    per_page = ex.limits.heads_per_page
+    layer = as_int(layer, "block", 0, cfg.n_layers - 1)
+    head = as_int(head, "head", -1, cfg.n_heads - 1)
+    page = as_int(page, "heads page", 1, n_pages(cfg.n_heads, per_page))
+    if scale not in SCALES:
+        raise AppInputError(f"scale: {str(scale)[:50]!r} is not one of {list(SCALES)}")
+    heads = page_heads(cfg.n_heads, per_page, page) if head < 0 else [head]
+    out, tokens, cut = _forward(ex, loaded, text, layer, "attention")
     b0 = 0  # the batch row
-    kind = "Fisher-Rao" if loaded.is_qtg else "dot-product"
-    gamma = out.gamma[layer] if loaded.is_qtg else None
-    figs = {"attention": attention_heatmaps(out.attention[layer][b0], tokens, "attention", heads, gamma,
-                                            title=f"{kind} attention, block {layer} ({loaded.source.name})")}
-    numbers: dict[str, Any] = {"model": loaded.source.key, "layer": layer, "tokens": tokens,
-                               "stats": head_stats(out.attention[layer][b0])}
-    if loaded.is_qtg:
-        figs["distance"] = attention_heatmaps(out.distances[layer][b0], tokens, "distance", heads, gamma,
-                                              title=f"Fisher-Rao distance d_FR, block {layer} (max pi/2)")
-        figs["gamma"] = gamma_bars(out.gamma)
-        numbers["gamma"] = [g.tolist() for g in out.gamma]
+    qtg_model = loaded.has_topofilter
+    kind = "Fisher-Rao" if qtg_model else "dot-product"
+    gamma = out.gamma[layer] if qtg_model else None
+    shown = f"heads {heads[0]}–{heads[-1]} of {cfg.n_heads}" if len(heads) > 1 else f"head {heads[0]}"
+    figs = {"attention": heatmaps(out.attention[layer][b0], tokens, "attention", heads, gamma,
+                                  f"{kind} attention, block {layer}, {shown} ({loaded.source.name})", scale)}
+    numbers: dict[str, Any] = {"model": loaded.source.key, "layer": layer, "heads": heads, "scale": scale,
+                               "tokens": tokens, "stats": attention_stats(out.attention[layer][b0]).to_dict()}
+    if qtg_model:
+        figs["distance"] = heatmaps(out.distances[layer][b0], tokens, "distance", heads, gamma,
+                                    f"Fisher-Rao distance d_FR, block {layer}, {shown} (max pi/2)")
+        gammas = all_gammas(loaded)  # out.gamma holds the shown block's only
+        figs["gamma"] = gamma_figure(gammas)
+        numbers["gamma"] = [g.tolist() for g in gammas]
         numbers["distance_mean"] = out.distances[layer][b0].float().mean((-1, -2)).tolist()
     notes = [cut] if cut else []
+    if head < 0 and cfg.n_heads > per_page:
+        notes.append(f"Heads page {page} of {n_pages(cfg.n_heads, per_page)}: {shown}.")
     base = ex.registry.baseline_for(loaded)
     if base is not None:
-        bout, btokens, _, _ = _maps(base, ex, text, layer)
-        figs["baseline"] = attention_heatmaps(bout.attention[layer][b0], btokens, "attention", heads,
-                                              title=f"dot-product attention, block {layer} ({base.source.name})")
+        bout, btokens, _ = _forward(ex, base, text, layer, "attention (baseline)")
+        figs["baseline"] = heatmaps(bout.attention[layer][b0], btokens, "attention", heads, None,
+                                    f"dot-product attention, block {layer}, {shown} ({base.source.name})", scale)
         numbers["baseline"] = {"model": base.source.key, "tokens": btokens,
-                               "stats": head_stats(bout.attention[layer][b0])}
-    elif loaded.is_qtg:
+                               "stats": attention_stats(bout.attention[layer][b0]).to_dict()}
+    elif qtg_model:
         notes.append("No same-size baseline is shipped beside this model, so there is no dot-product panel.")
-    if loaded.is_qtg:
+    if qtg_model:
         g = [f"{v:.3g}" for v in out.gamma[layer].tolist()]
         notes.append(f"gamma at block {layer}: {', '.join(g)} (score = -gamma d_FR^2; d_FR in [0, "
                      f"{math.pi / 2:.4f}], so gamma bounds the score range to [-gamma pi^2/4, 0]).")
@@ -92,25 +156,41 @@ def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, 
             "  \n".join(notes), Exportable("attention", figs, numbers))
 
 
-def build(ex: Explorer, session: gr.State, n_layers: int, n_heads: int) -> dict[str, Any]:
+def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
+    """Updates of this tab's controls for ``loaded``: blocks, heads and pages of heads (hidden when one page
+    holds every head; a slider needs two values, the handler refuses any page beyond the last)."""
+    cfg = loaded.model.cfg
+    pages = n_pages(cfg.n_heads, ex.limits.heads_per_page)
+    return (gr.update(maximum=max(1, cfg.n_layers - 1), value=0), gr.update(maximum=max(0, cfg.n_heads - 1), value=-1),
+            gr.update(maximum=max(2, pages), value=1, visible=pages > 1))
+
+
+def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
+    """The tab's components and events; ``loaded`` is the model the page starts on (its ranges)."""
+    cfg = loaded.model.cfg
+    pages = n_pages(cfg.n_heads, ex.limits.heads_per_page)
     gr.Markdown("Fisher–Rao attention: queries and keys are softmax-normalised per head and scored by "
-                "−γ·arccos(BC)². Rows are queries, columns keys; the blank triangle is the causal mask.")
+                "−γ·arccos(BC)². Rows are queries, columns keys; the blank triangle is the causal mask. "
+                f"Heads are drawn {ex.limits.heads_per_page} at a time: pick the page, or one head.")
     with gr.Row():
         text = gr.Textbox(label="text (empty: the last generation)", lines=3, scale=3, elem_id="attention-text",
                           value="To be, or not to be, that is the question.", max_length=ex.limits.max_text_chars)
-        with gr.Column(scale=1):
-            layer = gr.Slider(0, max(0, n_layers - 1), value=0, step=1, label="block")
-            head = gr.Slider(-1, max(0, n_heads - 1), value=-1, step=1, label="head (-1 = all)")
+        with gr.Column(scale=2):
+            layer = Slider(0, max(1, cfg.n_layers - 1), value=0, step=1, label="block", elem_id="attention-block")
+            head = Slider(-1, max(0, cfg.n_heads - 1), value=-1, step=1, label="head (-1 = the page's heads)",
+                          elem_id="attention-head")
+            page = Slider(1, max(2, pages), value=1, step=1, label="heads page", elem_id="attention-page",
+                          visible=pages > 1)
+            scale = Radio(list(SCALES), value="linear", label="colour scale (log or per row for long texts)")
             run_btn = gr.Button("Show", variant="primary", elem_id="attention-btn")
     note = gr.Markdown()
     attn = gr.Plot(label="attention", elem_id="attention-map")
-    dist = gr.Plot(label="Fisher-Rao distance")
-    with gr.Row():
-        base = gr.Plot(label="baseline dot-product attention")
-        gamma = gr.Plot(label="gamma")
+    dist = gr.Plot(label="Fisher-Rao distance", elem_id="attention-distance")
+    base = gr.Plot(label="baseline dot-product attention", elem_id="attention-baseline")
+    gamma = gr.Plot(label="gamma", elem_id="attention-gamma")
     numbers = gr.JSON(label="per-head numbers")
     payload = gr.State(None)
     export_controls(ex, payload, "attention")
-    run_btn.click(user_facing(lambda *a: attention(ex, *a)), [session, text, layer, head],
+    run_btn.click(user_facing(lambda *a: attention(ex, *a), "attention"), [session, text, layer, head, page, scale],
                   [attn, dist, gamma, base, numbers, note, payload], api_name="attention", concurrency_id="heavy")
-    return {"layer": layer, "head": head}
+    return {"ranges": [layer, head, page]}

@@ -1,12 +1,55 @@
-"""UI pieces more than one tab uses."""
+"""UI pieces more than one tab uses: form fields checked by the app, figure sizing, the export controls."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import gradio as gr
 
 from app.core import Explorer
 from app.errors import user_facing
 from app.exports import export
+
+
+# Gradio checks a slider's, number's, dropdown's or radio's value itself before the handler runs, and words a
+# refusal as "Value 1000000000 is greater than maximum value 512." or a multi-line dump naming components and
+# object addresses. These pass the value through unchanged (``is_template``: the page draws them as the
+# components they extend); every handler checks its fields with ``app.core.as_int`` / ``as_float`` or the
+# registry, whose one-line messages name the field.
+class Slider(gr.Slider):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+class Number(gr.Number):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+class Dropdown(gr.Dropdown):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+class Radio(gr.Radio):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+def fit(fig: Any, height: int | None = None) -> Any:
+    """The figure sized to its panel: no fixed width (the page's plot then fills its container);
+    ``height`` replaces the figure's own when given. Returns the same figure (None passes)."""
+    if fig is not None:
+        fig.update_layout(width=None, autosize=True, **({"height": height} if height else {}))
+    return fig
 
 
 def export_controls(ex: Explorer, payload: gr.State, tab: str) -> None:
@@ -17,8 +60,8 @@ def export_controls(ex: Explorer, payload: gr.State, tab: str) -> None:
         msg = gr.Markdown()
 
     def run(item):
-        return export(item, ex.cfg.export_dir)
+        lim = ex.limits
+        return export(item, ex.export_dir, max_bytes=lim.export_max_bytes, max_age_s=lim.export_max_age_s)
 
-    btn.click(user_facing(run), [payload], [files, msg], api_name=f"export_{tab}", concurrency_id="export",
-              concurrency_limit=1)
-
+    btn.click(user_facing(run, f"export_{tab}"), [payload], [files, msg], api_name=f"export_{tab}",
+              concurrency_id="export", concurrency_limit=1)

@@ -3,7 +3,7 @@ beside a live exact H0/H1 diagram of the growing sequence. Endpoint ``/generate`
 
 Sampling is :func:`qtg.generate.stream` (the library's loop and checks). The colours need
 s~, s and w of each new token; the TopoFilter looks only backwards, so they are computed
-for the new token alone against the earlier QEmbed states (``TopoFilter.scores(psi, past)``,
+for the new token alone against the earlier QEmbed states (``model.topo(psi, past)``,
 O(N) per token) rather than by re-running the sequence. The live diagram is exact
 (``qtg.topology.exact_diagrams``) on the last ``live_points`` tokens, recomputed at most every
 ``live_every_s`` seconds, so it never slows the stream to a crawl.
@@ -23,8 +23,9 @@ import torch
 from app.core import Explorer, Session, as_float, as_int
 from app.errors import user_facing
 from app.exports import Exportable
-from app.tabs.common import export_controls
-from qtg.generate import check_sampling, stream
+from app.models import Loaded
+from app.tabs.common import Number, Slider, export_controls, fit
+from qtg.generate import MIN_TEMPERATURE, check_sampling, stream
 from qtg.plots import persistence_diagram
 from qtg.tokenizer import EOS_TOKEN, decode, token_strings
 from qtg.topology import exact_diagrams
@@ -48,20 +49,18 @@ class Scorer:
 
     def __init__(self, model: Any):
         self.model = model
-        self.topo = getattr(model, "topo", None)
         self.points: torch.Tensor | None = None  # [1, N, 2d] QEmbed states so far
 
     @torch.inference_mode()
     def add(self, ids: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
-        """Args: ids ``[1, n]``. Returns s~, s, w of those n tokens (NaN for a baseline)."""
-        if self.topo is None:
+        """Args: ids ``[1, n]``. Returns s~, s, w of those n tokens (NaN for a model without a TopoFilter)."""
+        if not self.model.has_topofilter:
             nan = [float("nan")] * ids.shape[1]
             return nan, nan, nan
         psi = self.model.embed(ids)  # [1, n, 2d]
-        soft, hard = self.topo.scores(psi, self.points, exact=True)  # [1, n] each
-        w = self.topo.weights(soft)
+        scores = self.model.topo(psi, self.points, want_exact=True)  # s~, s, w: [1, n] each
         self.points = psi if self.points is None else torch.cat([self.points, psi], dim=1)
-        return soft[0].tolist(), hard[0].tolist(), w[0].tolist()
+        return scores.soft[0].tolist(), scores.exact[0].tolist(), scores.weights[0].tolist()
 
 
 def token_html(scores: TokenScores) -> str:
@@ -87,17 +86,25 @@ def live_diagram(model_points: torch.Tensor | None, limit: int) -> tuple[Any, st
     pts = model_points[0, -limit:].double().cpu().numpy()
     ex = exact_diagrams(pts, maxdim=1, max_points=limit, time_budget=None)
     bars = ", ".join(f"H{k}: {len(d)}" for k, d in enumerate(ex.dgms))
-    fig = persistence_diagram(ex, title=f"Exact H0/H1 of the last {len(pts)} tokens' QEmbed states ({bars})")
-    fig.update_layout(height=420)
+    fig = fit(persistence_diagram(ex, title=f"Exact H0/H1 of the last {len(pts)} tokens' QEmbed states ({bars})"),
+              height=460)
     return fig, f"live diagram: {len(pts)} points, {ex.seconds * 1000:.0f} ms ({ex.bounds.describe()})"
 
 
-def _sampling_args(ex: Explorer, max_new_tokens, temperature, top_k, top_p, seed) -> dict[str, Any]:
-    n = as_int(max_new_tokens, "max new tokens", 1, ex.limits.max_new_tokens)
-    t = as_float(temperature, "temperature", 0.0, 100.0)
+MAX_SEED = 2**63 - 1
+
+
+def max_new_tokens_for(ex: Explorer, loaded: Loaded) -> int:
+    """The most new tokens a request may ask of this model: the app's limit, and its context less one prompt token."""
+    return max(1, min(ex.limits.max_new_tokens, loaded.model.cfg.max_seq_len - 1))
+
+
+def _sampling_args(ex: Explorer, loaded: Loaded, max_new_tokens, temperature, top_k, top_p, seed) -> dict[str, Any]:
+    n = as_int(max_new_tokens, "max new tokens", 1, max_new_tokens_for(ex, loaded))
+    t = as_float(temperature, "temperature", 0.0, 100.0)  # below MIN_TEMPERATURE the library samples greedily
     k = as_int(top_k if top_k not in (None, "") else 0, "top-k", 0, 10_000_000)
     p = as_float(top_p if top_p not in (None, "") else 1.0, "top-p", 1e-6, 1.0)
-    s = as_int(seed if seed not in (None, "") else -1, "seed", -1, 2**63 - 1)
+    s = as_int(seed if seed not in (None, "") else -1, "seed", -1, MAX_SEED)
     args = dict(max_new_tokens=n, temperature=t, top_k=k or None, top_p=None if p >= 1.0 else p,
                 seed=None if s < 0 else s)
     check_sampling(args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"])
@@ -106,14 +113,16 @@ def _sampling_args(ex: Explorer, max_new_tokens, temperature, top_k, top_p, seed
 
 def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens: Any = 64, temperature: Any = 0.8,
              top_k: Any = 0, top_p: Any = 1.0, seed: Any = -1) -> Iterator[tuple]:
-    """Stream (html, continuation, live figure, stats, session, export payload) as tokens arrive.
+    """Stream (html, text, live figure, stats, session, export payload) as tokens arrive.
 
-    top_k 0 and top_p 1 mean off; seed -1 means unseeded; temperature 0 is greedy.
+    ``text`` is the prompt followed by the continuation so far. top_k 0 and top_p 1 mean off; seed -1
+    means unseeded; temperature 0 (or below ``qtg.generate.MIN_TEMPERATURE``) is greedy.
     """
     session = session or ex.new_session()
-    args = _sampling_args(ex, max_new_tokens, temperature, top_k, top_p, seed)
     loaded = ex.current(session)
+    args = _sampling_args(ex, loaded, max_new_tokens, temperature, top_k, top_p, seed)
     ids, tokens = ex.encode(loaded, prompt, ex.limits.max_prompt_chars, "prompt")
+    ex.check_memory(loaded, ids.shape[1] + args["max_new_tokens"], "generate", kind="generate")
     tok = loaded.tokenizer
     eos = tok.token_to_id(EOS_TOKEN)
     # a model sharded across ranks keeps no decoding cache (see qtg.distributed.lockstep)
@@ -136,7 +145,8 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         if not n:
             return "prefilling…"
         rate = (n - 1) / (time.perf_counter() - first) if n > 1 else float("nan")
-        parts = [f"{'done' if done else 'generating'}: {n} new tokens",
+        greedy = " (greedy)" if args["temperature"] < MIN_TEMPERATURE else ""
+        parts = [f"{'done' if done else 'generating'}: {n} new tokens{greedy}",
                  f"first token {1000 * (first - t0):.0f} ms", f"{rate:.1f} tokens/s after it" if n > 1 else ""]
         return " · ".join(p for p in parts if p) + (f"  \n{live_note}" if live_note else "")
 
@@ -151,7 +161,7 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         # the live figure changes at most every live_every_s: between redraws it is not sent again
         shown = gr.skip() if fig_sent is fig and not done else fig
         fig_sent = fig
-        return token_html(scores), text, shown, stats(done), new_session, payload
+        return token_html(scores), prompt + text, shown, stats(done), new_session, payload
 
     for step in steps:
         now = time.perf_counter()
@@ -176,19 +186,34 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
     yield update(done=True)
 
 
-def build(ex: Explorer, session: gr.State) -> dict[str, Any]:
+def stopped(payload: Exportable | None) -> str:
+    """The status line after Stop: the count of new tokens the page shows."""
+    n = len(payload.numbers.get("token_ids", ())) if payload is not None else 0
+    return f"stopped: {n} new tokens (Stop pressed; the server computes no more)"
+
+
+def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
+    """Updates of this tab's controls for ``loaded`` (max new tokens follows its context)."""
+    n = max_new_tokens_for(ex, loaded)
+    return (gr.update(maximum=n, value=min(80, n)),)
+
+
+def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
+    """The tab's components and events; ``loaded`` is the model the page starts on (its ranges)."""
     lim = ex.limits
+    n_max = max_new_tokens_for(ex, loaded)
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="prompt", value="ROMEO:", lines=3, max_length=lim.max_prompt_chars,
                                 elem_id="prompt")
             with gr.Row():
-                max_new = gr.Slider(1, lim.max_new_tokens, value=80, step=1, label="max new tokens")
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="temperature (0 = greedy)")
+                max_new = Slider(1, n_max, value=min(80, n_max), step=1, label="max new tokens", elem_id="max-new")
+                temperature = Slider(0, 2, value=0.8, step=0.05, label="temperature (0 = greedy)")
             with gr.Row():
-                top_k = gr.Number(value=0, precision=0, label="top-k (0 = off)", minimum=0)
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
-                seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", minimum=-1)
+                top_k = Number(value=0, precision=0, label="top-k (0 = off)", minimum=0)
+                top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
+                # text, not a number: a browser's numbers are doubles, and the largest seed (2^63 - 1) is not one
+                seed = gr.Textbox(value="-1", label=f"seed (-1 = random, up to {MAX_SEED})", max_lines=1)
             with gr.Row():
                 go_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -196,7 +221,7 @@ def build(ex: Explorer, session: gr.State) -> dict[str, Any]:
             stats = gr.Markdown(elem_id="generate-stats")
         with gr.Column(scale=2):
             live = gr.Plot(label="live exact diagram", elem_id="live-diagram")
-            continuation = gr.Textbox(label="continuation (plain text)", lines=4, interactive=False,
+            continuation = gr.Textbox(label="text (prompt + continuation, plain)", lines=4, interactive=False,
                                       elem_id="continuation")
     payload = gr.State(None)
     export_controls(ex, payload, "generate")
@@ -204,9 +229,10 @@ def build(ex: Explorer, session: gr.State) -> dict[str, Any]:
     def run(s, p, n, t, k, tp, sd):
         yield from generate(ex, s, p, n, t, k, tp, sd)
 
-    evt = go_btn.click(user_facing(run), [session, prompt, max_new, temperature, top_k, top_p, seed],
+    evt = go_btn.click(user_facing(run, "generate"), [session, prompt, max_new, temperature, top_k, top_p, seed],
                        [text_html, continuation, live, stats, session, payload], api_name="generate",
                        concurrency_id="heavy")
-    # Cancelling closes the generator on the server: no further token is computed.
-    stop_btn.click(None, None, None, cancels=[evt], api_visibility="private")
-    return {"event": evt}
+    # Cancelling closes the generator on the server: no further token is computed. Then the status says so.
+    stop_btn.click(None, None, None, cancels=[evt], api_visibility="private").then(
+        stopped, [payload], [stats], api_visibility="private", queue=False)
+    return {"event": evt, "ranges": [max_new]}

@@ -1,10 +1,17 @@
-"""Tiers tab: every tier counted on the meta device beside the seed's claims; load a model.
+"""Tiers tab: every tier counted on the meta device beside the seed's claims; load and unload models.
 
-Endpoints: ``/tiers`` (the table for a device) and ``/load`` (switch this session's model).
+Endpoints: ``/tiers`` (the table for a device), ``/load`` (switch this session's model, streaming the
+load's progress) and ``/unload`` (drop a model's weights from the shared cache).
+
+"Fits" means the views work, not only that the weights load: the weights plus one view of a full
+context (every state and one block's attention maps, ``qtg.views.view_memory``) against the memory
+the device has free now.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
@@ -14,16 +21,25 @@ import qtg
 from app.core import Explorer, Session
 from app.errors import user_facing
 from app.exports import Exportable
-from app.tabs.common import export_controls
+from app.models import AppInputError, allocated_bytes
+from app.tabs.common import Dropdown, export_controls, fit
 from qtg.memory import human_bytes, human_count, tier_summary
+from qtg.views import view_memory
 
-COLUMNS = ["tier", "d", "layers", "heads", "context", "params (counted)", "seed's claim", "counted / claimed",
-           "inference (device dtype)", "training (device dtype)", "fits inference", "fits training"]
+COLUMNS = ["tier", "d", "layers", "heads", "context", "params", "seed's claim", "counted / claimed", "weights",
+           "weights + a view", "training", "views fit", "training fits"]
+POLL_S = 0.25  # how often a load reports its progress
+
 
 def summaries(device: str) -> list[dict]:
-    """``tier_summary`` of every tier on ``device``, with the memory available now. The parameter counts
-    (5.5q's meta build takes seconds) are cached by ``qtg.count_params`` itself."""
-    return [tier_summary(t, device) for t in qtg.TIERS]
+    """``tier_summary`` of every tier on ``device``, with the memory available now and what one view of a full
+    context needs. The parameter counts (5.5q's meta build takes seconds) are cached by ``qtg.count_params``."""
+    rows = []
+    for t in qtg.TIERS:
+        s = tier_summary(t, device)
+        view = view_memory(t, None, s["device_dtype"], map_blocks=1, device=device)
+        rows.append({**s, "view_memory": view.to_dict(), "fits_views": view.total <= s["available_bytes"]})
+    return rows
 
 
 def _row(s: dict) -> list[Any]:
@@ -31,8 +47,9 @@ def _row(s: dict) -> list[Any]:
     claim = s["claimed_params"]
     return [s["tier"], s["d_model"], s["n_layers"], s["n_heads"], s["max_seq_len"], human_count(s["params"]),
             human_count(claim) if claim else "-", f"{s['params'] / claim:.3g}x" if claim else "-",
-            human_bytes(s["memory_bytes"][f"inference_{dt}"]), human_bytes(s["memory_bytes"][f"train_{dt}"]),
-            "yes" if s["fits_inference"] else "no", "yes" if s["fits_train"] else "no"]
+            human_bytes(s["view_memory"]["weights"]), human_bytes(s["view_memory"]["total"]),
+            human_bytes(s["memory_bytes"][f"train_{dt}"]), "yes" if s["fits_views"] else "no",
+            "yes" if s["fits_train"] else "no"]
 
 
 def params_figure(rows: list[dict]) -> go.Figure:
@@ -43,30 +60,81 @@ def params_figure(rows: list[dict]) -> go.Figure:
     ])
     fig.update_layout(title="Parameters: counted vs claimed", yaxis_type="log", barmode="group",
                       template="plotly_white", height=380, yaxis_title="parameters")
-    return fig
+    return fit(fig)
+
+
+def _check_device(ex: Explorer, device: Any) -> str:
+    if device not in ex.devices():
+        raise AppInputError(f"device: {str(device)[:50]!r} is not one of {ex.devices()}")
+    return device
 
 
 def tiers_table(ex: Explorer, device: str) -> tuple[list[list[Any]], Any, str, Exportable]:
     """The tier table for ``device``, the counted-vs-claimed figure, a note, and the export payload."""
-    if device not in ex.devices():
-        raise gr.Error(f"device must be one of {ex.devices()}, got {device!r}")
+    device = _check_device(ex, device)
     rows = summaries(device)
     have = rows[0]["available_bytes"]
     note = (f"Parameters are counted by building each tier on PyTorch's meta device (nothing allocated). "
-            f"Memory: batch 1, full context, in {rows[0]['device_dtype']} on {device}; "
-            f"{human_bytes(have)} available there now. 'seed's claim' is the seed documents' figure, unmeasured.")
+            f"Memory in {rows[0]['device_dtype']} on {device}, {human_bytes(have)} available there now. "
+            "'weights + a view': the weights and one inspection of a full context (every layer's states and "
+            "one block's attention maps); 'views fit' compares that with what is available. Training: batch 1, "
+            "full context. 'seed's claim' is the seed documents' figure, unmeasured.")
     fig = params_figure(rows)
     return [_row(r) for r in rows], fig, note, Exportable("tiers", {"params": fig}, {"tiers": rows})
 
 
-def load_model(ex: Explorer, session: Session | None, key: str, device: str) -> tuple[str, Session]:
-    """Switch this session to ``key`` on ``device``. A refusal (does not fit, bad checkpoint) leaves the
-    session's model as it was."""
+def load_model(ex: Explorer, session: Session | None, key: Any, device: Any,
+               progress: Any = None) -> Iterator[tuple[str, Any]]:
+    """Switch this session to ``key`` on ``device``, yielding (message, session update) while it loads.
+
+    The message states what the weights will take and how much is free; while they load, the bytes the
+    process has gained so far (resident memory, or CUDA memory) against that figure drive ``progress``.
+    A refusal (does not fit, bad checkpoint) leaves the session's model as it was.
+    """
     session = session or ex.new_session()
-    if device not in ex.devices():
-        raise gr.Error(f"device must be one of {ex.devices()}, got {device!r}")
-    loaded = ex.registry.get(key, device)  # raises before the session changes
-    return loaded.describe(), Session(model=loaded.source.key, device=loaded.device, last_text=session.last_text)
+    device = _check_device(ex, device)
+    src = ex.registry.source(key)  # an unknown key is refused here
+    if not ex.registry.is_loaded(src.key, device):
+        need, have = ex.registry.weights_needed(src.key, device)
+        head = (f"Loading **{src.label}** on {device}: its weights take {human_bytes(need)}, "
+                f"{human_bytes(have)} is free there.")
+        result: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                result["loaded"] = ex.registry.get(src.key, device)
+            except BaseException as e:  # re-raised in the handler, which words it
+                result["error"] = e
+
+        start = allocated_bytes(device)
+        worker = threading.Thread(target=load, name=f"load-{src.key}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(POLL_S)
+            done = max(0, allocated_bytes(device) - start)
+            if progress is not None and need:
+                progress(min(0.99, done / need), desc=f"{human_bytes(done)} of {human_bytes(need)}")
+            yield f"{head} {human_bytes(done)} so far.", gr.skip()
+        if "error" in result:
+            raise result["error"]
+    loaded = ex.registry.get(src.key, device)
+    yield loaded.describe(), Session(model=loaded.source.key, device=loaded.device, last_text=session.last_text)
+
+
+def unload_model(ex: Explorer, session: Session | None, key: Any, device: Any) -> tuple[str, Session]:
+    """Drop ``key``'s weights on ``device`` from the shared cache. A session on that model goes back to the
+    default one; the default model stays loaded (every new session starts on it)."""
+    session = session or ex.new_session()
+    device = _check_device(ex, device)
+    src = ex.registry.source(key)
+    if src.key == ex.default_key:
+        raise AppInputError(f"model: {src.label} is the default model and stays loaded (new sessions start on it)")
+    if not ex.registry.unload(src.key, device):
+        raise AppInputError(f"model: {src.label} is not loaded on {device}")
+    if session.model == src.key:
+        session = Session(model=ex.default_key, device=ex.device, last_text=session.last_text)
+    return (f"Unloaded {src.label} on {device}. This session's model: {ex.current(session).describe()}",
+            session)
 
 
 def status(ex: Explorer, session: Session | None) -> str:
@@ -74,24 +142,34 @@ def status(ex: Explorer, session: Session | None) -> str:
 
 
 def build(ex: Explorer, session: gr.State) -> dict[str, Any]:
-    """The tab's components and events; returns what other tabs hook onto (the load event)."""
-    gr.Markdown("Every tier of the seed, counted, with memory estimates and whether it fits here. "
+    """The tab's components and events; returns what other tabs hook onto (load and unload, the table)."""
+    gr.Markdown("Every tier of the seed, counted, with memory estimates and whether its views fit here. "
                 "Load a shipped model, a checkpoint directory given on the command line, or any tier that "
-                "fits (random weights, labelled so).")
+                "fits (random weights, labelled so); unload one to free its memory.")
     with gr.Row():
         choices = [(s.label, s.key) for s in ex.registry.sources()]
-        source = gr.Dropdown(choices, value=ex.default_key, label="model", scale=3)
-        device = gr.Dropdown(ex.devices(), value=ex.device, label="device", scale=1)
-        load_btn = gr.Button("Load", variant="primary", scale=1)
+        source = Dropdown(choices, value=ex.default_key, label="model", scale=3, elem_id="tiers-model")
+        device = Dropdown(ex.devices(), value=ex.device, label="device", scale=1)
+        load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="load-btn")
+        unload_btn = gr.Button("Unload", scale=1, elem_id="unload-btn")
     loaded_md = gr.Markdown(elem_id="loaded-model")
-    table_btn = gr.Button("Show tier table", elem_id="tiers-btn")
-    table = gr.Dataframe(headers=COLUMNS, label="tiers", interactive=False, wrap=True)
+    table_btn = gr.Button("Refresh the tier table (memory available now)", elem_id="tiers-btn")
+    table = gr.Dataframe(headers=COLUMNS, label="tiers", interactive=False, wrap=True, elem_id="tiers-table")
     fig = gr.Plot(label="parameters")
     note = gr.Markdown()
     payload = gr.State(None)
     export_controls(ex, payload, "tiers")
-    table_btn.click(user_facing(lambda d: tiers_table(ex, d)), [device], [table, fig, note, payload],
-                    api_name="tiers", concurrency_id="light")
-    load_evt = load_btn.click(user_facing(lambda s, k, d: load_model(ex, s, k, d)), [session, source, device],
-                              [loaded_md, session], api_name="load", concurrency_id="load", concurrency_limit=1)
-    return {"load_event": load_evt, "status": loaded_md, "payload": payload, "device": device}
+    table_event = dict(fn=user_facing(lambda d: tiers_table(ex, d), "tiers"), inputs=[device],
+                       outputs=[table, fig, note, payload])
+    table_btn.click(**table_event, api_name="tiers", concurrency_id="light")
+
+    def load(s, k, d, progress=gr.Progress()):  # noqa: B008 - Gradio finds the progress bar by this default
+        yield from load_model(ex, s, k, d, progress)
+
+    load_evt = load_btn.click(user_facing(load, "load"), [session, source, device], [loaded_md, session],
+                              api_name="load", concurrency_id="load", concurrency_limit=1)
+    unload_evt = unload_btn.click(user_facing(lambda s, k, d: unload_model(ex, s, k, d), "unload"),
+                                  [session, source, device], [loaded_md, session], api_name="unload",
+                                  concurrency_id="load", concurrency_limit=1)
+    return {"load_event": load_evt, "unload_event": unload_evt, "status": loaded_md, "payload": payload,
+            "device": device, "table_event": table_event}

@@ -12,11 +12,10 @@ import torch
 from app.core import Explorer, Session, as_float, as_int
 from app.errors import user_facing
 from app.exports import Exportable
-from app.models import AppInputError
-from app.tabs.common import export_controls
+from app.models import AppInputError, Loaded
+from app.tabs.common import Dropdown, Number, Slider, export_controls, fit
 from qtg.plots import barcode, exact_vs_approx, persistence_diagram
 from qtg.topology import approx_view, bottleneck, compare, exact_diagrams
-from qtg.topology.compare import layer_name
 
 BACKENDS = {
     "gudhi + ripser (overlaid)": ("gudhi", "ripser"),
@@ -30,8 +29,8 @@ def _engines(backend: str) -> tuple[str, ...]:
     for label, engines in BACKENDS.items():
         if backend in (label, "+".join(engines)):
             return engines
-    raise AppInputError(f"backend must be one of {list(BACKENDS)} (or {[ '+'.join(e) for e in BACKENDS.values()]}), "
-                        f"got {str(backend)[:50]!r}")
+    raise AppInputError(f"backend: {str(backend)[:50]!r} is not one of {list(BACKENDS)} "
+                        f"(or {['+'.join(e) for e in BACKENDS.values()]})")
 
 
 def _agreement(results: dict[str, Any]) -> dict[str, float] | None:
@@ -50,40 +49,42 @@ def topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 1, b
     ``text`` empty means the session's last generation; ``max_edge`` 0 means the exact enclosing radius.
     """
     session = session or ex.new_session()
-    text = text if isinstance(text, str) and text.strip() else session.last_text
-    if not text:
-        raise AppInputError("no text: type one, or generate first (the last generation is used when empty)")
     loaded = ex.current(session)
+    text = ex.text_or_last(session, text)
     model = loaded.model
-    n_states = model.cfg.n_layers + (2 if loaded.is_qtg else 1)
-    layer = as_int(layer, "layer", 0, n_states - 1)
+    names = loaded.state_names
+    layer = as_int(layer, "layer", 0, len(names) - 1)
     points = as_int(max_points, "max points", 3, ex.limits.max_topology_points)
     edge = as_float(max_edge if max_edge not in (None, "") else 0, "max edge", 0.0, 1e6)
     engines = _engines(backend)
     ids, tokens = ex.encode(loaded, text, ex.limits.max_text_chars, "text", min_tokens=3)
+    ex.check_memory(loaded, ids.shape[1], "topology")  # the states only: no block keeps its maps
 
     with torch.inference_mode():
-        out = model(ids, return_internals=True)
-    cloud = out.states[0 if (loaded.is_qtg and layer == 1) else layer][0]
+        out = model(ids, return_internals=True, map_blocks=())
+    ex.counters.add("forwards")
+    # layer 1 of a QTG model is the TopoFilter's view of the QEmbed cloud (layer 0)
+    cloud = out.states[0 if (loaded.has_topofilter and layer == 1) else layer][0]
     bounded = dict(maxdim=1, max_points=points, max_edge=edge or None, time_budget=ex.limits.topology_time_budget)
     results = {e: exact_diagrams(cloud, backend=e, **bounded) for e in engines}
     main = results["ripser"] if "ripser" in results else next(iter(results.values()))
-    name = layer_name(layer) if loaded.is_qtg else ("embedding" if layer == 0 else f"block {layer}")
+    name = names[layer]
 
-    diagram = persistence_diagram(results, title=f"Exact H0/H1 at layer {layer} ({name}), {len(tokens)} tokens")
-    bars = barcode(main, title=f"Barcode ({main.backend})")
+    diagram = fit(persistence_diagram(results, title=f"Exact H0/H1 at layer {layer} ({name}), {len(tokens)} tokens"),
+                  height=560)
+    bars = fit(barcode(main, title=f"Barcode ({main.backend})"))
     numbers: dict[str, Any] = {"model": loaded.source.key, "layer": layer, "layer_name": name, "tokens": tokens,
                                "exact": {e: r.to_dict() for e, r in results.items()},
                                "engine_agreement_bottleneck": _agreement(results)}
     figures = {"diagram": diagram, "barcode": bars}
     approx_fig = None
-    if loaded.is_qtg:
+    if loaded.has_topofilter:
         view = approx_view(out, layer=layer, model=model, tokens=tokens)
         cmp = compare(main, view)
-        approx_fig = exact_vs_approx(main, view, cmp)
+        approx_fig = fit(exact_vs_approx(main, view, cmp))
         figures["exact_vs_approx"] = approx_fig
         numbers.update(comparison=cmp.to_dict(), approx=view.to_dict())
-    bounds = _bounds_text(main, results, loaded.is_qtg)
+    bounds = _bounds_text(main, results, loaded.has_topofilter)
     numbers["bounds"] = bounds
     return diagram, bars, approx_fig, _headline(numbers), bounds, Exportable("topology", figures, numbers)
 
@@ -103,37 +104,52 @@ def _headline(numbers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _bounds_text(main: Any, results: dict[str, Any], is_qtg: bool) -> str:
+def _bounds_text(main: Any, results: dict[str, Any], has_topofilter: bool) -> str:
     b = main.bounds
     lines = [f"**Bounds applied**: {b.describe()}.",
              "The diagrams are exact for the whole cloud." if b.exact else
              "The diagrams are exact for the points kept and the edges allowed, as stated above."]
-    if not is_qtg:
+    if not has_topofilter:
         lines.append("This is a dot-product baseline: it has no TopoFilter, so there is no approximation to compare.")
     return "  \n".join(lines)
 
 
-def build(ex: Explorer, session: gr.State, n_states: int) -> dict[str, Any]:
+def layer_label(loaded: Loaded) -> str:
+    names = loaded.state_names
+    return f"layer (0 {names[0]}, 1 {names[1]}, … {len(names) - 1} {names[-1]})"
+
+
+def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
+    """Updates of this tab's controls for ``loaded`` (its states: QEmbed, TopoFilter, blocks...)."""
+    n = len(loaded.state_names)
+    return (gr.update(maximum=n - 1, value=min(1, n - 1), label=layer_label(loaded)),)
+
+
+def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
+    """The tab's components and events; ``loaded`` is the model the page starts on (its ranges)."""
     lim = ex.limits
     gr.Markdown("Exact Vietoris–Rips persistence of the token states at one layer, beside the TopoFilter's "
-                "approximation of H0 on the same tokens. Leave the text empty to use the last generation.")
+                "approximation of H0 on the same tokens. Leave the text empty to use the last generation. "
+                "The text must fit the model's context (256 tokens for nano, about 800 characters of prose).")
     with gr.Row():
         text = gr.Textbox(label="text (empty: the last generation)", lines=4, scale=3, elem_id="topology-text",
                           max_length=lim.max_text_chars)
         with gr.Column(scale=2):
-            layer = gr.Slider(0, n_states - 1, value=1, step=1, label="layer (0 QEmbed, 1 TopoFilter, 2… blocks)")
-            backend = gr.Dropdown(list(BACKENDS), value=next(iter(BACKENDS)), label="backend")
-            max_points = gr.Slider(3, lim.max_topology_points, value=256, step=1, label="max points")
-            max_edge = gr.Number(value=0, label="max edge (0 = enclosing radius, exact)", minimum=0)
+            layer = Slider(0, len(loaded.state_names) - 1, value=1, step=1, label=layer_label(loaded),
+                           elem_id="topology-layer")
+            backend = Dropdown(list(BACKENDS), value=next(iter(BACKENDS)), label="backend")
+            max_points = Slider(3, lim.max_topology_points, value=256, step=1, label="max points")
+            max_edge = Number(value=0, label="max edge (0 = enclosing radius, exact)", minimum=0)
             run_btn = gr.Button("Compute", variant="primary", elem_id="topology-btn")
     bounds = gr.Markdown(elem_id="topology-bounds")
     with gr.Row():
         diagram = gr.Plot(label="diagram", elem_id="topology-diagram")
-        bars = gr.Plot(label="barcode")
-    approx = gr.Plot(label="exact vs approximate")
+        bars = gr.Plot(label="barcode", elem_id="topology-barcode")
+    approx = gr.Plot(label="exact vs approximate", elem_id="topology-approx")
     numbers = gr.JSON(label="comparison numbers")
     payload = gr.State(None)
     export_controls(ex, payload, "topology")
-    run_btn.click(user_facing(lambda *a: topology(ex, *a)), [session, text, layer, backend, max_points, max_edge],
+    run_btn.click(user_facing(lambda *a: topology(ex, *a), "topology"),
+                  [session, text, layer, backend, max_points, max_edge],
                   [diagram, bars, approx, numbers, bounds, payload], api_name="topology", concurrency_id="heavy")
-    return {"layer": layer}
+    return {"ranges": [layer]}

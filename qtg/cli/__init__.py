@@ -14,6 +14,7 @@ from qtg import __version__
 from qtg.cli import app as app_cmd
 from qtg.cli import eval as eval_cmd
 from qtg.cli import export, generate, info, tokenizer, topo, train
+from qtg.distributed.world import under_torchrun
 from qtg.errors import QTGError
 
 COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo, export, app_cmd]
@@ -50,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     code = _run(argv)
-    from qtg.distributed.world import under_torchrun
-
     if under_torchrun():
         _leave(code)
     return code

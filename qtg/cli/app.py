@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -18,8 +19,10 @@ sharded across the ranks with FSDP2, rank 0 serves the page and the other ranks
 join each forward; that one model is then the only one served.
 
 It binds to 127.0.0.1 unless --host says otherwise, loads the shipped nano at start,
-fetches nothing from the network, serves files only from --export-dir, and loads
-checkpoints only from the shipped assets and the --checkpoint-dir folders you give."""
+fetches nothing from the network, accepts no uploads, serves files (as downloads) only
+from its own private export folder, made fresh at each launch, and loads checkpoints
+only from the shipped assets and the --checkpoint-dir folders you give. The log gets
+one line per refused request."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", action="append", default=[], type=Path, metavar="DIR",
                    help="a checkpoint directory the app may load (repeatable)")
     p.add_argument("--export-dir", type=Path, default=None,
-                   help="where exports are written and the only folder files are served from "
-                        "(default: <tmp>/qtg-explorer)")
+                   help="a folder (not a link) in which each launch makes its private export folder "
+                        "(mode 0700, a fresh name), the only folder files are served from (default: the "
+                        "system's temporary folder)")
     p.add_argument("--concurrency", type=int, default=2, help="heavy requests run at once (default 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores but one, left to the web server; on 2 cores "
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = AppConfig(model=args.model, device=args.device, checkpoint_dirs=tuple(args.checkpoint_dir),
                     concurrency=args.concurrency,
                     **({"export_dir": args.export_dir} if args.export_dir else {}))

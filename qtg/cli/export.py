@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qtg.checkpoint import save_checkpoint
+from qtg.builder import resolve_dtype
+from qtg.checkpoint import read_full_model, read_train_state, save_checkpoint, sharded_checkpoint
 from qtg.errors import CheckpointError
 
 HELP = """Convert a sharded checkpoint - written by `torchrun ... qtg train` with
@@ -39,9 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     """Write the sharded checkpoint ``source`` (or a run's latest) as a single-file checkpoint in ``out``."""
-    from qtg.builder import resolve_dtype
-    from qtg.distributed.checkpoint import read_full_model, read_train_state, sharded_checkpoint
-
     ckpt = sharded_checkpoint(source)
     if ckpt is None:
         raise CheckpointError(f"{source}: not a sharded checkpoint or a run directory whose latest checkpoint is "

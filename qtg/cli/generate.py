@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -15,6 +16,7 @@ from qtg.cli.common import add_model_args, check_tokenizer, load_model
 from qtg.distributed.world import close_world, init_world, under_torchrun
 from qtg.errors import ConfigError, GenerationError
 from qtg.generate import check_sampling, generate, stream
+from qtg.intervention import Intervention
 from qtg.tokenizer import decode, encode, eos_id
 
 HELP = """Continue a prompt with a QTG (or baseline) model and print the text.
@@ -23,7 +25,8 @@ Sampling: --temperature 0 is greedy (deterministic); otherwise tokens are drawn
 from softmax(logits / T), optionally restricted to the --top-k most likely
 tokens and/or the smallest set whose probability reaches --top-p. --seed makes
 sampling reproducible. Generation stops at --max-new-tokens, at the end-of-text
-token, or once the text contains a --stop string. Every request is checked
+token, or once the text contains a --stop string (escapes such as \\n and \\t
+are read as the characters). Every request is checked
 before any work: an empty prompt, a negative temperature, top-p outside (0, 1],
 top-k < 1 or a prompt that leaves no room in the context is refused with one
 line saying what fits.
@@ -38,6 +41,7 @@ EXAMPLES = """examples:
   qtg generate --prompt "To be" --temperature 0            greedy
   qtg generate --checkpoint runs/nano --prompt "KING:" --top-p 0.9 --seed 1 --stream
   qtg generate --prompt "First Citizen:" --stop "\\n\\n" --json
+  qtg generate --prompt "KING:" --temperature 0 --intervene topo=exact      the exact TopoFilter, this call only
   torchrun --nproc_per_node 2 $(which qtg) generate --checkpoint runs/nano2 --prompt "KING:" --temperature 0"""
 
 
@@ -51,7 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop once the text contains this (repeatable)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop once the text contains this (repeatable; \\n, \\t, \\r and \\\\ are escapes)")
+    p.add_argument("--intervene", metavar="SPEC", default=None,
+                   help="edit this call's forward passes, e.g. topo=exact, topo=off, gamma=1, gamma_scale=0.5, "
+                        "positions=none, ablate=0:1,2 (block:heads, 0-based), theta=0.2")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence per token (slow; for checks)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, tokens/s")
@@ -61,7 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise GenerationError("empty prompt: give some text to continue with --prompt")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading anything
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
+    args.stop = [unescape(s) for s in args.stop] if args.stop else None
+    args.intervene = Intervention.parse(args.intervene) if args.intervene else None
     if not under_torchrun():
         return _generate(args, load_model(args), sys.stdout)
     from qtg.distributed.inference import load_sharded_model, shared_seed
@@ -94,7 +104,8 @@ def _generate(args: argparse.Namespace, model, out) -> int:
     tok = model.tokenizer
     ids = torch.tensor([encode(tok, args.prompt)], device=next(model.parameters()).device)
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  use_cache=not args.no_cache, eos_id=eos_id(tok), stop=args.stop, tokenizer=tok)
+                  use_cache=not args.no_cache, eos_id=eos_id(tok), stop=args.stop, tokenizer=tok,
+                  intervene=args.intervene)
     t0 = time.perf_counter()
     if args.stream and not args.json:
         out.write(args.prompt)
@@ -119,3 +130,11 @@ def _generate(args: argparse.Namespace, model, out) -> int:
     else:
         print(text, file=out)
     return 0
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """The shell gives ``\\n`` as two characters: read \\n, \\t, \\r and \\\\ as what they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)

@@ -7,6 +7,7 @@ import json
 
 from qtg.builder import resolve_device
 from qtg.cli.table import format_table
+from qtg.distributed.plan import plan
 from qtg.errors import ConfigError
 from qtg.memory import human_bytes, human_count, tier_summary
 from qtg.tiers import TIERS, get_tier
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan = p.add_argument_group("FSDP2 plan (--plan)")
     plan.add_argument("--plan", action="store_true", help="memory per GPU under FSDP2 and the fewest GPUs that fit")
     plan.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs to shard over (default 8)")
-    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GB", help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory per GPU in GiB (default 80)")
     plan.add_argument("--seq-len", type=int, default=None, metavar="N", help="tokens per sequence (default: context)")
     plan.add_argument("--batch", type=int, default=1, metavar="B", help="sequences per GPU and micro-batch (default 1)")
     p.set_defaults(func=run)
@@ -91,8 +92,6 @@ def _gpus(n: int | None) -> str:
 
 
 def run_plan(args: argparse.Namespace, names: list[str]) -> int:
-    from qtg.distributed.plan import plan
-
     if args.gpus < 1 or args.gpu_mem <= 0 or args.batch < 1:
         raise ConfigError("--gpus and --batch must be >= 1 and --gpu-mem > 0")
     plans = [plan(name, args.gpus, args.gpu_mem, args.batch, args.seq_len) for name in names]
@@ -114,7 +113,7 @@ def run_plan(args: argparse.Namespace, names: list[str]) -> int:
 
 
 def _print_plan(p) -> None:
-    print(f"{p.tier} sharded with FSDP2 over {p.gpus} GPUs of {p.gpu_mem_gb:g} GiB: {p.params:,} parameters "
+    print(f"{p.tier} sharded with FSDP2 over {p.gpus} GPUs of {p.gpu_mem_gib:g} GiB: {p.params:,} parameters "
           f"(meta-device count), {p.shard_params:,} per GPU; units: root {p.root_params:,}, "
           f"{p.n_blocks:,} blocks of {p.block_params:,}; {p.batch} x {p.seq_len:,} tokens per GPU")
     rows = [[name, *(human_bytes(getattr(m, key)) for m in (p.train["no_ac"], p.train["ac"], p.inference))]
@@ -125,7 +124,7 @@ def _print_plan(p) -> None:
                               ("activations (+ decoding cache)", "activations"),
                               ("total per GPU", "total"))]
     totals = [p.train["no_ac"].total, p.train["ac"].total, p.inference.total]
-    rows.append([f"fits {p.gpu_mem_gb:g} GiB", *(f"yes, {human_bytes(p.capacity - t)} spare" if t <= p.capacity
+    rows.append([f"fits {p.gpu_mem_gib:g} GiB", *(f"yes, {human_bytes(p.capacity - t)} spare" if t <= p.capacity
                                                  else f"no, {human_bytes(t - p.capacity)} over" for t in totals)])
     rows.append(["fewest GPUs that fit", *(_gpus(p.min_gpus[m]) for m in ("no_ac", "ac", "inference"))])
     print(format_table(["per GPU", "train, no AC", "train, AC", "inference"], rows, right={1, 2, 3}))

@@ -80,7 +80,8 @@ def _token_ids(model: Any, text: str) -> tuple[torch.Tensor, list[str], int]:
     return torch.tensor([ids], device=device), [decode(model.tokenizer, [i]) for i in ids], full
 
 
-def _layers(arg: str, n_states: int) -> list[int]:
+def _layers(arg: str, names: list[str]) -> list[int]:
+    n_states = len(names)
     if arg == "all":
         return list(range(n_states))
     try:
@@ -89,7 +90,7 @@ def _layers(arg: str, n_states: int) -> list[int]:
         raise ConfigError(f"--layer must be an integer or 'all', got {arg!r}") from None
     if not 0 <= k < n_states:
         raise ConfigError(f"--layer {k} does not exist: this model has layers 0..{n_states - 1} "
-                          "(0 QEmbed, 1 TopoFilter, then one per block)")
+                          f"({', '.join(f'{i} {name}' for i, name in enumerate(names))})")
     return [k]
 
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     ids, tokens, full = _token_ids(model, _read_text(args))
     if full > ids.shape[1]:
         log.warning("the text has %d tokens; the first %d (the model's context) are analysed", full, ids.shape[1])
-    layers = _layers(args.layer, model.cfg.n_layers + 2)
+    layers = _layers(args.layer, model.state_names)
     sweep = layer_sweep(model, ids, layers=layers, tokens=tokens, maxdim=args.maxdim, backend=args.backend,
                         max_points=args.max_points, max_edge=args.max_edge, time_budget=args.time_budget)
     mode = exact_mode_loss(model, ids)

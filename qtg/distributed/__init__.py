@@ -27,8 +27,8 @@ Usage::
 import importlib
 from typing import Any
 
-# name -> submodule. Imported on first use: torch.distributed.tensor / fsdp / checkpoint take over a second
-# to import, which a plain `qtg info` or single-process `qtg generate` should not pay.
+# name -> submodule. Imported on first use: torch.distributed.tensor / fsdp / checkpoint are heavy imports,
+# which a plain `qtg info` or single-process `qtg generate` should not pay for.
 _EXPORTS = {
     "world": ("World", "init_world", "close_world", "under_torchrun"),
     "parallelize": ("shard_model", "build_sharded", "make_model", "clip_grad_norm"),

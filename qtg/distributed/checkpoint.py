@@ -24,6 +24,11 @@ Choices:
   0 writes ``state.json`` after every rank's shard is on disk, then
   ``latest``. ``qtg export`` turns one into a single-file checkpoint for
   ``qtg.load``, the app and the notebooks.
+* **Reading lives a layer down**: finding a sharded checkpoint, its state and
+  its weights (:func:`qtg.checkpoint.load_sharded`, :func:`qtg.checkpoint.read_full_model`)
+  needs no process group, so :mod:`qtg.checkpoint` does it and ``qtg.load``
+  reads sharded checkpoints without importing this package. They are
+  re-exported here. This module writes shards and restores optimizer state.
 """
 
 from __future__ import annotations
@@ -31,15 +36,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -48,55 +51,32 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from qtg.builder import model_class
+from qtg.atomic import atomic_safetensors, atomic_text
 from qtg.checkpoint import (
     CONFIG_FILE,
-    LATEST,
+    SHARDS_DIR,
     STATE_FILE,
     TOKENIZER_FILE,
-    _read_json,
-    _read_tokenizer,
+    TRAINER_FILE,
+    dcp_load,
+    is_sharded,
+    load,
+    load_sharded,
     read_config,
-    read_state,
+    read_full_model,
+    read_tokenizer,
+    read_train_state,
+    sharded_checkpoint,
 )
 from qtg.distributed.world import World
 from qtg.errors import CheckpointError, TrainingError
+from qtg.registry import meta_model
 
-SHARDS_DIR = "dcp"
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    """A sharded (DCP) checkpoint directory."""
-    return (Path(path) / SHARDS_DIR).is_dir()
-
-
-def sharded_checkpoint(name_or_dir: str | os.PathLike) -> Path | None:
-    """The sharded checkpoint ``name_or_dir`` names (itself, or a run directory's ``latest``), or None."""
-    path = Path(name_or_dir)
-    if is_sharded(path):
-        return path
-    pointer = path / LATEST
-    if pointer.is_file():
-        target = path / pointer.read_text(encoding="utf-8").strip()
-        if is_sharded(target):
-            return target
-    return None
-
-
-def read_train_state(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The JSON training state of a sharded or single-file checkpoint (``state.json``), or None."""
-    if not is_sharded(path):
-        return read_state(path)
-    file = Path(path) / STATE_FILE
-    return _read_json(file) if file.is_file() else None
-
-
-def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
-    """Read ``state_dict``'s tensors (in place) from the shards in ``path/dcp``, with or without a process group."""
-    with warnings.catch_warnings():  # without a process group DCP warns that it reads in one process: intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state_dict, storage_reader=HuggingFaceStorageReader(str(path / SHARDS_DIR)),
-                 no_dist=not dist.is_initialized())
+# The readers come from qtg.checkpoint; qtg.distributed re-exports them with the writers.
+__all__ = [
+    "is_sharded", "sharded_checkpoint", "read_train_state", "load_sharded", "read_full_model", "save_sharded",
+    "load_sharded_optimizer", "load_full_optimizer", "meta_start", "load_start",
+]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -123,8 +103,6 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
     Raises:
         TrainingError: a weight or moment is not finite on some rank (nothing is written).
     """
-    from qtg.train import TRAINER_FILE, _atomic_safetensors, _atomic_text
-
     msd, osd = get_state_dict(model, optimizer)
     tensors = [*msd.values(), *(v for s in osd["state"].values() for v in s.values() if torch.is_tensor(v))]
     if not world.all_true(all(bool(torch.isfinite(_local(t)).all()) for t in tensors)):
@@ -135,11 +113,11 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
     dcp.save({"model": msd, "optim": osd["state"]},
              storage_writer=HuggingFaceStorageWriter(str(path / SHARDS_DIR), save_distributed=True))
     if world.is_main:  # dcp.save returns once every rank's file is written
-        _atomic_safetensors(rng_tensors, path / TRAINER_FILE)
-        _atomic_text(path / CONFIG_FILE, json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-        if getattr(model, "tokenizer", None) is not None:
-            _atomic_text(path / TOKENIZER_FILE, model.tokenizer.to_str())
-        _atomic_text(path / STATE_FILE, json.dumps({**state, "optimizer": _group_meta(optimizer),
+        atomic_safetensors(rng_tensors, path / TRAINER_FILE)
+        atomic_text(path / CONFIG_FILE, json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        if model.tokenizer is not None:
+            atomic_text(path / TOKENIZER_FILE, model.tokenizer.to_str())
+        atomic_text(path / STATE_FILE, json.dumps({**state, "optimizer": _group_meta(optimizer),
                                                      "sharded": {"ranks": world.size}}, indent=2) + "\n")
     world.barrier()
     return path
@@ -158,18 +136,11 @@ def _groups(live: list[dict], saved: list[dict]) -> list[dict]:
             for s, lg in zip(saved, live)]
 
 
-def load_sharded(model: nn.Module, path: Path) -> None:
-    """Load a sharded checkpoint's weights into a sharded or plain model, in place, at any world size."""
-    msd = model.state_dict()
-    _dcp_load({"model": msd}, path)
-    model.load_state_dict(msd)
-
-
 def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load a sharded checkpoint's AdamW state (moments, steps, hyper-parameters) at any world size."""
     state = read_train_state(path) or {}
     osd = get_optimizer_state_dict(model, optimizer)  # initialises the moments, so DCP has tensors to read into
-    _dcp_load({"optim": osd["state"]}, path)
+    dcp_load({"optim": osd["state"]}, path)
     osd["param_groups"] = _groups(osd["param_groups"], state["optimizer"]["param_groups"])
     set_optimizer_state_dict(model, optimizer, osd)
 
@@ -189,28 +160,11 @@ def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tens
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
-def read_full_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """A sharded checkpoint as a plain CPU model, whole (for export: it must fit in host memory)."""
-    path = Path(path)
-    if not is_sharded(path):
-        raise CheckpointError(f"{path}: not a sharded checkpoint (no {SHARDS_DIR}/ directory)")
-    cfg = read_config(path)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    model = model.to_empty(device="cpu")
-    load_sharded(model, path)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.tokenizer = _read_tokenizer(path, cfg)
-    return model.eval()
-
-
 def meta_start(path: Path) -> nn.Module:
     """The model a sharded checkpoint describes, on ``meta`` with its tokenizer: config now, weights later."""
     cfg = read_config(path)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    model.tokenizer = _read_tokenizer(path, cfg)
+    model = meta_model(cfg)
+    model.tokenizer = read_tokenizer(path, cfg)
     model.checkpoint_dir, model.random_weights = path, False
     return model
 
@@ -221,8 +175,6 @@ def load_start(name_or_dir: str | os.PathLike, world: World) -> nn.Module:
     A single-file checkpoint is read onto the CPU when the run is sharded (its
     weights are then sliced into the shards), onto the run's device otherwise.
     """
-    from qtg.checkpoint import load
-
     sharded = sharded_checkpoint(name_or_dir)
     if sharded is not None:
         return meta_start(sharded)

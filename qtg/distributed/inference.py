@@ -21,8 +21,8 @@ import random
 
 from torch import nn
 
-from qtg.checkpoint import MODEL_FILE, SHIPPED_DIR, load
-from qtg.distributed.checkpoint import load_sharded, meta_start, sharded_checkpoint
+from qtg.checkpoint import MODEL_FILE, SHIPPED_DIR, load, load_sharded, sharded_checkpoint
+from qtg.distributed.checkpoint import meta_start
 from qtg.distributed.parallelize import build_sharded, load_full_weights
 from qtg.distributed.world import World
 from qtg.tiers import TIERS, get_tier

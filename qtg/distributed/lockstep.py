@@ -13,8 +13,9 @@ drives and the other ranks follow:
     else:
         follow(model, world)                            # runs each forward rank 0 asks for, until close
 
-Each call broadcasts the token ids and flags from rank 0 (small), then every
-rank runs the same forward; only rank 0 keeps the output. A lock makes each
+Each call broadcasts the token ids, the flags and the call's intervention
+(``intervene=``, a small frozen value) from rank 0, then every rank runs the
+same forward; only rank 0 keeps the output. A lock makes each
 broadcast-and-forward atomic, so concurrent requests on rank 0 queue up one
 forward at a time. There is no decoding cache: a cache is state on every rank,
 so generation re-runs the sequence at each step (``use_cache=False``). The
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -33,6 +35,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from qtg.distributed.world import World
+from qtg.intervention import Intervention
+from qtg.model import QEmbed
 
 log = logging.getLogger("qtg")
 
@@ -66,14 +70,16 @@ class Lockstep:
         return getattr(self.model, name)
 
     def __call__(self, ids: torch.Tensor, targets: torch.Tensor | None = None, return_internals: bool = False,
-                 cache: Any = None) -> Any:
-        """``model(ids, targets, return_internals)`` on every rank; the output of rank 0's."""
+                 cache: Any = None, *, intervene: Intervention | None = None,
+                 map_blocks: Collection[int] | None = None) -> Any:
+        """``model(ids, targets, return_internals, intervene=, map_blocks=)`` on every rank; rank 0's output."""
         if cache is not None:
             raise ValueError("a lockstep model has no decoding cache: generate with use_cache=False")
         with self._lock:
             if self._closed:
                 raise RuntimeError("the followers were released (close() was called)")
-            message = (_FORWARD, ids.tolist(), None if targets is None else targets.tolist(), bool(return_internals))
+            message = (_FORWARD, ids.tolist(), None if targets is None else targets.tolist(), bool(return_internals),
+                       intervene, None if map_blocks is None else sorted(map_blocks))
             self.world.broadcast(message)
             return _forward(self.model, self.world, *message[1:])
 
@@ -87,7 +93,7 @@ class Lockstep:
 
 def follow(model: nn.Module, world: World) -> int:
     """Run every forward rank 0's :class:`Lockstep` asks for, until it closes. Returns how many ran."""
-    if hasattr(model, "topo"):
+    if model.has_topofilter:
         gather_whole(model.embed)  # in step with rank 0's Lockstep(...)
     done = 0
     while True:
@@ -101,19 +107,18 @@ def follow(model: nn.Module, world: World) -> int:
         done += 1
 
 
-def _forward(model: nn.Module, world: World, ids: list, targets: list | None, return_internals: bool) -> Any:
+def _forward(model: nn.Module, world: World, ids: list, targets: list | None, return_internals: bool,
+             intervene: Intervention | None, map_blocks: list[int] | None) -> Any:
     x = torch.tensor(ids, dtype=torch.long, device=world.device)
     y = None if targets is None else torch.tensor(targets, dtype=torch.long, device=world.device)
     with torch.inference_mode():
-        return model(x, targets=y, return_internals=return_internals)
+        return model(x, targets=y, return_internals=return_internals, intervene=intervene, map_blocks=map_blocks)
 
 
 def _whole_embed(model: nn.Module, world: World) -> nn.Module | None:
     """A whole, unsharded copy of a QTG model's QEmbed on rank 0 (the followers gather in step, in follow)."""
-    if not hasattr(model, "topo"):
+    if not model.has_topofilter:
         return None
-    from qtg.model import QEmbed
-
     embed = QEmbed(model.cfg).to(world.device)
     embed.load_state_dict(gather_whole(model.embed))
     return embed.eval()

@@ -40,10 +40,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from qtg.builder import build, model_class
+from qtg.builder import build
+from qtg.checkpoint import load_sharded
 from qtg.config import QTGConfig
 from qtg.distributed.world import World
 from qtg.errors import ConfigError
+from qtg.registry import meta_model
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -129,8 +131,7 @@ def build_sharded(cfg: QTGConfig, world: World, seed: int = 0, precision: str = 
         precision, activation_checkpointing: see :func:`shard_model`.
         init: False leaves the shards uninitialised (they are about to be loaded).
     """
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
+    model = meta_model(cfg)
     shard_model(model, world, precision, activation_checkpointing)
     model.to_empty(device=world.device)
     if init:
@@ -151,8 +152,6 @@ def make_model(cfg: QTGConfig, world: World, start: nn.Module | None, seed: int,
         start: None (fresh), a loaded model (its weights are used) or a model on
             ``meta`` from :func:`qtg.distributed.load_start` (a sharded checkpoint, read here).
     """
-    from qtg.distributed.checkpoint import load_sharded
-
     on_meta = start is not None and next(start.parameters()).device.type == "meta"
     if not world.sharded and start is not None and not on_meta:
         return start

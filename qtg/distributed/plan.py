@@ -1,6 +1,6 @@
 """Memory per GPU under FSDP2, the fewest GPUs that fit, and the arithmetic when none do.
 
-    p = plan("30b", gpus=8, gpu_mem_gb=80)
+    p = plan("30b", gpus=8, gpu_mem_gib=80)
     p.train["ac"].total, p.min_gpus["ac"], p.impossible
 
 Every number comes from shapes counted on the meta device (:mod:`qtg.memory`):
@@ -30,10 +30,10 @@ of ``seq_len`` tokens per rank:
 Inference (generation, batch 1, full context): bf16 weight shards, the same
 gathered units, the decoding cache and the largest transient.
 
-``fits`` compares the total with ``gpu_mem_gb`` GiB (the binary gigabytes
-``human_bytes`` prints); no allowance is made for the CUDA context, the
-allocator's fragmentation or communication buffers, so treat a margin under a
-few GB as not fitting.
+``fits`` compares the total with ``gpu_mem_gib`` GiB (binary: 2**30 bytes,
+the unit ``human_bytes`` prints); no allowance is made for the CUDA context,
+the allocator's fragmentation or communication buffers, so treat a margin
+under a few GiB as not fitting.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from qtg.config import QTGConfig
-from qtg.memory import _resolve, count_params, human_bytes, human_count, memory_estimate
+from qtg.memory import count_params, human_bytes, human_count, memory_estimate
+from qtg.registry import meta_model
+from qtg.tiers import resolve_config
 
 GiB = 1024**3
 MODES = ("no_ac", "ac")  # without / with activation checkpointing
@@ -73,11 +73,11 @@ class RankMemory:
 
 @dataclass(frozen=True)
 class Plan:
-    """The FSDP2 memory plan of one tier on ``gpus`` GPUs of ``gpu_mem_gb`` GiB."""
+    """The FSDP2 memory plan of one tier on ``gpus`` GPUs of ``gpu_mem_gib`` GiB."""
 
     tier: str
     gpus: int
-    gpu_mem_gb: float
+    gpu_mem_gib: float
     batch: int
     seq_len: int
     params: int  # counted on the meta device
@@ -93,7 +93,7 @@ class Plan:
 
     @property
     def capacity(self) -> int:
-        return int(self.gpu_mem_gb * GiB)
+        return int(self.gpu_mem_gib * GiB)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -106,10 +106,7 @@ class Plan:
 @functools.lru_cache(maxsize=64)
 def unit_shapes(cfg: QTGConfig) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
     """Parameter shapes of the root unit and of one block, from a one-block model on the meta device."""
-    from qtg.builder import model_class
-
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg.replace(n_layers=1))
+    model = meta_model(cfg.replace(n_layers=1))
     block = tuple(tuple(p.shape) for p in model.blocks[0].parameters())
     root = tuple(tuple(p.shape) for n, p in model.named_parameters() if not n.startswith("blocks."))
     return root, block
@@ -165,18 +162,18 @@ def _fewest(need: callable, cap: int, sharded_bytes_per_param: int, params: int,
     return n if n < MAX_GPUS else None
 
 
-def plan(tier: str | QTGConfig, gpus: int = 8, gpu_mem_gb: float = 80.0, batch: int = 1,
+def plan(tier: str | QTGConfig, gpus: int = 8, gpu_mem_gib: float = 80.0, batch: int = 1,
          seq_len: int | None = None) -> Plan:
     """Memory per rank for training (with and without activation checkpointing) and inference under FSDP2.
 
     Args:
         tier: a tier name or config.
         gpus: N, the number of ranks (one GPU each).
-        gpu_mem_gb: memory of one GPU in GiB.
+        gpu_mem_gib: memory of one GPU in GiB.
         batch: sequences per rank and micro-batch.
         seq_len: tokens per sequence (default: the tier's context).
     """
-    cfg = _resolve(tier)
+    cfg = resolve_config(tier)
     seq_len = seq_len or cfg.max_seq_len
     params = count_params(cfg)
     root_shapes, block_shapes = unit_shapes(cfg)
@@ -186,7 +183,7 @@ def plan(tier: str | QTGConfig, gpus: int = 8, gpu_mem_gb: float = 80.0, batch: 
     infer_est = memory_estimate(cfg, "bf16", "inference", batch_size=1, seq_len=seq_len, params=params)
     train = _train_memory(cfg, gpus, root, block, act)
     inference = _inference_memory(cfg, gpus, root, block, infer_est)
-    cap = int(gpu_mem_gb * GiB)
+    cap = int(gpu_mem_gib * GiB)
     fits = {**{m: train[m].total <= cap for m in MODES}, "inference": inference.total <= cap}
     fixed = {m: train[m].total - 16 * shard_params(cfg, gpus) for m in MODES}  # what sharding cannot shrink
     fixed["inference"] = inference.total - inference.weights
@@ -194,7 +191,7 @@ def plan(tier: str | QTGConfig, gpus: int = 8, gpu_mem_gb: float = 80.0, batch: 
                            fixed[m]) for m in MODES}
     min_gpus["inference"] = _fewest(lambda n: _inference_memory(cfg, n, root, block, infer_est).total, cap, 2,
                                     params, fixed["inference"])
-    out = Plan(cfg.name, gpus, gpu_mem_gb, batch, seq_len, params, root, block, cfg.n_layers,
+    out = Plan(cfg.name, gpus, gpu_mem_gib, batch, seq_len, params, root, block, cfg.n_layers,
                shard_params(cfg, gpus), train, inference, fits, min_gpus)
     out.impossible.extend(_why_not(out, cfg, fixed, act))
     return out

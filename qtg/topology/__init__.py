@@ -10,28 +10,30 @@
 
 :mod:`qtg.topology.exact` computes diagrams (engines in
 :mod:`qtg.topology.backends`); :mod:`qtg.topology.compare` measures the
-approximation. Figures live apart, in :mod:`qtg.plots`.
+approximation, with the diagram distances of
+:mod:`qtg.topology.bottleneck_distance` and :mod:`qtg.topology.wasserstein_distance`
+and the elder-rule attribution of :mod:`qtg.topology.elder`. Figures live apart,
+in :mod:`qtg.plots`.
 """
 
 from qtg.errors import TopologyError
+from qtg.topology.bottleneck_distance import bottleneck
 from qtg.topology.compare import (
     ApproxView,
     Comparison,
     ExactModeResult,
     LayerComparison,
     approx_view,
-    bottleneck,
     compare,
-    elder_persistence,
     exact_mode_loss,
-    exact_topofilter,
     layer_sweep,
-    wasserstein_1,
 )
+from qtg.topology.elder import elder_persistence
 from qtg.topology.exact import Bounds, ExactDiagrams, euclidean_distances, exact_diagrams
+from qtg.topology.wasserstein_distance import wasserstein_1
 
 __all__ = [
     "ApproxView", "Bounds", "Comparison", "ExactDiagrams", "ExactModeResult", "LayerComparison", "TopologyError",
     "approx_view", "bottleneck", "compare", "elder_persistence", "euclidean_distances", "exact_diagrams",
-    "exact_mode_loss", "exact_topofilter", "layer_sweep", "wasserstein_1",
+    "exact_mode_loss", "layer_sweep", "wasserstein_1",
 ]

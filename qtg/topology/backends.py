@@ -1,29 +1,48 @@
 """The engines behind :func:`qtg.topology.exact_diagrams`, and the runner that bounds them.
 
-Every engine takes a dense float64 distance matrix with no duplicate points
-and an edge threshold, and returns diagrams in ripser.py's convention: one
-``[n, 2]`` float64 array per dimension, infinite deaths as ``inf``, zero-length
-bars dropped, rows sorted by (death, birth).
+Every engine takes a dense distance matrix (float64 lengths, or their ranks
+for the float32 engines: see *Precision* below) and an edge threshold, and
+returns diagrams in ripser.py's convention: one ``[n, 2]`` float64 array per
+dimension, infinite deaths as ``inf``, zero-length bars dropped, rows sorted
+by (death, birth).
 
 * ``mst``: H0 only. The H0 barcode of a Vietoris-Rips filtration is the
   single-linkage dendrogram: each finite bar dies at one edge of the minimum
   spanning tree (Kruskal's algorithm is the H0 persistence algorithm; see
   Edelsbrunner & Harer, *Computational Topology*, 2010, ch. VII). No complex
   is built. The tree comes from Prim's algorithm on the dense matrix, O(N^2)
-  in numpy: measured here 0.075 s for N = 4096, against 4.4 s for
-  ``scipy.sparse.csgraph.minimum_spanning_tree`` on the same matrix (which
-  first turns the dense matrix into a sparse graph). The tests hold the two
-  equal.
+  in numpy, with no conversion to a sparse graph (scipy's
+  ``minimum_spanning_tree`` would read zero-length edges as missing). The
+  tests hold it equal to scipy's tree of an explicit sparse graph.
 * ``gudhi``: the flag complex built from the thresholded edge matrix
   (``SimplexTree.create_from_array``), reduced by edge collapse (Boissonnat &
   Pritam, 2020: it preserves the persistence of the flag complex in every
-  degree), expanded to dimension ``maxdim + 1`` and reduced over Z/2. Collapse
-  is repeated until the edge count stops falling. Measured here, 512 real
-  nano states: 0.2-0.6 s with collapse against 5-21 s without; on random
-  unit vectors collapse removes little and costs up to 1.5x.
+  degree), expanded to dimension ``maxdim + 1`` and reduced over Z/2, with
+  ``persistence_dim_max=True`` so that the bars that never die in the highest
+  dimension are reported too. Collapse is repeated until the edge count stops
+  falling. Filtration values are the float64 distances themselves.
 * ``ripser``: ripser.py (Bauer, *Ripser*, 2021: implicit coboundaries,
-  clearing, apparent pairs) over Z/2. It stores distances as float32, so its
-  values carry a relative rounding error of about 6e-8.
+  clearing, apparent pairs) over Z/2.
+* ``giotto-ph``: ``gph.ripser_parallel`` (Burella Perez, Hauke, Lupo, Caorsi & Dassatti, 2021: a
+  multithreaded Ripser, lock-free after Morozov & Nigmetov), over Z/2, one thread per
+  core this process may use. Its own edge collapse stays off: in
+  ``benchmarks/bench_topology.py`` it cost far more than it saved, on model
+  states and on random clouds alike.
+
+**Precision.** ripser.py and giotto-ph store filtration values as float32,
+which alone would move every value by up to 2^-24 of itself, merge values
+closer than that, and drop the bars shorter than that. They are therefore
+given the **ranks** of the distinct edge lengths (:func:`rank_edges`), not
+the lengths: a Rips filtration's persistence pairs depend only on the order
+of its edges (the value of a simplex is the largest of its edges, and a
+strictly increasing relabelling commutes with that maximum), and float32
+holds every integer up to 2^24 exactly. Their diagrams, read back through the
+rank table, are then exactly the float64 diagrams, equal number for number to
+gudhi's. Only a filtration with more than 2^24 distinct lengths below the
+threshold (possible from about 5,800 points) is passed as float32 lengths;
+:func:`engine_input` says so, and the error bound, which
+:class:`~qtg.topology.Bounds` reports. ``mst`` and ``gudhi`` are float64
+throughout.
 
 ``run_bounded`` runs an engine in a forked child process that it can kill, so
 a time budget or a cancel event always returns control to the caller: the
@@ -33,16 +52,21 @@ C++ engines cannot be interrupted from a Python thread.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from qtg.errors import TopologyError
 
-ENGINES = ("mst", "gudhi", "ripser")
+ENGINES = ("mst", "gudhi", "ripser", "giotto-ph")
+FLOAT32_ENGINES = ("ripser", "giotto-ph")  # they store filtration values as float32: given ranks (see above)
+EXACT_FLOAT32_INTEGERS = 2**24  # every integer up to this is a float32
+FLOAT32_REL_ERROR = 2.0**-24  # float32 rounding: |fl(x) - x| <= 2^-24 |x|
 _POLL_S = 0.02  # how often the parent checks the budget and the cancel event
 _MAX_COLLAPSE_ROUNDS = 16  # edge collapse converges in a few rounds; this only guards a pathological case
 
@@ -93,6 +117,75 @@ def h0_from_mst(d: np.ndarray, threshold: float) -> np.ndarray:
     return sort_diagram(np.stack([np.zeros_like(deaths), deaths], axis=1))
 
 
+# --- exact values through float32 engines -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineInput:
+    """What a Rips engine is given, and how to read its diagrams back.
+
+    ``matrix`` ``[N, N]`` holds float64 lengths (gudhi), integer ranks as
+    float32 (ripser.py, giotto-ph: exact), or float32 lengths (the same engines
+    beyond 2^24 distinct lengths). ``values[r]`` is the float64 length of rank
+    r, None when the matrix holds lengths. ``value_error`` bounds the distance
+    from every reported value to the exact one (0 when exact).
+    """
+
+    matrix: np.ndarray
+    threshold: float
+    values: np.ndarray | None
+    precision: str  # "float64" or "float32"
+    value_error: float
+
+
+def rank_edges(d: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The order of the edges <= ``threshold``, as float32 integers.
+
+    Args:
+        d: ``[N, N]`` float64 distances, zero diagonal. threshold: the edge cut.
+
+    Returns:
+        ``(ranks [N, N] float32, values [k] float64, rank threshold)``: ``values`` are
+        the distinct lengths <= threshold with 0 first, ``ranks[i, j]`` is the index of
+        ``d[i, j]`` in them (``k`` for longer edges, which the engine then leaves out),
+        and the rank threshold is ``k - 1``. None when ``k`` exceeds 2^24 (float32
+        would round the ranks).
+    """
+    n = d.shape[0]
+    upper = d[np.triu_indices(n, 1)]
+    values = np.unique(np.concatenate([[0.0], upper[upper <= threshold]]))
+    if len(values) > EXACT_FLOAT32_INTEGERS:
+        return None
+    ranks = np.searchsorted(values, d).astype(np.float32)  # exact for every length <= threshold
+    ranks[d > threshold] = len(values)
+    return ranks, values, float(len(values) - 1)
+
+
+def engine_input(engine: str, d: np.ndarray, threshold: float) -> EngineInput:
+    """The matrix and threshold to give ``engine`` (ranks for the float32 engines), with the precision."""
+    if engine not in FLOAT32_ENGINES:
+        return EngineInput(d, threshold, None, "float64", 0.0)
+    ranked = rank_edges(d, threshold)
+    if ranked is None:  # more distinct lengths than float32 integers: the engine's own rounding
+        return EngineInput(d.astype(np.float32), threshold, None, "float32", FLOAT32_REL_ERROR * threshold)
+    ranks, values, rank_threshold = ranked
+    return EngineInput(ranks, rank_threshold, values, "float64", 0.0)
+
+
+def unrank(dgms: list[np.ndarray], values: np.ndarray | None) -> list[np.ndarray]:
+    """Diagrams in ranks back to float64 lengths (infinite deaths stay infinite); sorted."""
+    if values is None:
+        return [sort_diagram(x) for x in dgms]
+    out = []
+    for dgm in dgms:
+        dgm = np.asarray(dgm, dtype=np.float64).reshape(-1, 2)
+        finite = np.isfinite(dgm)
+        read = np.full(dgm.shape, np.inf)
+        read[finite] = values[np.rint(dgm[finite]).astype(np.intp)]
+        out.append(sort_diagram(read))
+    return out
+
+
 # --- Rips engines ------------------------------------------------------------------------
 
 
@@ -109,36 +202,59 @@ def gudhi_diagrams(d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndar
             previous = st.num_simplices()
             st.collapse_edges(1)  # gudhi 3.13: a negative count is silently a no-op, so loop here
     st.expansion(maxdim + 1)
-    st.compute_persistence(homology_coeff_field=2)
+    # persistence_dim_max: without it gudhi leaves out the bars of the top dimension of the complex
+    # that never die (a square's H1 at a cut at its side, the H0 of a single point)
+    st.compute_persistence(homology_coeff_field=2, persistence_dim_max=True)
     return [sort_diagram(st.persistence_intervals_in_dimension(k)) for k in range(maxdim + 1)]
 
 
 def ripser_diagrams(d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndarray]:
-    """H0..H_maxdim with ripser.py on the dense matrix, edges <= threshold."""
+    """H0..H_maxdim with ripser.py on the dense matrix, edges <= threshold (values as given: ranks or float32)."""
     from ripser import ripser
 
     dgms = ripser(d, maxdim=maxdim, thresh=float(threshold), distance_matrix=True, coeff=2)["dgms"]
-    return [sort_diagram(x) for x in dgms]
+    return [np.asarray(x, dtype=np.float64) for x in dgms]
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def giotto_diagrams(d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndarray]:
+    """H0..H_maxdim with giotto-ph on the dense matrix, edges <= threshold, on every core (no edge collapse)."""
+    from gph import ripser_parallel
+
+    dgms = ripser_parallel(d, maxdim=maxdim, thresh=float(threshold), metric="precomputed", coeff=2,
+                           collapse_edges=False, n_threads=cores())["dgms"]
+    return [np.asarray(x, dtype=np.float64) for x in dgms]
 
 
 def engine_diagrams(engine: str, d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndarray]:
-    """Dispatch by name; ``mst`` gives H0 only."""
+    """Dispatch by name; ``mst`` gives H0 only. ``d`` and ``threshold`` as :func:`engine_input` made them."""
     if engine == "mst":
         return [h0_from_mst(d, threshold)]
     if engine == "gudhi":
         return gudhi_diagrams(d, maxdim, threshold)
     if engine == "ripser":
         return ripser_diagrams(d, maxdim, threshold)
+    if engine == "giotto-ph":
+        return giotto_diagrams(d, maxdim, threshold)
     raise TopologyError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
 
 
 def preload(engine: str) -> None:
     """Import an engine's library in this process, so a forked child does not pay for it
-    (ripser.py imports scikit-learn: about 0.3 s, every time, in a fresh child)."""
+    (ripser.py and giotto-ph import scikit-learn: about 0.3 s, every time, in a fresh child)."""
     if engine == "gudhi":
         import gudhi  # noqa: F401
     elif engine == "ripser":
         import ripser  # noqa: F401
+    elif engine == "giotto-ph":
+        import gph  # noqa: F401
 
 
 # --- bounded, cancellable execution ---------------------------------------------------

@@ -1,6 +1,6 @@
 """The TopoFilter's approximate view of a sequence, measured against exact H0.
 
-For token i the TopoFilter (spec section 2) computes, looking backwards only,
+For token i the TopoFilter (docs/model.md, section 2) computes, looking backwards only,
 
     s_i  = min_{j<i} delta_ij                       exact causal score (s_1 = 0)
     s~_i = -T log sum_{j<i} exp(-delta_ij / T)       soft-min, so s_i - T log(i-1) <= s~_i <= s_i
@@ -8,16 +8,9 @@ For token i the TopoFilter (spec section 2) computes, looking backwards only,
 
 and reads s~_i as the death of token i's H0 bar: the implied diagram is
 {(0, s~_i)}. The exact reference is the H0 diagram of the same cloud. To set
-bars beside tokens, each exact bar is attributed to a token by the **elder
-rule** (Edelsbrunner & Harer, *Computational Topology*, 2010, VII.1): run
-Kruskal's algorithm on the minimum-spanning-tree edges; when two components
-merge, the younger one dies, and a component's age is the index of its
-earliest token, so the later-index component dies. Token i's elder
-persistence p_i is then the smallest r at which i is connected to an earlier
-token through edges <= r, so p_i <= s_i (a direct edge is one such path):
-the causal score is an upper bound on the exact persistence, with equality
-when i's nearest earlier token is also its way into the past. Token 1's
-component never dies (the infinite bar). Ties in edge lengths do not change p.
+bars beside tokens, each exact bar is attributed to a token by the elder rule
+(:mod:`qtg.topology.elder`): token i's elder persistence p_i satisfies
+p_i <= s_i, so the causal score is an upper bound on the exact persistence.
 
 Which cloud a layer means (``approx_view(internals, layer=k)``):
 
@@ -32,30 +25,31 @@ Which cloud a layer means (``approx_view(internals, layer=k)``):
   vectors and spread out with depth, so at theta = 0.1 nearly every token of
   a deep layer "would be filtered": that is the formula's verdict, not a bug.
 
-Diagram distances use the L-infinity ground metric (a point's distance to
-the diagonal is half its persistence), on the finite parts; the essential
-parts (one infinite H0 bar each, token 1) are matched separately. Bottleneck:
-``gudhi.bottleneck_distance`` with its default e, exact up to the last bits
-of a double. 1-Wasserstein: an optimal assignment with diagonal copies
-(``scipy.optimize.linear_sum_assignment``), exact.
+Diagram distances: :mod:`qtg.topology.bottleneck_distance` and
+:mod:`qtg.topology.wasserstein_distance` (L-infinity ground metric, finite
+parts, the essential parts matched separately).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
+from qtg.config import QTGConfig
 from qtg.errors import TopologyError
-from qtg.topology import backends
+from qtg.intervention import Intervention
+from qtg.model import TopoFilter
+from qtg.topology.bottleneck_distance import bottleneck
+from qtg.topology.elder import elder_persistence
 from qtg.topology.exact import ExactDiagrams, euclidean_distances, exact_diagrams
+from qtg.topology.wasserstein_distance import wasserstein_1
 
 LAYER_NAMES = {0: "QEmbed", 1: "TopoFilter"}
 
@@ -114,23 +108,22 @@ class ApproxView:
 def filter_scores(topo: Any, points: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """s~, s, w for one sequence ``[N, D]`` by a TopoFilter's own formulas (float64 numpy)."""
     with torch.no_grad():
-        soft, hard = topo.scores(points.unsqueeze(0), exact=True)
-        w = topo.weights(soft)
-    return tuple(t[0].double().cpu().numpy() for t in (soft, hard, w))
+        scores = topo(points.unsqueeze(0), want_exact=True)
+    return tuple(t[0].double().cpu().numpy() for t in (scores.soft, scores.exact, scores.weights))
 
 
 def _require_topo(model: Any) -> None:
-    if not hasattr(model, "topo"):
-        raise TopologyError(f"{type(model).__name__} has no TopoFilter (a baseline model?): load a QTG model")
+    if not model.has_topofilter:
+        raise TopologyError(f"the {model.arch} model {model.cfg.name!r} has no TopoFilter: load a QTG model")
 
 
-def _settings(model: Any) -> tuple[Any, str]:
+def _settings(model: Any) -> tuple[TopoFilter, str]:
+    """The TopoFilter whose T, theta, tau score a cloud: ``model`` itself when it is one, else the model's."""
+    if isinstance(model, TopoFilter):
+        return model, "the given TopoFilter"
     if model is not None:
-        topo = model.topo if hasattr(model, "topo") else model
-        return topo, "the model's TopoFilter"
-    from qtg.config import QTGConfig
-    from qtg.model import TopoFilter
-
+        _require_topo(model)
+        return model.topo, "the model's TopoFilter"
     return TopoFilter(QTGConfig()), "QTGConfig defaults (pass model= for the model's own T, theta, tau)"
 
 
@@ -174,82 +167,7 @@ def approx_view(internals: Any, layer: int = 1, batch: int = 0, model: Any = Non
                       tokens=list(tokens) if tokens is not None else None)
 
 
-# --- elder rule and diagram distances --------------------------------------------------------
-
-
-def elder_persistence(distances: np.ndarray) -> np.ndarray:
-    """Per point, the length of the H0 bar the elder rule attributes to it (point 0: inf).
-
-    Kruskal on the minimum spanning tree; a component is as old as its earliest
-    index, and at each merge the younger dies. Duplicates die at 0.
-
-    Args:
-        distances: ``[N, N]`` distance matrix.
-
-    Returns:
-        ``[N]`` float64; the finite values, zeros dropped, are the exact H0 deaths.
-    """
-    n = distances.shape[0]
-    us, vs, ws = backends.mst_edges(distances)
-    parent = np.arange(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]  # path halving
-            i = parent[i]
-        return i
-
-    p = np.full(n, np.inf)
-    for k in np.argsort(ws, kind="stable"):
-        a, b = root(int(us[k])), root(int(vs[k]))
-        elder, younger = min(a, b), max(a, b)  # roots are each component's earliest index
-        p[younger] = ws[k]
-        parent[younger] = elder
-    return p
-
-
-def _split(dgm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(finite points, births of the infinite ones)."""
-    dgm = np.asarray(dgm, dtype=np.float64).reshape(-1, 2)
-    inf = np.isinf(dgm[:, 1])
-    return dgm[~inf], np.sort(dgm[inf, 0])
-
-
-def _essential(a: np.ndarray, b: np.ndarray, agg: str) -> float:
-    if len(a) != len(b):
-        return math.inf
-    gaps = np.abs(a - b)  # sorted order is optimal for matching points on a line
-    return float(gaps.max() if agg == "max" and len(gaps) else gaps.sum())
-
-
-def bottleneck(a: np.ndarray, b: np.ndarray) -> float:
-    """Bottleneck distance (L-inf ground metric): gudhi on the finite parts, 1-D matching on the essential ones."""
-    import gudhi
-
-    fa, ea = _split(a)
-    fb, eb = _split(b)
-    return max(float(gudhi.bottleneck_distance(fa, fb)), _essential(ea, eb, "max"))
-
-
-def wasserstein_1(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact 1-Wasserstein distance (L-inf ground metric) by optimal assignment.
-
-    The n + m square problem: point-to-point costs, each point's own diagonal
-    copy at half its persistence, diagonal-to-diagonal free (Kerber, Morozov &
-    Nigmetov, 2017, section 2). O((n + m)^3) time, (n + m)^2 memory.
-    """
-    fa, ea = _split(a)
-    fb, eb = _split(b)
-    n, m = len(fa), len(fb)
-    if n + m == 0:
-        return _essential(ea, eb, "sum")
-    cost = np.full((n + m, n + m), np.inf)
-    cost[:n, :m] = np.maximum(np.abs(fa[:, None, 0] - fb[None, :, 0]), np.abs(fa[:, None, 1] - fb[None, :, 1]))
-    cost[n:, m:] = 0.0
-    cost[np.arange(n), m + np.arange(n)] = (fa[:, 1] - fa[:, 0]) / 2
-    cost[n + np.arange(m), np.arange(m)] = (fb[:, 1] - fb[:, 0]) / 2
-    rows, cols = linear_sum_assignment(cost)
-    return float(cost[rows, cols].sum()) + _essential(ea, eb, "sum")
+# --- rank agreement ----------------------------------------------------------------------------
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -394,17 +312,19 @@ class LayerComparison:
 
 
 def layer_sweep(model: Any, ids: torch.Tensor, batch: int = 0, layers: Sequence[int] | None = None,
-                tokens: Sequence[str] | None = None, **exact_kwargs: Any) -> list[LayerComparison]:
+                tokens: Sequence[str] | None = None, intervene: Intervention | None = None,
+                **exact_kwargs: Any) -> list[LayerComparison]:
     """Exact diagrams, filter view and comparison for each layer (default: all) of one sequence.
 
     Args:
         model: a QTG model. ids: ``[B, N]`` token ids. batch: which sequence.
         layers: indices into ``states`` (default every one). tokens: token strings.
+        intervene: run the forward pass under this intervention (the states change with it).
         exact_kwargs: passed to :func:`~qtg.topology.exact_diagrams` (maxdim, backend, max_edge, ...).
     """
     _require_topo(model)
     with torch.no_grad():
-        out = model(ids, return_internals=True)
+        out = model(ids, return_internals=True, map_blocks=(), intervene=intervene)
     layers = range(len(out.states)) if layers is None else layers
     results, cache = [], {}
     for k in layers:
@@ -417,22 +337,6 @@ def layer_sweep(model: Any, ids: torch.Tensor, batch: int = 0, layers: Sequence[
 
 
 # --- exact mode -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def exact_topofilter(model: Any) -> Iterator[Any]:
-    """Within the block, ``model``'s TopoFilter uses the exact causal s_i in place of s~_i.
-
-    The soft score is replaced by the hard minimum (no gradient flows through
-    it); the model is restored on exit, also after an error.
-    """
-    topo = model.topo
-    before = topo.exact_mode
-    topo.exact_mode = True
-    try:
-        yield model
-    finally:
-        topo.exact_mode = before
 
 
 @dataclass
@@ -461,21 +365,26 @@ class ExactModeResult:
                 "perplexity_ratio": self.perplexity_exact / self.perplexity_approx}
 
 
-def exact_mode_loss(model: Any, ids: torch.Tensor) -> ExactModeResult:
+def exact_mode_loss(model: Any, ids: torch.Tensor, intervene: Intervention | None = None) -> ExactModeResult:
     """Cross-entropy and perplexity of ``model`` predicting ``ids[:, 1:]`` (``ids`` ``[B, N]``),
-    with the approximate and with the exact TopoFilter."""
+    with the approximate and with the exact TopoFilter (``Intervention(topo="exact")``).
+
+    Args:
+        intervene: the rest of the call's intervention (theta, gamma, ...), applied to both runs;
+            its ``topo`` is set to "approx" and to "exact" in turn.
+    """
     _require_topo(model)
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise TopologyError(f"exact mode needs ids [B, N] with N >= 2, got shape {tuple(ids.shape)}")
+    base = intervene or Intervention()
     inputs, targets = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        psi = model.embed(inputs)
-        soft, hard = model.topo.scores(psi, exact=True)
-        w_soft, w_hard = model.topo.weights(soft), model.topo.weights(hard)
-        approx = model(inputs, targets=targets)
-        with exact_topofilter(model):
-            exact = model(inputs, targets=targets)
+        approx = model(inputs, targets=targets, return_internals=True, map_blocks=(),
+                       intervene=dataclasses.replace(base, topo="approx"))
+        exact = model(inputs, targets=targets, return_internals=True, map_blocks=(),
+                      intervene=dataclasses.replace(base, topo="exact"))
     ce_a, ce_e = float(approx.loss_terms["ce"]), float(exact.loss_terms["ce"])
+    w_soft, w_hard = approx.topo_weights, exact.topo_weights
     return ExactModeResult(
         tokens=int(targets.numel()), ce_approx=ce_a, ce_exact=ce_e,
         perplexity_approx=math.exp(ce_a), perplexity_exact=math.exp(ce_e),

@@ -1,0 +1,223 @@
+"""Interventions: per-call edits of a forward pass, never of the module.
+
+    out = model(ids, intervene=qtg.Intervention(topo="exact"))
+    out = model(ids, intervene=qtg.Intervention(ablate_heads={0: [2]}, positions="none"))
+
+An :class:`Intervention` is a frozen value passed with each call, the way
+gpt-fast passes ``input_pos``: the weights are read, never written, so one
+model serves any number of concurrent interventions with no copy and no lock.
+The default ``Intervention()`` changes nothing (bitwise the plain output).
+
+What each field does (``docs/model.md`` §6 has the formulas):
+
+* ``topo`` - the TopoFilter's weight w_i = exp(-max(s_i' - theta, 0) / tau):
+  ``"approx"`` (the model's own, s_i' = s~_i the soft-min), ``"exact"``
+  (s_i' = s_i = min_{j<i} delta_ij, the exact causal H0 death), or ``"off"``
+  (w_i = 1 for every token).
+* ``theta``, ``tau``, ``temperature`` - replace the TopoFilter's threshold,
+  scale and soft-min temperature T.
+* ``gamma`` - replaces GeoAttention's per-head gamma: one float for every
+  head of every block, or ``{block: tensor [H]}`` for some blocks;
+  ``gamma_scale`` then multiplies whatever gamma is in force.
+* ``ablate_heads`` - ``{block: [heads]}`` (both 0-based): those heads
+  contribute nothing to their block's output (their slice of the attention
+  output is zero before the output projection).
+* ``positions`` - ``"none"`` removes the ALiBi term from every block's scores.
+
+The baseline decoder (:mod:`qtg.baseline`) takes head ablation and refuses
+every other field by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qtg.errors import QTGError
+
+TOPO_MODES = ("approx", "exact", "off")
+POSITION_MODES = ("model", "none")
+
+
+class InterventionError(QTGError, ValueError):
+    """An intervention that does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A per-call edit of the forward pass; the default changes nothing."""
+
+    topo: str = "approx"
+    theta: float | None = None
+    tau: float | None = None
+    temperature: float | None = None
+    gamma: float | Mapping[int, Tensor] | None = None
+    gamma_scale: float = 1.0
+    ablate_heads: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    positions: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.topo not in TOPO_MODES:
+            raise InterventionError(f"topo must be one of {TOPO_MODES}, got {self.topo!r}")
+        if self.positions not in POSITION_MODES:
+            raise InterventionError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        for name in ("theta", "tau", "temperature"):
+            value = getattr(self, name)
+            if value is not None and not _finite_number(value):
+                raise InterventionError(f"{name} must be a finite number, got {value!r}")
+        for name in ("tau", "temperature"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InterventionError(f"{name} must be > 0, got {value!r}")
+        if not _finite_number(self.gamma_scale) or self.gamma_scale < 0:
+            raise InterventionError(f"gamma_scale must be a finite number >= 0, got {self.gamma_scale!r}")
+        if isinstance(self.gamma, (int, float)) and (not _finite_number(self.gamma) or self.gamma < 0):
+            raise InterventionError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
+        if not isinstance(self.ablate_heads, Mapping):
+            raise InterventionError(f"ablate_heads must be a mapping {{block: [heads]}}, got {self.ablate_heads!r}")
+
+    # --- what the model asks -----------------------------------------------------
+    @property
+    def is_default(self) -> bool:
+        """True when this intervention changes nothing."""
+        return self == Intervention()
+
+    def changed(self) -> list[str]:
+        """Names of the fields that differ from the default."""
+        default = Intervention()
+        return [f.name for f in fields(self) if getattr(self, f.name) is not getattr(default, f.name)
+                and getattr(self, f.name) != getattr(default, f.name)]
+
+    def topo_values(self, theta: float, tau: float, temperature: float) -> tuple[float, float, float]:
+        """The TopoFilter's (theta, tau, T), with this intervention's overrides."""
+        return (theta if self.theta is None else float(self.theta), tau if self.tau is None else float(self.tau),
+                temperature if self.temperature is None else float(self.temperature))
+
+    def gamma_for(self, block: int, gamma: Tensor) -> Tensor:
+        """Block ``block``'s gamma ``[H]`` after replacement and scaling (a new tensor, same dtype/device)."""
+        if isinstance(self.gamma, Mapping):
+            if block in self.gamma:
+                gamma = torch.as_tensor(self.gamma[block], dtype=gamma.dtype, device=gamma.device)
+        elif self.gamma is not None:
+            gamma = torch.full_like(gamma, float(self.gamma))
+        return gamma * self.gamma_scale if self.gamma_scale != 1.0 else gamma
+
+    def head_mask(self, block: int, n_heads: int, device: torch.device | None = None) -> Tensor | None:
+        """``[H]`` of 1.0 (kept) and 0.0 (ablated) for ``block``, or None when no head is ablated there."""
+        heads = self.ablate_heads.get(block)
+        if not heads:
+            return None
+        mask = torch.ones(n_heads, device=device)
+        mask[list(heads)] = 0.0
+        return mask
+
+    # --- checking against a model -----------------------------------------------
+    def check(self, model: Any) -> None:
+        """Refuse, by field, what does not fit ``model`` (block and head ranges, gamma shapes, the baseline).
+
+        Raises:
+            InterventionError: one line naming the field.
+        """
+        cfg = model.cfg
+        if not getattr(model, "has_topofilter", False):
+            unsupported = [name for name in self.changed() if name != "ablate_heads"]
+            if unsupported:
+                raise InterventionError(
+                    f"the {cfg.arch} model ({cfg.name}) has no TopoFilter and no GeoAttention: it takes only "
+                    f"ablate_heads, not {', '.join(unsupported)}")
+        for block, heads in self.ablate_heads.items():
+            _check_block(block, cfg.n_layers, "ablate_heads")
+            bad = [h for h in heads if not (isinstance(h, int) and 0 <= h < cfg.n_heads)]
+            if bad:
+                raise InterventionError(f"ablate_heads[{block}]: head(s) {bad} out of range 0..{cfg.n_heads - 1}")
+        if isinstance(self.gamma, Mapping):
+            for block, value in self.gamma.items():
+                _check_block(block, cfg.n_layers, "gamma")
+                t = torch.as_tensor(value)
+                if t.shape != (cfg.n_heads,) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                    raise InterventionError(f"gamma[{block}] must be {cfg.n_heads} finite values >= 0 (one per "
+                                            f"head), got shape {tuple(t.shape)}")
+
+    # --- text form, for the command line -----------------------------------------
+    @classmethod
+    def parse(cls, spec: str) -> Intervention:
+        """``"topo=exact"``, ``"gamma=1"``, ``"gamma_scale=0.5"``, ``"positions=none"``,
+        ``"ablate=0:1,2;3:0"`` (block:heads), ``"theta=0.2,tau=0.5"`` -> an Intervention."""
+        kwargs: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in _split_top(spec))):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not value:
+                raise InterventionError(f"intervention {spec!r}: expected key=value, got {part!r}")
+            if key in ("topo", "positions"):
+                kwargs[key] = value
+            elif key in ("theta", "tau", "temperature", "gamma", "gamma_scale"):
+                kwargs[key] = _number(key, value)
+            elif key in ("ablate", "ablate_heads"):
+                kwargs["ablate_heads"] = _parse_heads(value)
+            else:
+                raise InterventionError(f"intervention {spec!r}: unknown key {key!r}; keys: topo, theta, tau, "
+                                        "temperature, gamma, gamma_scale, ablate, positions")
+        return cls(**kwargs)
+
+    @property
+    def name(self) -> str:
+        """A short readable label, e.g. ``topo=exact gamma=1``; ``plain`` for the default."""
+        parts = []
+        for key in self.changed():
+            value = getattr(self, key)
+            if key == "ablate_heads":
+                value = ";".join(f"{b}:{','.join(map(str, hs))}" for b, hs in sorted(value.items()))
+                key = "ablate"
+            elif isinstance(value, Mapping):
+                value = "{" + ",".join(str(b) for b in sorted(value)) + "}"
+            parts.append(f"{key}={value}")
+        return " ".join(parts) or "plain"
+
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_block(block: Any, n_layers: int, what: str) -> None:
+    if not (isinstance(block, int) and 0 <= block < n_layers):
+        raise InterventionError(f"{what}: block {block!r} out of range 0..{n_layers - 1}")
+
+
+def _number(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InterventionError(f"intervention {key}={value!r}: not a number") from None
+
+
+def _split_top(spec: str) -> list[str]:
+    """Split at commas that start a new key (``ablate=0:1,2`` keeps its head list)."""
+    parts: list[str] = []
+    for piece in spec.split(","):
+        if parts and "=" not in piece:
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece)
+    return parts
+
+
+def _parse_heads(value: str) -> dict[int, list[int]]:
+    """``"0:1,2;3:0"`` -> ``{0: [1, 2], 3: [0]}``."""
+    out: dict[int, list[int]] = {}
+    try:
+        for group in filter(None, value.split(";")):
+            block, _, heads = group.partition(":")
+            out[int(block)] = [int(h) for h in heads.split(",") if h.strip()]
+    except ValueError:
+        raise InterventionError(f"ablate={value!r}: expected block:head,head;block:head (0-based integers)") from None
+    return out
+
+
+NO_INTERVENTION = Intervention()  # the default every forward uses
