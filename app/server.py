@@ -71,15 +71,28 @@ class Guard:
             origin = headers.get("origin")
             if origin is not None and urlsplit(origin).netloc != headers.get("host", ""):
                 log.warning("refused %s %s: foreign origin %s", method, path, origin[:100])
+                await _drain(receive)
                 await _plain(send, 403, "cross-origin request refused")
                 return
             if path.rstrip("/").endswith("/upload"):
                 log.warning("refused %s %s: this app accepts no uploads", method, path)
+                await _drain(receive)
                 await _plain(send, 413, "this app accepts no uploads")
                 return
         if any(r in path for r in FILE_ROUTES):
             send = _as_download(send)
         await self.app(scope, receive, send)
+
+
+async def _drain(receive: Any, limit: int = 64 * 2**20) -> None:
+    """Read and drop a refused request's body (up to ``limit`` bytes), so the client reads the refusal rather
+    than a reset connection; nothing is kept."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 async def _plain(send: Any, status: int, text: str) -> None:

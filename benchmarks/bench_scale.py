@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import qtg
+from qtg.generate import generate
 from qtg.memory import available_memory, human_bytes, memory_estimate
 
 # dense bf16 tensor-core FLOP/s and HBM bytes/s, from the vendors' datasheets (SXM parts)
@@ -110,12 +111,12 @@ def bench_generate(cfg, device, prompt_len: int, new_tokens: int, peak_bw: float
     model = qtg.build(cfg, device=device, dtype=dtype, seed=0).eval()
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
-    model.generate(ids, 4, temperature=0)  # warm-up: kernels, allocator
+    generate(model, ids, 4, temperature=0)  # warm-up: kernels, allocator
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    model.generate(ids, new_tokens, temperature=0)
+    generate(model, ids, new_tokens, temperature=0)
     sync(device)
     tps = new_tokens / (time.perf_counter() - t0)
     bytes_per_param = 2 if dtype == "bf16" else 4

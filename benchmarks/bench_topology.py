@@ -1,7 +1,7 @@
-"""Exact persistence cost: gudhi vs ripser.py vs the default (auto) backend.
+"""Exact persistence cost: gudhi vs ripser.py vs giotto-ph vs the default (auto) backend.
 
     python benchmarks/bench_topology.py                          # N = 128 ... 8192, random + nano states
-    python benchmarks/bench_topology.py --sizes 128 256 --budget 30
+    python benchmarks/bench_topology.py --sizes 256 512 1024 --maxdims 1 --budget 30
     python benchmarks/bench_topology.py --model runs/nano --layers 0 5 --out results.json
 
 Each case (cloud, dimensions, N, backend) runs in a fresh process with the
@@ -13,10 +13,17 @@ VmHWM, reset before the case). A case that exceeds ``--budget`` seconds is
 killed and larger N of the same kind are skipped. "interactive" means the
 default backend took under 2 s.
 
-Clouds: random unit vectors in the nano state width (192), and real model
-states of the held-out works (the split of configs/nano.yaml: val_fraction
-0.1, seed 0) at ``--layers``: 0 is QEmbed, the TopoFilter's cloud, where
-repeated tokens are duplicates; -1 is the final block. One context holds
+Backends: the four of ``exact_diagrams`` (every one gives the same float64
+numbers; see ``qtg.topology.backends``), and ``auto-ripser``, the default
+backend with ripser.py as its H1+ engine (``auto`` before giotto-ph was
+measured faster): the baseline that ``auto``'s choice of engine
+(``qtg.topology.exact.AUTO_RIPS_ENGINE``) must beat. Ratios are to ``auto``.
+
+Clouds: uniform random points in the unit cube of ``--random-widths``
+dimensions (192 is the nano state width), and real model states of the test works (held out from every
+choice: the split of configs/nano.yaml, val_fraction 0.1, test_fraction 0.1,
+seed 0) at ``--layers``: 0 is QEmbed, the TopoFilter's cloud, where repeated
+tokens are duplicates; -1 is the final block. One context holds
 ``max_seq_len`` tokens; larger N join the states of consecutive windows.
 """
 
@@ -34,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("gudhi", "ripser", "auto")
+BACKENDS = ("gudhi", "ripser", "giotto-ph", "auto-ripser", "auto")
 INTERACTIVE_S = 2.0
 
 
@@ -63,14 +70,17 @@ def peak_mb() -> float:
 
 def worker(path: str, n: int, backend: str, maxdim: int) -> None:
     """One case, in this process, engines imported beforehand (as in a long-lived app); prints a JSON line."""
+    import gph  # noqa: F401
     import gudhi  # noqa: F401
     import ripser  # noqa: F401
 
-    from qtg.topology import exact_diagrams
+    from qtg.topology import exact, exact_diagrams
 
+    if backend == "auto-ripser":  # the baseline: auto with ripser.py for H1+
+        exact.AUTO_RIPS_ENGINE, backend = "ripser", "auto"
     x = np.load(path)[:n]
     base = reset_peak()
-    res = exact_diagrams(x, maxdim=maxdim, backend=backend, max_points=n, time_budget=None)
+    res = exact_diagrams(x, maxdim=maxdim, backend=backend, max_points=n, time_budget=None, metric_input="points")
     print(json.dumps({"seconds": res.seconds, "peak_mb": peak_mb() - base, "bars": [len(d) for d in res.dgms],
                       "distinct": res.bounds.points_distinct, "engines": res.backend}))
 
@@ -89,12 +99,13 @@ def run_case(path: str, n: int, backend: str, maxdim: int, budget: float) -> dic
 
 
 def random_cloud(n: int, width: int, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, width))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    """Uniform random points in the unit cube (random unit vectors are far harder: their distances
+    concentrate near sqrt 2, so H1 grows far faster with N)."""
+    return np.random.default_rng(seed).random((n, width))
 
 
-def model_clouds(name: str, layers: list[int], n: int) -> tuple[dict[str, np.ndarray], int]:
-    """States of consecutive windows of a held-out play, per layer: {label: [n, 2d]}."""
+def model_clouds(name: str, layers: list[int], n: int) -> dict[str, np.ndarray]:
+    """States of consecutive windows of the test works, per layer: {label: [n, 2d]}."""
     import torch
 
     import qtg
@@ -102,15 +113,15 @@ def model_clouds(name: str, layers: list[int], n: int) -> tuple[dict[str, np.nda
     from qtg.tokenizer import encode
 
     model = qtg.load(name).eval()
-    _, held_out = split_documents(load_documents(default_corpus_path()), val_fraction=0.1, seed=0)
-    text = "\n".join(d.text for d in held_out)
+    test = split_documents(load_documents(default_corpus_path()), val_fraction=0.1, test_fraction=0.1, seed=0).test
+    text = "\n".join(d.text for d in test)
     ctx = model.cfg.max_seq_len
     ids = encode(model.tokenizer, text)[: -(-n // ctx) * ctx]
     with torch.no_grad():
         out = model(torch.tensor(ids).view(-1, ctx), return_internals=True)
     layers = [k if k >= 0 else len(out.states) + k for k in layers]
-    return ({f"{model.cfg.name} L{k}": out.states[k].reshape(-1, out.states[k].shape[-1]).double().numpy()[:n]
-             for k in layers}, model.cfg.width)
+    return {f"{model.cfg.name} L{k}": out.states[k].reshape(-1, out.states[k].shape[-1]).double().numpy()[:n]
+            for k in layers}
 
 
 def fmt(case: dict | None) -> str:
@@ -124,21 +135,24 @@ def fmt(case: dict | None) -> str:
 
 
 def print_table(rows: list[dict], budget: float) -> None:
-    print(f"\n| cloud | dims | N | distinct | gudhi s | ripser s | auto s | gudhi/auto | ripser/auto | "
-          f"peak MB g/r/a | interactive (auto < {INTERACTIVE_S:g} s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = [b for b in BACKENDS if b != "auto"]
+    print(f"\n| cloud | dims | N | distinct | {' | '.join(f'{b} s' for b in BACKENDS)} | "
+          f"{' | '.join(f'{b}/auto' for b in names)} | peak MB {'/'.join(BACKENDS)} | "
+          f"interactive (auto < {INTERACTIVE_S:g} s) |")
+    print("|" + "---|" * (5 + len(BACKENDS) + len(names)) + "---|")
     for row in rows:
         c = row["cases"]
         auto = c.get("auto") or {}
-        ok = {b: c.get(b) and "seconds" in c[b] for b in BACKENDS}
-        ratio = {b: f"{c[b]['seconds'] / auto['seconds']:.1f}x" if ok[b] and ok["auto"] else "—" for b in BACKENDS}
+        ok = {b: bool(c.get(b)) and "seconds" in c[b] for b in BACKENDS}
+        ratio = {b: f"{c[b]['seconds'] / auto['seconds']:.2f}x" if ok[b] and ok["auto"] else "—" for b in names}
         mem = "/".join(f"{c[b]['peak_mb']:.0f}" if ok[b] else "—" for b in BACKENDS)
         distinct = next((c[b]["distinct"] for b in BACKENDS if ok[b]), "—")
         inter = ("yes" if auto["seconds"] < INTERACTIVE_S else "no") if ok["auto"] else "no"
-        print(f"| {row['cloud']} | H0{'+H1' if row['maxdim'] else ''} | {row['n']} | {distinct} | "
-              f"{fmt(c.get('gudhi'))} | {fmt(c.get('ripser'))} | {fmt(c.get('auto'))} | {ratio['gudhi']} | "
-              f"{ratio['ripser']} | {mem} | {inter} |")
-    print(f"\n'> budget': killed after {budget:g} s; larger N of that kind skipped.")
+        print(f"| {row['cloud']} | H0{''.join(f'+H{k}' for k in range(1, row['maxdim'] + 1))} | {row['n']} | "
+              f"{distinct} | {' | '.join(fmt(c.get(b)) for b in BACKENDS)} | {' | '.join(ratio[b] for b in names)} | "
+              f"{mem} | {inter} |")
+    print(f"\n'> budget': killed after {budget:g} s; larger N of that kind skipped. Ratios: a backend's time over "
+          "auto's, in this run (above 1: auto is faster).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="seconds per case (default 60)")
     p.add_argument("--model", default="nano", help="qtg.load name for real states, or 'none' (default nano)")
     p.add_argument("--layers", type=int, nargs="+", default=[0, -1], help="state indices (default 0 and last)")
+    p.add_argument("--random-widths", type=int, nargs="+", default=[64, 192],
+                   help="dimensions of the uniform random clouds (default 64 and 192, the nano state width)")
     p.add_argument("--maxdims", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="benchmarks/results/topology_cpu.json")
     p.add_argument("--worker", nargs=4, metavar=("NPY", "N", "BACKEND", "MAXDIM"), help=argparse.SUPPRESS)
@@ -156,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     n_max = max(args.sizes)
-    clouds, width = ({}, 192) if args.model == "none" else model_clouds(args.model, args.layers, n_max)
-    clouds = {f"random unit {width}-D": random_cloud(n_max, width), **clouds}
+    clouds = {f"uniform {w}-D": random_cloud(n_max, w) for w in args.random_widths}
+    if args.model != "none":
+        clouds.update(model_clouds(args.model, args.layers, n_max))
     print(f"exact_diagrams on {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at start), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, budget {args.budget:g} s per case")
     rows = []
@@ -174,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                         if cases[b] is not None and "seconds" not in cases[b]:
                             stopped.add(b)
                     rows.append({"cloud": label, "maxdim": maxdim, "n": n, "cases": cases})
-                    print(f"  {label} H0{'+H1' if maxdim else ''} N={n}: "
+                    print(f"  {label} H0..H{maxdim} N={n}: "
                           + ", ".join(f"{b} {fmt(c)}" for b, c in cases.items()), flush=True)
     print_table(rows, args.budget)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"budget_s": args.budget, "cpu_count": os.cpu_count(),
+                                          "load_average_end": os.getloadavg()[0], "backends": list(BACKENDS),
                                           "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"results: {args.out}")
     return 0

@@ -3,8 +3,15 @@
 set -euo pipefail
 Q=.venv/bin/qtg
 held=$(mktemp -d)
-for w in alls_well_that_ends_well henry_vi_part_3 tragedy_of_titus_andronicus two_gentlemen_of_verona; do
-  cp assets/corpus/$w.txt.gz "$held/"   # the held-out works of configs/nano.yaml's split
+# The test works of configs/nano.yaml's split: never trained on, never used to choose a checkpoint.
+for w in $(.venv/bin/python -c "
+from qtg.data import default_corpus_path, load_documents, split_documents
+from qtg.train_config import load_config
+d = load_config('configs/nano.yaml').data
+works = split_documents(load_documents(default_corpus_path()), val_fraction=d.val_fraction,
+                        test_fraction=d.test_fraction, seed=d.split_seed)
+print(' '.join(w.name for w in works.test))"); do
+  cp assets/corpus/$w.txt.gz "$held/"
 done
 for m in nano nano-baseline; do
   $Q eval --checkpoint assets/checkpoints/$m --data "$held" --json --device cpu

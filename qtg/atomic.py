@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +36,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         fsync_file(path)
 
 
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file with a random name; unlike ``tempfile.mkstemp`` (0600), its mode follows the umask
+    (0644 under the usual 022), as a file written with ``open`` would."""
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name for {prefix}*{suffix} in {folder}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path to write; it replaces ``path`` once the ``with`` block ends without error.
@@ -49,9 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_file(path.parent, f".{path.name}.", ".tmp")
     try:
         yield tmp
         fsync_file(tmp)

@@ -1,4 +1,4 @@
-"""Fisher-Rao (Bhattacharyya) attention kernels, spec section 3.
+"""Fisher-Rao (Bhattacharyya) attention kernels, docs/model.md §3.
 
 Per head, queries and keys are mapped to the probability simplex,
 ``p_i = softmax(Q_i)`` and ``q_j = softmax(K_j)`` over the ``d_h`` features, and
@@ -16,7 +16,7 @@ Two interchangeable implementations of the same function:
   above as a ``score_mod`` and a causal block mask: fused, O(N) memory. In
   torch 2.13 it has no backward on CPU.
 
-Numerics (the spec's traps): BC is always computed in float32, also under
+Numerics (docs/model.md §8): BC is always computed in float32, also under
 bf16 autocast (bf16 cannot resolve distances below ~0.09 near BC = 1); and
 d_FR^2 uses :func:`fr_sq`, whose gradient stays finite at BC = 1 (where
 arccos has an infinite derivative) and beyond it (rounding).
@@ -94,7 +94,7 @@ def fr_sq(bc: Tensor) -> Tensor:
 
 
 def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> Tensor:
-    """ALiBi slopes m_h = 2^(-8h/H), h = 1..H (spec section 4), float32 ``[H]``."""
+    """ALiBi slopes m_h = 2^(-8h/H), h = 1..H (docs/model.md §3), float32 ``[H]``."""
     h = torch.arange(1, n_heads + 1, dtype=torch.float32, device=device)
     return torch.pow(2.0, -8.0 * h / n_heads)
 

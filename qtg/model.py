@@ -1,10 +1,10 @@
-"""The QTG language model, as ``QTG_SPEC.md`` defines it.
+"""The QTG language model, as ``docs/model.md`` defines it.
 
 Pipeline: token ids -> QEmbed (unit complex states) -> TopoFilter (causal,
 approximate-persistence weights) -> n_layers x [pre-norm GeoAttention,
 pre-norm SwiGLU] -> RMSNorm -> tied complex head.
 
-Notable choices (where the spec is silent):
+Notable choices (where the definition is silent; docs/model.md §8 says why):
 
 * Complex states are stored as real tensors ``[..., 2d]``: real half first,
   imaginary half second. ``Re<e_v, h>`` is then a plain dot product of the
@@ -128,7 +128,7 @@ def check_ids(ids: Tensor, vocab_size: int) -> None:
 
 
 class QEmbed(nn.Module):
-    """psi_i = (a_t + i b_t) / ||a_t + i b_t||_2 (spec section 1).
+    """psi_i = (a_t + i b_t) / ||a_t + i b_t||_2 (docs/model.md §1).
 
     A lookup into a ``[V, 2d]`` table (real half, imaginary half) plus the
     seed's shared bias, normalised to a unit complex vector.
@@ -237,7 +237,7 @@ class TopoFilter(nn.Module):
 
 
 class GeoAttention(nn.Module):
-    """Multi-head causal Fisher-Rao attention (spec section 3; kernels in qtg.fisher_rao).
+    """Multi-head causal Fisher-Rao attention (docs/model.md §3; kernels in qtg.fisher_rao).
 
     ``gamma_h`` is fixed at ``gamma_init`` or learnt as ``exp(log_gamma_h)``.
     """
@@ -263,7 +263,7 @@ class GeoAttention(nn.Module):
         return t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, d_h]
 
     def choose_impl(self, x: Tensor, offset: int) -> str:
-        """Which kernel runs: "flex" or "reference" (spec: auto = fastest correct path)."""
+        """Which kernel runs: "flex" or "reference" (auto = the fastest correct path here)."""
         impl = self.cfg.attn_impl
         if impl == "reference" or offset > 0:
             return "reference"  # a decoding step: one query row, the matmul is O(N)
@@ -500,7 +500,7 @@ class QTG(DecoderLM):
         return out
 
     def loss(self, logits: Tensor, targets: Tensor, w: Tensor, filtered: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """L = L_CE + l_topo L_topo + l_geo L_geo + l_q L_quantum (spec section 4).
+        """L = L_CE + l_topo L_topo + l_geo L_geo + l_q L_quantum (docs/model.md §4).
 
         L_topo = mean (1 - w_i)^2;  L_geo = mean arccos(sqrt p_model(y))^2, the
         Fisher-Rao distance to the one-hot target;  L_quantum = mean

@@ -1,5 +1,7 @@
 """The app in a real headless browser (Playwright driving Debian's Chromium) against ``python -m app``
-started as a user starts it: the first page, each tab's main action, rendered plots, no console errors.
+started as a user starts it: the first page, each tab's main action, plots that fit their panels with
+their legends in view, tables that neither clip nor break words, Stop, control ranges that follow the
+loaded model, no console errors, and a server log of one line per refusal.
 
 Chromium: ``make browser`` (or ``apt-get install chromium``). With ``CI=true`` these tests must run and
 fail when Chromium is missing; elsewhere they skip with that instruction. Screenshots go to a temporary
@@ -9,6 +11,7 @@ folder, or to ``$QTG_SCREENSHOTS`` (the README's come from ``QTG_SCREENSHOTS=doc
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-STARTUP = {}  # seconds from the command to the first page, read by the start-up test
+STARTUP = {}  # seconds from the command to the first page, and the app's log file
 
 
 def _need_browser():
@@ -48,6 +51,7 @@ def app_url(tmp_path_factory):
     _need_browser()
     port = free_port()
     log = tmp_path_factory.mktemp("applog") / "app.log"
+    STARTUP["log"] = log
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -105,15 +109,41 @@ def _plot_rendered(page, elem_id: str, timeout: float = 90_000) -> None:
     page.wait_for_selector(f"#{elem_id} .js-plotly-plot .main-svg", timeout=timeout)
 
 
+# What overflows a plot's panel: the drawn SVG wider than the panel, or the legend's right edge past it.
+FIT_JS = """id => {
+  const panel = document.getElementById(id).getBoundingClientRect();
+  const svg = document.querySelector('#' + id + ' .main-svg').getBoundingClientRect();
+  const legend = document.querySelector('#' + id + ' .legend');
+  const box = legend ? legend.getBoundingClientRect() : null;
+  return {panel: panel.width, svg: svg.width, over: svg.right - panel.right,
+          legend: box ? box.right - panel.right : null, legendWidth: box ? box.width : null};
+}"""
+
+
+def _fits(page, elem_id: str) -> None:
+    m = page.evaluate(FIT_JS, elem_id)
+    assert m["svg"] <= m["panel"] + 1 and m["over"] <= 1, (elem_id, m)
+    assert m["legend"] is not None and m["legend"] <= 1 and m["legendWidth"] > 0, (elem_id, m)
+
+
+def _set_number(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
 def test_first_page_is_served_soon_after_the_command(app_url):
-    """The target is 10 s on this 2-core machine (6-8 s measured by benchmarks/bench_app.py); the assertion
-    allows 30 s so that a loaded CI machine does not fail it, and the figure is printed."""
+    """18-20 s on this 2-core machine while two training runs hold both cores (benchmarks/bench_app.py);
+    the assertion allows 45 s so that a loaded CI machine does not fail it, and the figure is printed."""
     print(f"\nfirst page served {STARTUP['seconds']:.1f} s after `python -m app`")
-    assert STARTUP["seconds"] < 30
+    assert STARTUP["seconds"] < 45
 
 
-def test_first_page_shows_the_loaded_model(page):
+def test_first_page_shows_the_loaded_model_and_the_tier_table(page):
     assert "nano (shipped, trained)" in page.inner_text("#status")
+    _tab(page, "Tiers")  # filled on load: no button pressed
+    page.wait_for_function("document.querySelector('#tiers-table').innerText.includes('5.5q')", timeout=120_000)
+    _tab(page, "Generate")
 
 
 def test_generate_streams_into_the_page(page, shots):
@@ -122,10 +152,29 @@ def test_generate_streams_into_the_page(page, shots):
     page.wait_for_function("document.querySelectorAll('#generated-html .qtg-tok').length > 20", timeout=60_000)
     page.wait_for_function("document.querySelector('#generate-stats').innerText.includes('done')", timeout=60_000)
     _plot_rendered(page, "live-diagram")
-    assert page.input_value("#continuation textarea").strip()
+    assert page.input_value("#continuation textarea").startswith("JULIET:")  # no blank lines before the text
     title = page.get_attribute("#generated-html .qtg-tok >> nth=3", "title")
     assert title.startswith("s~ = ") and ", w = " in title
+    _fits(page, "live-diagram")
     page.screenshot(path=str(shots / "generate.png"), full_page=True)
+
+
+def test_stop_says_stopped_with_the_count(page):
+    _set_number(page, "max-new", "240")
+    page.fill("#prompt textarea", "ROMEO:")
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#generate-stats').innerText.includes('generating: ')",
+                           timeout=60_000)
+    page.click("#stop-btn")
+    page.wait_for_function("document.querySelector('#generate-stats').innerText.includes('stopped')",
+                           timeout=30_000)
+    time.sleep(1.0)  # nothing overwrites it afterwards
+    stats = page.inner_text("#generate-stats")
+    n = int(re.search(r"stopped after (\d+) new tokens", stats).group(1))
+    shown = page.evaluate("[...document.querySelectorAll('#generated-html .qtg-tok')]"
+                          ".filter(e => e.style.fontWeight === '600').length")
+    # the server's count; the page may not have received the update carrying the last token or two
+    assert 0 <= n - shown <= 2 and 0 < n < 240, stats
 
 
 def test_topology_tab(page, shots):
@@ -133,39 +182,105 @@ def test_topology_tab(page, shots):
     page.click("#topology-btn")
     _plot_rendered(page, "topology-diagram")
     page.wait_for_function("document.querySelector('#topology-bounds').innerText.includes('Bounds applied')")
+    _plot_rendered(page, "topology-approx")
+    for elem_id in ("topology-diagram", "topology-barcode", "topology-approx"):
+        _fits(page, elem_id)
     page.screenshot(path=str(shots / "topology.png"), full_page=True)
+
+
+def test_export_in_the_page_names_no_server_path(page):
+    page.get_by_text("Export: standalone HTML, PNG, JSON").nth(1).click()  # the Topology tab's
+    page.click("#export-topology")
+    page.get_by_text("Wrote ").first.wait_for(timeout=90_000)
+    assert "/tmp" not in page.inner_text("body") and "qtg-explorer-" not in page.inner_text("body")
 
 
 def test_attention_tab(page, shots):
     _tab(page, "Attention")
     page.click("#attention-btn")
     _plot_rendered(page, "attention-map")
+    _plot_rendered(page, "attention-gamma")
+    _fits(page, "attention-gamma")
     page.screenshot(path=str(shots / "attention.png"), full_page=True)
 
 
-def test_compare_tab(page, shots):
+def test_compare_tab_table_is_whole(page, shots):
     _tab(page, "Compare")
     page.click("#compare-btn")
     _plot_rendered(page, "compare-diagrams")
+    _fits(page, "compare-diagrams")
+    right = page.evaluate("Math.max(...[...document.querySelectorAll('#compare-table th, #compare-table td')]"
+                          ".map(e => e.getBoundingClientRect().right))")
+    panel = page.evaluate("document.querySelector('#compare-table').getBoundingClientRect().right")
+    assert right <= panel + 1 <= 1400 + 1
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
 
-def test_tiers_tab(page, shots):
+SPLIT_WORDS_JS = """sel => {
+  const split = [];
+  for (const th of document.querySelectorAll(sel)) {
+    const walk = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+    for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+      for (const m of node.data.matchAll(/\\S+/g)) {
+        const r = document.createRange();
+        r.setStart(node, m.index);
+        r.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...r.getClientRects()].filter(x => x.width > 0).map(x => Math.round(x.top)));
+        if (tops.size > 1) split.push(m[0]);
+      }
+    }
+  }
+  return split;
+}"""
+
+
+def test_tiers_tab_headers_break_between_words(page, shots):
     _tab(page, "Tiers")
-    page.click("#tiers-btn")
     page.get_by_text("5.5q").first.wait_for(timeout=60_000)
+    assert page.evaluate(SPLIT_WORDS_JS, "#tiers-table th") == []
     page.screenshot(path=str(shots / "tiers.png"), full_page=True)
+
+
+def _load(page, label: str, expect: str) -> None:
+    _tab(page, "Tiers")
+    box = page.locator("#tiers-model input")
+    box.click()
+    box.fill(label)
+    page.get_by_role("option", name=label).click()
+    page.click("#load-btn")
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes({expect!r})", timeout=120_000)
+
+
+def test_control_ranges_follow_the_loaded_model(page):
+    _load(page, "micro tier (random weights)", "micro tier")
+    _tab(page, "Generate")
+    page.wait_for_function("document.querySelector('#max-new input[type=range]').max === '127'", timeout=30_000)
+    assert page.get_attribute("#topology-layer input[type=range]", "max") == "3"
+    assert page.get_attribute("#attention-block input[type=range]", "max") == "1"
+    _load(page, "nano (shipped, trained)", "nano (shipped")
+    page.wait_for_function("document.querySelector('#max-new input[type=range]').max === '255'", timeout=30_000)
 
 
 def test_empty_prompt_shows_an_error_not_a_traceback(page):
     _tab(page, "Generate")
     page.fill("#prompt textarea", "")
     page.click("#generate-btn")
-    toast = page.get_by_text("the prompt is empty").first
+    toast = page.get_by_text("prompt: empty; type some text").first
     toast.wait_for(timeout=30_000)
     assert "Traceback" not in page.content()
 
 
 def test_no_console_errors(page):
-    """Last: nothing any tab did logged an error in the browser (no failed fetch, no script error)."""
+    """Last but one: nothing any tab did logged an error in the browser (no failed fetch, no script error)."""
     assert page.console_errors == []
+
+
+def test_the_server_log_has_one_line_per_refusal(page):
+    """Last: the empty prompt above is the one refusal; no traceback, no PNG exporter chatter."""
+    time.sleep(0.5)
+    log = STARTUP["log"].read_text()
+    refusals = [line for line in log.splitlines() if " refused " in line]
+    assert len(refusals) == 1 and refusals[0].endswith("refused generate: prompt: empty; type some text"), log[-2000:]
+    assert "Traceback" not in log
+    assert not [line for line in log.splitlines() if re.search(r"\b(INFO|DEBUG)\b.*(kaleido|choreographer|logistro)",
+                                                              line, re.I)], log[-2000:]

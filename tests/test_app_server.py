@@ -1,11 +1,14 @@
-"""The app over HTTP through ``gradio_client``, against a server launched in this process
-(so the test can read the server's own counters): every endpoint answers, /generate streams
-and equals the library, bad input is refused while the server keeps serving, two clients keep
-their own models, Stop halts the work on the server, and no file outside the export folder is served."""
+"""The app over HTTP through ``gradio_client`` and plain requests, against a server launched in this process
+(so the test can read the server's own counters): every endpoint answers, /generate streams and equals the
+library, bad input is refused in one line naming the field while the server keeps serving, two clients keep
+their own models, Stop halts the work on the server, nothing is uploaded, no cross-origin write is taken,
+and every file served is a download from this launch's private export folder."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -19,9 +22,11 @@ from gradio_client import Client  # noqa: E402
 
 from app.config import AppConfig  # noqa: E402
 from app.server import launch  # noqa: E402
+from app.tabs import tiers  # noqa: E402
 from tests.test_app_handlers import PROMPT, TEXT, library_greedy  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+STARTED: dict[str, int | None] = {}  # what the first page answered when the tier-table warm-up began
 
 
 def free_port() -> int:
@@ -30,10 +35,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _status(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+    except OSError:
+        return 0, {}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    export_dir = tmp_path_factory.mktemp("exports")
-    demo, ex, url = launch(AppConfig(export_dir=export_dir, device="cpu"), port=free_port(), block=False)
+    port = free_port()
+    real = tiers.summaries
+
+    def warm(device):  # the tier-table warm-up: is the page already served when it begins?
+        STARTED.setdefault("status", _status(f"http://127.0.0.1:{port}/")[0])
+        return real(device)
+
+    tiers.summaries = warm
+    try:
+        demo, ex, url = launch(AppConfig(export_dir=tmp_path_factory.mktemp("exports"), device="cpu"), port=port,
+                               block=False)
+    finally:
+        tiers.summaries = real
     yield ex, url
     demo.close()
 
@@ -42,26 +69,34 @@ def client(url: str) -> Client:
     return Client(url, verbose=False)
 
 
+def test_the_page_is_served_before_the_tier_table_warm_up_begins(server):
+    deadline = time.time() + 60
+    while "status" not in STARTED and time.time() < deadline:
+        time.sleep(0.05)
+    assert STARTED.get("status") == 200
+
+
 def test_every_named_endpoint_answers(server):
     ex, url = server
     c = client(url)
     names = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    expected = {"/tiers", "/load", "/generate", "/topology", "/attention", "/compare", "/export_generate",
-                "/export_topology", "/export_attention", "/export_compare"}
+    expected = {"/tiers", "/load", "/unload", "/generate", "/topology", "/attention", "/compare", "/export_generate",
+                "/export_topology", "/export_attention", "/export_compare", "/export_tiers"}
     assert expected <= names
     table = c.predict("cpu", api_name="/tiers")[0]
     assert [row[0] for row in table["data"]][:2] == ["micro", "nano"]
     assert "nano" in c.predict("shipped:nano", "cpu", api_name="/load")
-    assert c.predict(PROMPT, 8, 0, 0, 1, -1, api_name="/generate")[1]
+    assert c.predict(PROMPT, 8, 0, 0, 1, -1, api_name="/generate")[1].startswith(PROMPT)
     topo = c.predict(TEXT, 1, "gudhi + ripser (overlaid)", 128, 0, api_name="/topology")
     assert topo[3]["gudhi_vs_ripser_bottleneck"]["H1"] < 1e-6
-    attn = c.predict(TEXT, 0, -1, api_name="/attention")
+    attn = c.predict(TEXT, 0, -1, 1, "linear", api_name="/attention")
     assert "gamma" in attn[4] and "baseline" in attn[4]
-    cmp = c.predict(TEXT, "shipped:nano", "cpu", "approximate", "shipped:nano-baseline", "cpu", "approximate", -1,
+    cmp = c.predict(TEXT, "shipped:nano", "cpu", "exact", "shipped:nano-baseline", "cpu", "approximate", -1,
                     api_name="/compare")
-    assert len(cmp[0]["data"]) == 2
+    assert [r[0] for r in cmp[0]["data"]][:3] == ["model", "device", "TopoFilter"]
     files, message = c.predict(api_name="/export_compare")
-    assert any(Path(f).name == "figures.html" for f in files) and "Wrote" in message
+    assert any(Path(f).name == "figures.html" for f in files) and message.startswith("Wrote")
+    assert str(ex.export_dir) not in message  # the page never learns a server path
 
 
 def test_generate_streams_and_equals_the_library(server):
@@ -70,34 +105,45 @@ def test_generate_streams_and_equals_the_library(server):
     updates = [out for out in job]
     assert len(updates) >= 3, "the text should arrive in several updates"
     final = job.outputs()[-1]
-    assert final[1] == library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 120)
+    assert final[1] == PROMPT + library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 120)
     assert "done: " in final[3]
 
 
 @pytest.mark.parametrize("args, message", [
-    (("", 10, 0.8, 0, 1, -1), "prompt is empty"),
-    (("x" * 5000, 10, 0.8, 0, 1, -1), "limit is 4,000"),
-    ((PROMPT, 10, -2, 0, 1, -1), "temperature must be between|less than minimum value 0"),
-    ((PROMPT, 10, 0.8, 0, 1, "seven"), None),  # gradio's own type check or ours: an error either way
+    (("", 10, 0.8, 0, 1, -1), "prompt: empty; type some text"),
+    (("x" * 5000, 10, 0.8, 0, 1, -1), "prompt: 5,000 characters is above the maximum 4,000"),
+    ((PROMPT, 10, -2, 0, 1, -1), "temperature: -2 is below the minimum 0"),
+    ((PROMPT, 1_000_000_000, 0.8, 0, 1, -1), "max new tokens: 1000000000 is above the maximum 255"),
+    ((PROMPT, 10, 0.8, "seven", 1, -1), "top-k: expected a whole number, got 'seven'"),
+    ((PROMPT, 10, 0.8, 0, 1, "seven"), "seed: expected a whole number, got 'seven'"),
 ])
-def test_bad_input_is_refused_and_the_server_keeps_serving(server, args, message):
+def test_bad_input_is_one_line_naming_the_field_and_the_server_keeps_serving(server, args, message):
+    """The app's own words, never Gradio's ("Value ... is greater than maximum value 512." or a multi-line
+    dump naming components and object addresses)."""
     ex, url = server
     c = client(url)
-    with pytest.raises(Exception, match=message) as err:
+    with pytest.raises(Exception) as err:
         c.predict(*args, api_name="/generate")
-    assert "Traceback" not in str(err.value)
+    assert str(err.value) == message
     assert c.predict(PROMPT, 3, 0, 0, 1, -1, api_name="/generate")[1]
+
+
+def test_the_largest_advertised_seed_is_taken(server):
+    ex, url = server
+    c = client(url)
+    a = c.predict(PROMPT, 6, 1.0, 0, 1, 2**63 - 1, api_name="/generate")[1]
+    assert a == c.predict(PROMPT, 6, 1.0, 0, 1, str(2**63 - 1), api_name="/generate")[1]
 
 
 def test_bad_model_key_and_oversized_load_are_refused(server):
     ex, url = server
     c = client(url)
     for key in ("dir:/etc", "/etc/passwd"):
-        with pytest.raises(Exception, match="not in the list of choices|unknown model"):
+        with pytest.raises(Exception, match="^model: unknown"):
             c.predict(key, "cpu", api_name="/load")
     with pytest.raises(Exception, match="does not fit"):
         c.predict("tier:5.5q", "cpu", api_name="/load")
-    assert "nano" in c.predict(TEXT, 0, -1, api_name="/attention")[4]["model"]  # still the default model
+    assert "nano" in c.predict(TEXT, 0, -1, 1, "linear", api_name="/attention")[4]["model"]  # still the default
 
 
 def test_two_clients_keep_their_own_models(server):
@@ -115,8 +161,8 @@ def test_two_clients_keep_their_own_models(server):
     for t in threads:
         t.join(120)
     micro = ex.registry.get("tier:micro", "cpu")
-    assert results["a"] == library_greedy(micro.model, micro.tokenizer, PROMPT, 30)
-    assert results["b"] == library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 30)
+    assert results["a"] == PROMPT + library_greedy(micro.model, micro.tokenizer, PROMPT, 30)
+    assert results["b"] == PROMPT + library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 30)
     assert results["a"] != results["b"]
 
 
@@ -139,20 +185,48 @@ def test_stop_halts_generation_on_the_server(server):
     assert c.predict("shipped:nano", "cpu", api_name="/load")  # the queue slot was released
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+# --- what is served, and from where ------------------------------------------------------------------
+
+
+def _multipart(name: str, body: bytes) -> tuple[bytes, dict]:
+    data = (b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"" + name.encode() + b"\"\r\n"
+            b"Content-Type: text/html\r\n\r\n" + body + b"\r\n--x--\r\n")
+    return data, {"Content-Type": "multipart/form-data; boundary=x"}
+
+
+def test_uploads_and_cross_origin_writes_are_refused(server):
+    ex, url = server
+    data, headers = _multipart("page.html", b"<script>alert(document.domain)</script>" + b" " * 2**20)
+    assert _status(f"{url}gradio_api/upload", data, headers)[0] == 413
+    assert _status(f"{url}gradio_api/upload", data, {**headers, "Origin": "http://evil.example"})[0] == 403
+    body, json_headers = b'{"data": [], "fn_index": 0, "session_hash": "x"}', {"Content-Type": "application/json"}
+    assert _status(f"{url}gradio_api/queue/join", body, {**json_headers, "Origin": "http://evil.example"})[0] == 403
+    assert not list(ex.export_dir.rglob("page.html"))
+
+
+def test_served_files_are_sandboxed_downloads_from_the_private_folder(server):
+    ex, url = server
+    assert stat.S_IMODE(os.stat(ex.export_dir).st_mode) == 0o700
+    c = client(url)
+    c.predict(TEXT, 1, "ripser", 64, 0, api_name="/topology")
+    c.predict(api_name="/export_topology")
+    page = next(ex.export_dir.rglob("figures.html"))
+    status, headers = _status(f"{url}gradio_api/file={page}")
+    assert status == 200
+    assert headers["content-disposition"].startswith("attachment")
+    assert "sandbox" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+    planted = ex.export_dir / "planted.html"  # what an upload would have left: still only a download
+    planted.write_text("<script>alert(1)</script>")
+    status, headers = _status(f"{url}gradio_api/file={planted}")
+    assert status == 200 and headers["content-disposition"].startswith("attachment")
+    link = ex.export_dir / "link.txt"  # a link planted in the folder is not followed out of it
+    link.symlink_to("/etc/passwd")
+    assert _status(f"{url}gradio_api/file={link}")[0] in (403, 404)
 
 
 def test_no_file_outside_the_export_folder_is_served(server):
     ex, url = server
     repo = Path(__file__).resolve().parent.parent
-    for path in (repo / "README.md", repo / "assets" / "checkpoints" / "nano" / "config.json", Path("/etc/passwd")):
-        assert _status(f"{url}gradio_api/file={path}") in (403, 404), path
-    export_dir = Path(ex.cfg.export_dir)
-    probe = export_dir / "probe.json"
-    probe.write_text("{}")
-    assert _status(f"{url}gradio_api/file={probe}") == 200
+    for path in (repo / "README.md", repo / "assets" / "checkpoints" / "nano" / "config.json", Path("/etc/passwd"),
+                 ex.export_dir.parent / "elsewhere.json"):
+        assert _status(f"{url}gradio_api/file={path}")[0] in (403, 404), path

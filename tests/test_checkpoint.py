@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 import qtg
 from qtg import checkpoint
+from qtg.atomic import atomic_path, atomic_safetensors, atomic_text
 from qtg.checkpoint import load_checkpoint, read_state, save_checkpoint
 from qtg.errors import CheckpointError
 from tests.conftest import word_tokenizer
@@ -210,6 +212,19 @@ def _save_forever(models: list[qtg.QTG], target: Path, ready: int) -> None:
                 os.write(ready, b"1")
     finally:
         os._exit(1)  # never return into pytest
+
+
+def test_an_atomic_write_replaces_the_whole_file_or_nothing(tmp_path):
+    target = atomic_text(tmp_path / "latest", "step_000005\n")
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:  # killed halfway through a write
+        tmp.write_text("step_0000")
+        raise KeyboardInterrupt
+    assert target.read_text() == "step_000005\n" and os.listdir(tmp_path) == ["latest"]  # no stray temp file
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode, as open() gives
+    atomic_safetensors({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.arange(3.0))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

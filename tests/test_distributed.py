@@ -11,6 +11,7 @@ Run as a script under torchrun, this file is the worker of
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from qtg.checkpoint import read_full_model
 from qtg.distributed import split_sizes
 from qtg.distributed.plan import plan, shard_numel, shard_params
 from qtg.errors import CheckpointError, ConfigError
+from qtg.evaluate import score_windows, windows
 from qtg.generate import generate
 from qtg.intervention import Intervention
-from qtg.tokenizer import decode, encode
+from qtg.tokenizer import EOS_TOKEN, decode, encode
 from qtg.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -409,15 +411,21 @@ def test_the_app_serves_a_model_sharded_over_two_ranks(tmp_path):
         assert "sharded across ranks" in c.predict("sharded:nano", "cpu", api_name="/load")
         text = c.predict(PROMPT, 16, 0, 0, 1, -1, api_name="/generate")[1]
         nano = qtg.load("nano")
-        assert text == library_greedy(nano, nano.tokenizer, PROMPT, 16)
+        assert text == PROMPT + library_greedy(nano, nano.tokenizer, PROMPT, 16)  # the box starts at the prompt
         attn = c.predict("To be, or not to be", 1, -1, api_name="/attention")[4]
         with torch.inference_mode():
             ref = nano(torch.tensor([qtg.tokenizer.encode(nano.tokenizer, "To be, or not to be")]),
                        return_internals=True)
         assert attn["gamma"][1] == pytest.approx(ref.gamma[1].tolist(), rel=1e-6)
-        with pytest.raises(Exception, match="sharded across ranks does not have"):
-            c.predict("To be", "sharded:nano", "cpu", "exact", "sharded:nano", "cpu", "approximate", -1,
-                      api_name="/compare")
+        # exact vs approximate TopoFilter on the one sharded model: an argument of each lockstep call
+        text = "To be, or not to be, that is the question"
+        headline = c.predict(text, "sharded:nano", "cpu", "exact", "sharded:nano", "cpu", "approximate", -1,
+                             api_name="/compare")[2]
+        seq = [nano.tokenizer.token_to_id(EOS_TOKEN), *qtg.tokenizer.encode(nano.tokenizer, text)]
+        for side, intervene in (("A", Intervention(topo="exact")), ("B", Intervention())):
+            nll, count = score_windows(nano, windows(seq, nano.cfg.max_seq_len), intervene=intervene)
+            assert headline["perplexity"][side] == pytest.approx(math.exp(nll / count), rel=1e-4)
+        assert headline["perplexity"]["A"] != headline["perplexity"]["B"]
     finally:
         proc.terminate()
         proc.wait(30)

@@ -153,9 +153,10 @@ def test_cached_equals_uncached_under_every_intervention(alibi, ids, name):
         for t in range(20, ids.shape[1]):
             parts.append(alibi(ids[:1, t:t + 1], cache=cache, intervene=edit).logits)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
-    prompt = ids[:1, :12]
-    cached = generate(alibi, prompt, 24, temperature=0, use_cache=True, intervene=edit)
-    assert torch.equal(cached, generate(alibi, prompt, 24, temperature=0, use_cache=False, intervene=edit))
+    prompt = ids[:, :12]
+    for options in (dict(temperature=0), dict(temperature=1.0, seed=3)):  # sampling reads the whole distribution
+        cached = generate(alibi, prompt, 24, use_cache=True, intervene=edit, **options)
+        assert torch.equal(cached, generate(alibi, prompt, 24, use_cache=False, intervene=edit, **options))
 
 
 def test_flex_path_takes_the_intervention(micro_cfg, alibi, ids):

@@ -271,7 +271,7 @@ def _diagonal():
         (np.ones((4, 5)), {"metric_input": "distances"}, r"must be square, got shape \(4, 5\)"),
         (-topology.euclidean_distances(unit_vectors(5, 3)), {"metric_input": "distances"}, r"non-negative"),
         (_diagonal(), {"metric_input": "distances"}, r"zero diagonal"),
-        (unit_vectors(5, 3), {"backend": "dionysus"}, r"unknown backend 'dionysus'; valid: auto, gudhi, ripser, giotto-ph"),
+        (unit_vectors(5, 3), {"backend": "dionysus"}, r"unknown backend 'dionysus'; valid: auto, gudhi, ripser, gio"),
         (unit_vectors(5, 3), {"maxdim": 7}, r"maxdim must be an integer from 0 to 3"),
         (unit_vectors(5, 3), {"max_points": 10**6}, r"max_points must lie in \[2, 16384\]"),
         (unit_vectors(5, 3), {"max_edge": -1.0}, r"max_edge must be a positive finite length"),

@@ -187,9 +187,10 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
 
 
 def stopped(payload: Exportable | None) -> str:
-    """The status line after Stop: the count of new tokens the page shows."""
+    """The status line after Stop: how many new tokens the server had computed (the page may not have received
+    the update carrying the last one or two)."""
     n = len(payload.numbers.get("token_ids", ())) if payload is not None else 0
-    return f"stopped: {n} new tokens (Stop pressed; the server computes no more)"
+    return f"stopped after {n} new tokens (Stop pressed; the server computes no more)"
 
 
 def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:

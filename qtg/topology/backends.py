@@ -69,6 +69,7 @@ EXACT_FLOAT32_INTEGERS = 2**24  # every integer up to this is a float32
 FLOAT32_REL_ERROR = 2.0**-24  # float32 rounding: |fl(x) - x| <= 2^-24 |x|
 _POLL_S = 0.02  # how often the parent checks the budget and the cancel event
 _MAX_COLLAPSE_ROUNDS = 16  # edge collapse converges in a few rounds; this only guards a pathological case
+_RANK_ROWS = 256  # rows per block when ranking edges
 
 
 def sort_diagram(dgm: np.ndarray) -> np.ndarray:
@@ -152,12 +153,14 @@ def rank_edges(d: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray,
         would round the ranks).
     """
     n = d.shape[0]
-    upper = d[np.triu_indices(n, 1)]
-    values = np.unique(np.concatenate([[0.0], upper[upper <= threshold]]))
+    rows = [d[i, i + 1:] for i in range(n)]  # the upper triangle, row by row: no N^2 index arrays
+    values = np.unique(np.concatenate([np.zeros(1)] + [r[r <= threshold] for r in rows]))
     if len(values) > EXACT_FLOAT32_INTEGERS:
         return None
-    ranks = np.searchsorted(values, d).astype(np.float32)  # exact for every length <= threshold
-    ranks[d > threshold] = len(values)
+    ranks = np.empty(d.shape, dtype=np.float32)
+    for start in range(0, n, _RANK_ROWS):  # in row blocks: searchsorted's int64 output stays small
+        block = d[start:start + _RANK_ROWS]
+        ranks[start:start + _RANK_ROWS] = np.where(block <= threshold, np.searchsorted(values, block), len(values))
     return ranks, values, float(len(values) - 1)
 
 
@@ -167,7 +170,10 @@ def engine_input(engine: str, d: np.ndarray, threshold: float) -> EngineInput:
         return EngineInput(d, threshold, None, "float64", 0.0)
     ranked = rank_edges(d, threshold)
     if ranked is None:  # more distinct lengths than float32 integers: the engine's own rounding
-        return EngineInput(d.astype(np.float32), threshold, None, "float32", FLOAT32_REL_ERROR * threshold)
+        lengths = d.astype(np.float32)
+        lengths[d > threshold] = np.inf  # rounding is monotone, so no edge <= threshold rounds above fl(threshold)
+        cut = float(np.float32(threshold))
+        return EngineInput(lengths, cut, None, "float32", FLOAT32_REL_ERROR * threshold)
     ranks, values, rank_threshold = ranked
     return EngineInput(ranks, rank_threshold, values, "float64", 0.0)
 

@@ -330,7 +330,7 @@ def layer_sweep(model: Any, ids: torch.Tensor, batch: int = 0, layers: Sequence[
     for k in layers:
         view = approx_view(out, layer=k, batch=batch, model=model, tokens=tokens)
         if view.cloud_layer not in cache:  # layers 0 and 1 share the QEmbed cloud
-            cache[view.cloud_layer] = exact_diagrams(view.points, **exact_kwargs)
+            cache[view.cloud_layer] = exact_diagrams(view.points, **{"metric_input": "points", **exact_kwargs})
         exact = cache[view.cloud_layer]
         results.append(LayerComparison(layer=k, exact=exact, view=view, comparison=compare(exact, view)))
     return results

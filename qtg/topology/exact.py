@@ -267,9 +267,9 @@ def _distance_problem(d: np.ndarray) -> str | None:
     if n != m:
         return f"a distance matrix must be square, got shape {d.shape}"
     if np.isnan(d).any():
-        return f"distance-matrix rows {_rows(~np.isnan(d))} contain NaN"
+        return f"distance-matrix {_rows(~np.isnan(d), 'NaN')}"
     if np.isinf(d).any():
-        return (f"distance-matrix rows {_rows(~np.isinf(d))} contain inf: missing edges (infinite distances) are not "
+        return (f"distance-matrix {_rows(~np.isinf(d), 'inf')}: missing edges (infinite distances) are not "
                 "supported; give every pair a finite distance (max_edge cuts long edges)")
     if np.any(d < 0):
         return f"a distance matrix must be non-negative; its smallest entry is {d.min():.4g}"
@@ -284,9 +284,11 @@ def _distance_problem(d: np.ndarray) -> str | None:
     return None
 
 
-def _rows(ok: np.ndarray) -> str:
+def _rows(ok: np.ndarray, what: str) -> str:
+    """The phrase ``rows 3, 7 contain <what> (2 of 10)`` for the rows of ``ok`` that are not all True."""
     bad = np.flatnonzero(~np.all(ok, axis=1))
-    return ", ".join(str(i) for i in bad[:8]) + (", ..." if bad.size > 8 else "") + f" ({bad.size} of {ok.shape[0]})"
+    shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
+    return f"rows {shown} contain {what} ({bad.size} of {ok.shape[0]})"
 
 
 def _check_points(x: np.ndarray) -> None:
@@ -294,7 +296,7 @@ def _check_points(x: np.ndarray) -> None:
         raise TopologyError(f"points need at least one coordinate, got shape {x.shape}")
     finite = np.isfinite(x)
     if not finite.all():
-        raise TopologyError(f"rows {_rows(finite)} contain NaN or inf; persistence needs finite values")
+        raise TopologyError(f"{_rows(finite, 'NaN or inf')}; persistence needs finite values")
 
 
 def _check_distances(d: np.ndarray) -> None:
