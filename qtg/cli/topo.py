@@ -13,6 +13,9 @@ import torch
 
 from qtg.cli.common import add_model_args, load_model
 from qtg.errors import ConfigError, DataError
+from qtg.intervention import Intervention
+from qtg.topology import exact_mode_loss, layer_sweep
+from qtg.topology.exact import BACKENDS
 
 log = logging.getLogger("qtg")
 
@@ -30,7 +33,8 @@ what was bounded."""
 EXAMPLES = """examples:
   qtg topo --text "To be, or not to be, that is the question"
   qtg topo --file speech.txt --layer 3 --backend gudhi --json
-  qtg topo --checkpoint runs/nano --file speech.txt --layer all --html topo.html"""
+  qtg topo --checkpoint runs/nano --file speech.txt --layer all --html topo.html
+  qtg topo --text "To be, or not to be" --layer all --intervene gamma_scale=2"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,13 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--file", metavar="F", help="a UTF-8 text file to analyse")
     p.add_argument("--layer", default="1", help="0 QEmbed, 1 TopoFilter (default), 2.. blocks, or 'all'")
     p.add_argument("--maxdim", type=int, default=1, help="highest homology dimension (default 1)")
-    p.add_argument("--backend", default="auto", choices=["auto", "gudhi", "ripser"],
-                   help="auto: H0 by spanning tree, H1 by ripser.py (default)")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto (default): H0 by the spanning tree, H1 by the engine measured fastest")
     p.add_argument("--max-points", type=int, default=None, metavar="N",
                    help="distinct points kept (default 1024; 4096 with --maxdim 0)")
     p.add_argument("--max-edge", type=float, default=None, metavar="E",
                    help="cut the filtration at this edge length (default: enclosing radius, exact)")
     p.add_argument("--time-budget", type=float, default=60.0, metavar="S", help="seconds per diagram (default 60)")
+    p.add_argument("--intervene", metavar="SPEC", default=None,
+                   help="run the model under an intervention, e.g. positions=none or ablate=0:1 (see qtg eval --help)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--html", metavar="OUT", help="write the figures to this standalone HTML file")
     p.set_defaults(func=run)
@@ -95,16 +101,16 @@ def _layers(arg: str, names: list[str]) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qtg.topology import exact_mode_loss, layer_sweep
-
+    intervene = Intervention.parse(args.intervene) if args.intervene else None
     model = load_model(args)
     ids, tokens, full = _token_ids(model, _read_text(args))
     if full > ids.shape[1]:
         log.warning("the text has %d tokens; the first %d (the model's context) are analysed", full, ids.shape[1])
     layers = _layers(args.layer, model.state_names)
-    sweep = layer_sweep(model, ids, layers=layers, tokens=tokens, maxdim=args.maxdim, backend=args.backend,
-                        max_points=args.max_points, max_edge=args.max_edge, time_budget=args.time_budget)
-    mode = exact_mode_loss(model, ids)
+    sweep = layer_sweep(model, ids, layers=layers, tokens=tokens, intervene=intervene, maxdim=args.maxdim,
+                        backend=args.backend, max_points=args.max_points, max_edge=args.max_edge,
+                        time_budget=args.time_budget)
+    mode = exact_mode_loss(model, ids, intervene=intervene)
     if args.html:
         _write_html(args.html, sweep)
     if args.json:
