@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qtg.plots import _show
+from qtg.plots import token_label
 
 KINDS = {
     # colour scale, value range, what the colour means
@@ -66,7 +66,7 @@ def attention_heatmaps(maps: Any, tokens: Sequence[str] | None = None, kind: str
     bad = [h for h in heads if not 0 <= h < n_heads]
     if bad:
         raise ValueError(f"head(s) {bad} out of range: the maps have heads 0..{n_heads - 1}")
-    labels = [_show(t) for t in tokens] if tokens is not None else [f"#{i}" for i in range(n)]
+    labels = [token_label(t) for t in tokens] if tokens is not None else [f"#{i}" for i in range(n)]
     if len(labels) != n:
         raise ValueError(f"{len(labels)} token strings for maps of {n} tokens")
     # unique axis labels: plotly merges equal category names, and texts repeat tokens

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,7 @@ from tokenizers import Tokenizer
 from qtg.atomic import atomic_path, atomic_text
 from qtg.documents import Document, default_corpus_path, load_documents
 from qtg.errors import ConfigError, DataError
+from qtg.metrics import bits_per_byte
 from qtg.tokenizer import encode_batch, eos_id, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ class TokenSplit:
         Equals the summed NLL of every token (in bits) over the text bytes when
         ``nll_per_token`` is the mean over all ``n_tokens`` predictions.
         """
-        return nll_per_token / math.log(2) * self.n_tokens / self.n_bytes
+        return bits_per_byte(nll_per_token * self.n_tokens, self.n_bytes)
 
     def loader(self, seq_len: int, batch_size: int, **kwargs: Any) -> WindowLoader:
         """A :class:`WindowLoader` over this split (``stride``, ``shuffle``, ``seed``, ``drop_last``)."""

@@ -69,7 +69,7 @@ def fr_sq_traceable(bc: Tensor) -> Tensor:
 
 class _FrSq(torch.autograd.Function):
     """arccos(BC)^2 with a hand-written backward: saves two tensors instead of
-    the where-branches' six (2-3x faster on CPU, benchmarks/bench_attention.py)."""
+    the where-branches' six (benchmarks/bench_attention.py times both)."""
 
     @staticmethod
     def forward(ctx, bc: Tensor) -> Tensor:

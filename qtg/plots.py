@@ -24,12 +24,14 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from qtg.atomic import atomic_text
+
 DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")  # H0, H1, H2, H3
 SOURCE_SYMBOLS = ("circle-open", "x-thin-open", "diamond-open", "square-open")
 APPROX_COLOR = "#ff7f0e"
 
 
-def _show(token: str) -> str:
+def token_label(token: str) -> str:
     """A token as a person can read it in a figure."""
     return html.escape(token.replace("\n", "⏎").replace("\t", "⇥")) or "∅"
 
@@ -142,7 +144,7 @@ def barcode(diagrams: Any, title: str = "Barcode") -> go.Figure:
 
 def _token_labels(view: Any) -> list[str]:
     tokens = view.tokens or [f"#{i}" for i in range(view.n)]
-    return [_show(t) for t in tokens]
+    return [token_label(t) for t in tokens]
 
 
 def exact_vs_approx(exact: Any, view: Any, comparison: Any = None,
@@ -301,5 +303,4 @@ def save_html(figures: go.Figure | Sequence[go.Figure], path: str | os.PathLike,
     body = "\n".join(pio.to_html(f, full_html=False, include_plotlyjs=False, include_mathjax=False) for f in figures)
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
             f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>\n<body>\n{body}\n</body></html>\n")
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_text(path, page)

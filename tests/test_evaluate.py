@@ -11,7 +11,7 @@ import qtg
 from qtg.data import Document
 from qtg.evaluate import evaluate, windows
 from qtg.tokenizer import encode, eos_id
-from tests.test_cli import run_qtg
+from tests.conftest import run_qtg
 
 
 def test_bits_per_byte_matches_a_hand_computation(tiny_checkpoint):

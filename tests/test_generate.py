@@ -10,6 +10,7 @@ import torch
 import qtg
 from qtg.errors import GenerationError
 from qtg.generate import MIN_TEMPERATURE, generate, logits_to_probs, stream
+from tests.conftest import word_tokenizer
 
 PROMPTS = [
     torch.tensor([[5], [300]]),  # one token
@@ -18,14 +19,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding steps are tiny: a second OpenMP thread only waits, and on a shared
-    2-core machine a descheduled one makes every op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # decoding steps are tiny: a second thread only waits
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +37,6 @@ def prompt() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def greedy(lively, prompt) -> torch.Tensor:
     return generate(lively, prompt, 20, temperature=0)
-
-
-def _word_tokenizer(n: int = 512):
-    """Token i decodes to "<i>"; tokens are joined by spaces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(n)}, unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
 
 
 # --- cache vs no cache ------------------------------------------------------------------
@@ -133,7 +118,7 @@ def test_eos_stops_a_row_and_the_loop_when_all_rows_finished(lively, prompt, gre
 
 def test_stop_strings_end_generation_once_the_text_contains_them(lively, prompt, greedy):
     N = prompt.shape[1]
-    tok = _word_tokenizer()
+    tok = word_tokenizer()
     stop_id, at = _first_new_token_at(greedy, N, row=0, step=5)
     out = generate(lively, prompt[:1], 20, temperature=0, stop=[f"<{stop_id}>", "never"], tokenizer=tok)
     assert out.shape == (1, N + at + 1) and out[0, -1] == stop_id
@@ -190,9 +175,9 @@ def test_modes_are_restored_and_outputs_are_ordinary_tensors(prompt):
     (None, dict(eos_id=999), r"eos_id must be a token id in 0..511, got 999"),
     (None, dict(stop="\n"), r"stop strings need a tokenizer"),
     (None, dict(stop=[""], tokenizer=object()), r"stop must be a non-empty string"),
-], ids=["empty-prompt", "empty-batch", "neg-temperature", "nan-temperature", "inf-temperature", "neg-seed", "top_p-0", "top_p-1.5", "top_k-0",
-        "max_new-0", "too-long", "prompt-fills-context", "oov-high", "oov-negative", "float-ids", "eos-oov",
-        "stop-no-tokenizer", "empty-stop"])
+], ids=["empty-prompt", "empty-batch", "neg-temperature", "nan-temperature", "inf-temperature", "neg-seed",
+        "top_p-0", "top_p-1.5", "top_k-0", "max_new-0", "too-long", "prompt-fills-context", "oov-high",
+        "oov-negative", "float-ids", "eos-oov", "stop-no-tokenizer", "empty-stop"])
 def test_bad_requests_are_refused_before_any_work(lively, prompt, ids, kwargs, message):
     calls = []
     hook = lively.register_forward_pre_hook(lambda *args: calls.append(1))

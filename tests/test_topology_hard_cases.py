@@ -144,13 +144,15 @@ def test_complex_points_are_their_real_view(make):
 
 @pytest.mark.parametrize("backend", ["auto", "gudhi"])
 def test_points_far_from_the_origin_in_high_dimension(backend):
+    # spread 1e5 around 1e8: far enough apart that no pair is recomputed from its difference, so
+    # an uncentred Gram form keeps only ~1e-9 of the diameter (measured 8e-10 before centring)
     rng = np.random.default_rng(5)
-    x = 1e8 + rng.standard_normal((24, 2048))
+    x = 1e8 + 1e5 * rng.standard_normal((24, 2048))
     exact = squareform(pdist(x))  # differences first: no cancellation against 1e8
     ours = topology.euclidean_distances(x)
     assert np.abs(ours - exact).max() <= 1e-12 * exact.max()
     res = topology.exact_diagrams(x, maxdim=1, backend=backend)
-    assert_matches_gudhi(res, exact)
+    assert_matches_gudhi(res, exact, tol=1e-12)
 
 
 # --- 6. precision, stated and delivered ------------------------------------------------------------------

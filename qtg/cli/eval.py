@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": model.cfg.label, "intervention": condition, **result.to_dict()}))
     else:
-        print(f"{model.cfg.label} ({condition}): loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f}, "
-              f"{result.bits_per_byte:.4f} bits/byte ({result.tokens:,} tokens, {result.bytes:,} bytes, "
-              f"{result.documents} documents)")
+        print(f"{model.cfg.label} ({condition}): loss {result.loss:.4f} nats/token, "
+              f"perplexity {result.perplexity:.2f}, {result.bits_per_byte:.4f} bits/byte "
+              f"({result.tokens:,} tokens, {result.bytes:,} bytes, {result.documents} documents)")
     return 0
