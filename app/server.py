@@ -159,7 +159,7 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
         tier["unload_event"].then(**follow)
         # On every page load: the ranges of this session's model, and the tier table (no button press needed)
         demo.load(**follow)
-        demo.load(**tier["table_event"], api_visibility="private", concurrency_id="light")
+
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo, ex
 
@@ -192,7 +192,7 @@ def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860, block: boo
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
                             blocked_paths=[str(repo / "assets")], max_file_size=0,
                             app_kwargs={"middleware": [Middleware(Guard)]}, ssr_mode=False, mcp_server=False,
-                            footer_links=["api"], quiet=not block, theme=theme(), css="", show_error=True)
+                            footer_links=["api"], quiet=not block, theme=theme(), css=CSS, show_error=True)
     # Not a daemon: a daemon thread killed inside torch at interpreter exit aborts the process.
     threading.Thread(target=tiers.summaries, args=(ex.device,), name="warm-tier-table").start()
     if block:

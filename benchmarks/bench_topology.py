@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 BACKENDS = ("gudhi", "ripser", "giotto-ph", "auto-ripser", "auto")
+VARIANTS = ("giotto-ph+collapse",)  # on request (--backends): giotto-ph with its own edge collapse
 INTERACTIVE_S = 2.0
 
 
@@ -74,10 +75,12 @@ def worker(path: str, n: int, backend: str, maxdim: int) -> None:
     import gudhi  # noqa: F401
     import ripser  # noqa: F401
 
-    from qtg.topology import exact, exact_diagrams
+    from qtg.topology import backends, exact, exact_diagrams
 
     if backend == "auto-ripser":  # the baseline: auto with ripser.py for H1+
         exact.AUTO_RIPS_ENGINE, backend = "ripser", "auto"
+    elif backend == "giotto-ph+collapse":  # giotto-ph with its own edge collapse (off in the library)
+        backends.GIOTTO_COLLAPSE_EDGES, backend = True, "giotto-ph"
     x = np.load(path)[:n]
     base = reset_peak()
     res = exact_diagrams(x, maxdim=maxdim, backend=backend, max_points=n, time_budget=None, metric_input="points")
@@ -134,23 +137,25 @@ def fmt(case: dict | None) -> str:
     return f"{case['seconds']:.3f}"
 
 
-def print_table(rows: list[dict], budget: float) -> None:
-    names = [b for b in BACKENDS if b != "auto"]
-    print(f"\n| cloud | dims | N | distinct | {' | '.join(f'{b} s' for b in BACKENDS)} | "
-          f"{' | '.join(f'{b}/auto' for b in names)} | peak MB {'/'.join(BACKENDS)} | "
+def print_table(rows: list[dict], budget: float, backends: list[str]) -> None:
+    """Markdown table: seconds per backend, each over auto's (when auto ran), peak memory, interactivity."""
+    others = [b for b in backends if b != "auto"]
+    ratios = others if "auto" in backends else []
+    print(f"\n| cloud | dims | N | distinct | {' | '.join(f'{b} s' for b in backends)} | "
+          + "".join(f"{b}/auto | " for b in ratios) + f"peak MB {'/'.join(backends)} | "
           f"interactive (auto < {INTERACTIVE_S:g} s) |")
-    print("|" + "---|" * (5 + len(BACKENDS) + len(names)) + "---|")
+    print("|" + "---|" * (6 + len(backends) + len(ratios)))
     for row in rows:
         c = row["cases"]
         auto = c.get("auto") or {}
-        ok = {b: bool(c.get(b)) and "seconds" in c[b] for b in BACKENDS}
-        ratio = {b: f"{c[b]['seconds'] / auto['seconds']:.2f}x" if ok[b] and ok["auto"] else "—" for b in names}
-        mem = "/".join(f"{c[b]['peak_mb']:.0f}" if ok[b] else "—" for b in BACKENDS)
-        distinct = next((c[b]["distinct"] for b in BACKENDS if ok[b]), "—")
-        inter = ("yes" if auto["seconds"] < INTERACTIVE_S else "no") if ok["auto"] else "no"
+        ok = {b: bool(c.get(b)) and "seconds" in c[b] for b in backends}
+        ratio = {b: f"{c[b]['seconds'] / auto['seconds']:.2f}x" if ok[b] and ok.get("auto") else "—" for b in ratios}
+        mem = "/".join(f"{c[b]['peak_mb']:.0f}" if ok[b] else "—" for b in backends)
+        distinct = next((c[b]["distinct"] for b in backends if ok[b]), "—")
+        inter = ("yes" if auto["seconds"] < INTERACTIVE_S else "no") if ok.get("auto") else "—"
         print(f"| {row['cloud']} | H0{''.join(f'+H{k}' for k in range(1, row['maxdim'] + 1))} | {row['n']} | "
-              f"{distinct} | {' | '.join(fmt(c.get(b)) for b in BACKENDS)} | {' | '.join(ratio[b] for b in names)} | "
-              f"{mem} | {inter} |")
+              f"{distinct} | {' | '.join(fmt(c.get(b)) for b in backends)} | "
+              + "".join(f"{ratio[b]} | " for b in ratios) + f"{mem} | {inter} |")
     print(f"\n'> budget': killed after {budget:g} s; larger N of that kind skipped. Ratios: a backend's time over "
           "auto's, in this run (above 1: auto is faster).")
 
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-widths", type=int, nargs="+", default=[64, 192],
                    help="dimensions of the uniform random clouds (default 64 and 192, the nano state width)")
     p.add_argument("--maxdims", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + VARIANTS,
+                   help=f"default {' '.join(BACKENDS)}; also {' '.join(VARIANTS)}")
     p.add_argument("--out", default="benchmarks/results/topology_cpu.json")
     p.add_argument("--worker", nargs=4, metavar=("NPY", "N", "BACKEND", "MAXDIM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,17 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 stopped: set[str] = set()
                 for n in sorted(s for s in args.sizes if s <= len(x)):
                     cases = {}
-                    for b in BACKENDS:
+                    for b in args.backends:
                         cases[b] = None if b in stopped else run_case(path, n, b, maxdim, args.budget)
                         if cases[b] is not None and "seconds" not in cases[b]:
                             stopped.add(b)
                     rows.append({"cloud": label, "maxdim": maxdim, "n": n, "cases": cases})
                     print(f"  {label} H0..H{maxdim} N={n}: "
                           + ", ".join(f"{b} {fmt(c)}" for b, c in cases.items()), flush=True)
-    print_table(rows, args.budget)
+    print_table(rows, args.budget, args.backends)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"budget_s": args.budget, "cpu_count": os.cpu_count(),
-                                          "load_average_end": os.getloadavg()[0], "backends": list(BACKENDS),
+                                          "load_average_end": os.getloadavg()[0], "backends": args.backends,
                                           "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"results: {args.out}")
     return 0

@@ -23,11 +23,12 @@ by (death, birth).
   falling. Filtration values are the float64 distances themselves.
 * ``ripser``: ripser.py (Bauer, *Ripser*, 2021: implicit coboundaries,
   clearing, apparent pairs) over Z/2.
-* ``giotto-ph``: ``gph.ripser_parallel`` (Burella Perez, Hauke, Lupo, Caorsi & Dassatti, 2021: a
-  multithreaded Ripser, lock-free after Morozov & Nigmetov), over Z/2, one thread per
-  core this process may use. Its own edge collapse stays off: in
-  ``benchmarks/bench_topology.py`` it cost far more than it saved, on model
-  states and on random clouds alike.
+* ``giotto-ph``: ``gph.ripser_parallel`` (Burella Perez, Hauke, Lupo,
+  Caorsi & Dassatti, 2021: Ripser made multithreaded and lock-free, after
+  Morozov & Nigmetov) over Z/2, one thread per core this process may use, on
+  the dense matrix. Its own edge collapse stays off
+  (:data:`GIOTTO_COLLAPSE_EDGES`): in ``benchmarks/bench_topology.py
+  --backends giotto-ph giotto-ph+collapse`` it cost far more than it saved.
 
 **Precision.** ripser.py and giotto-ph store filtration values as float32,
 which alone would move every value by up to 2^-24 of itself, merge values
@@ -70,6 +71,7 @@ FLOAT32_REL_ERROR = 2.0**-24  # float32 rounding: |fl(x) - x| <= 2^-24 |x|
 _POLL_S = 0.02  # how often the parent checks the budget and the cancel event
 _MAX_COLLAPSE_ROUNDS = 16  # edge collapse converges in a few rounds; this only guards a pathological case
 _RANK_ROWS = 256  # rows per block when ranking edges
+GIOTTO_COLLAPSE_EDGES = False  # giotto-ph's edge collapse: slower in benchmarks/bench_topology.py (see above)
 
 
 def sort_diagram(dgm: np.ndarray) -> np.ndarray:
@@ -235,13 +237,13 @@ def giotto_diagrams(d: np.ndarray, maxdim: int, threshold: float) -> list[np.nda
 
     A finite ``thresh`` sends giotto-ph through a sparse copy of the matrix; ``inf`` keeps it dense and
     cuts at the enclosing radius itself. A threshold at or above the enclosing radius changes nothing
-    (the complex is a cone from there), so that case is given ``inf``: the dense path, measured faster.
+    (the complex is a cone from there), so that case is given ``inf`` and no sparse copy is made.
     """
     from gph import ripser_parallel
 
     cut = np.inf if threshold >= d.max(axis=1).min() else float(threshold)
     dgms = ripser_parallel(d, maxdim=maxdim, thresh=cut, metric="precomputed", coeff=2,
-                           collapse_edges=False, n_threads=cores())["dgms"]
+                           collapse_edges=GIOTTO_COLLAPSE_EDGES and maxdim >= 1, n_threads=cores())["dgms"]
     return [np.asarray(x, dtype=np.float64) for x in dgms]
 
 
