@@ -159,7 +159,7 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
         tier["unload_event"].then(**follow)
         # On every page load: the ranges of this session's model, and the tier table (no button press needed)
         demo.load(**follow)
-
+        demo.load(**tier["table_event"], api_visibility="private", concurrency_id="light")
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo, ex
 

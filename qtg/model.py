@@ -153,18 +153,18 @@ def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
     Args: x ``[B, Nq, D]``, y ``[B, Nk, D]``. Returns ``[B, Nq, Nk]``.
     Squared distances below 1e-12 return exactly 0 with gradient 0.
     """
-    x_in = x
+    out_dtype = compute_dtype(x)
     x, y = x.double(), y.double()
     with no_autocast(x):
         sq = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
         far = sq > _DIST_SQ_FLOOR
         dist = torch.where(far, torch.sqrt(torch.where(far, sq, torch.ones_like(sq))), torch.zeros_like(sq))
-    return dist.to(compute_dtype(x_in))
+    return dist.to(out_dtype)
 
 
 @dataclass
 class TopoScores:
-    """What the TopoFilter computes for N tokens: all ``[B, N]`` float32."""
+    """What the TopoFilter computes for N tokens: all ``[B, N]``, float32 (float64 in a float64 model)."""
 
     soft: Tensor  # s~, the soft-min distance to earlier tokens
     exact: Tensor | None  # s, the exact minimum (None unless asked for or used)

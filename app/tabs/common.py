@@ -47,6 +47,8 @@ class Radio(gr.Radio):
 def fit(fig: Any, height: int | None = None) -> Any:
     """The figure sized to its panel: no fixed width (the page's plot then fills its container);
     ``height`` replaces the figure's own when given. Returns the same figure (None passes)."""
+    if fig is not None:
+        fig.update_layout(width=None, autosize=True, **({"height": height} if height else {}))
     return fig
 
 

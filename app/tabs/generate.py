@@ -234,5 +234,6 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
                        [text_html, continuation, live, stats, session, payload], api_name="generate",
                        concurrency_id="heavy")
     # Cancelling closes the generator on the server: no further token is computed. Then the status says so.
-    stop_btn.click(None, None, None, cancels=[evt], api_visibility="private")
+    stop_btn.click(None, None, None, cancels=[evt], api_visibility="private").then(
+        stopped, [payload], [stats], api_visibility="private", queue=False)
     return {"event": evt, "ranges": [max_new]}

@@ -155,7 +155,7 @@ def graph_betti(weights: np.ndarray, thresholds: Sequence[float] = THRESHOLDS
         graph = sparse.coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
         components = int(connected_components(graph, directed=False)[0])
         b0.append(components)
-        b1.append(len(i) - n)
+        b1.append(len(i) - n + components)
         edges.append(len(i))
     return b0, b1, edges
 
@@ -287,6 +287,7 @@ def head_attention_graphs(model: Any, ids: Any, block: int, heads: Sequence[int]
     check_block(model, block)
     heads = check_heads(model, heads)
     with torch.no_grad():
-        out = model(one_sequence(ids), return_internals=True, intervene=intervene, map_blocks=[block])
+        out = model(one_sequence(ids).to(next(model.parameters()).device), return_internals=True,
+                    intervene=intervene, map_blocks=[block])
     maps = out.attention[block][0]  # [H, N, N]
     return [attention_graph(maps[h], **kwargs) for h in heads]

@@ -142,8 +142,8 @@ def head_geometry(
     Returns:
         :class:`HeadGeometry`.
     """
-    points = head_points(model, ids, block, which, intervene)  # [H, N, d_h]
     heads = check_heads(model, heads)
+    points = head_points(model, ids, block, which, intervene)  # [H, N, d_h]
     dist = np.stack([fisher_rao_distances(points[h]) for h in heads])  # [len(heads), N, N]
     dgms = [exact_diagrams(d, maxdim=maxdim, backend=backend, metric_input="distances", max_points=max_points,
                            time_budget=time_budget) for d in dist]
