@@ -142,7 +142,7 @@ def test_first_page_is_served_soon_after_the_command(app_url):
 def test_first_page_shows_the_loaded_model_and_the_tier_table(page):
     assert "nano (shipped, trained)" in page.inner_text("#status")
     _tab(page, "Tiers")  # filled on load: no button pressed
-    page.wait_for_function("document.querySelector('#tiers-table').innerText.includes('5.5q')", timeout=120_000)
+    page.wait_for_function("document.querySelector('#tiers-table')?.innerText.includes('5.5q')", timeout=120_000)
     _tab(page, "Generate")
 
 
@@ -150,7 +150,7 @@ def test_generate_streams_into_the_page(page, shots):
     page.fill("#prompt textarea", "JULIET:")
     page.click("#generate-btn")
     page.wait_for_function("document.querySelectorAll('#generated-html .qtg-tok').length > 20", timeout=60_000)
-    page.wait_for_function("document.querySelector('#generate-stats').innerText.includes('done')", timeout=60_000)
+    page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('done')", timeout=60_000)
     _plot_rendered(page, "live-diagram")
     assert page.input_value("#continuation textarea").startswith("JULIET:")  # no blank lines before the text
     title = page.get_attribute("#generated-html .qtg-tok >> nth=3", "title")
@@ -163,10 +163,10 @@ def test_stop_says_stopped_with_the_count(page):
     _set_number(page, "max-new", "240")
     page.fill("#prompt textarea", "ROMEO:")
     page.click("#generate-btn")
-    page.wait_for_function("document.querySelector('#generate-stats').innerText.includes('generating: ')",
+    page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('generating: ')",
                            timeout=60_000)
     page.click("#stop-btn")
-    page.wait_for_function("document.querySelector('#generate-stats').innerText.includes('stopped')",
+    page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('stopped')",
                            timeout=30_000)
     time.sleep(1.0)  # nothing overwrites it afterwards
     stats = page.inner_text("#generate-stats")
@@ -181,7 +181,7 @@ def test_topology_tab(page, shots):
     _tab(page, "Topology")
     page.click("#topology-btn")
     _plot_rendered(page, "topology-diagram")
-    page.wait_for_function("document.querySelector('#topology-bounds').innerText.includes('Bounds applied')")
+    page.wait_for_function("document.querySelector('#topology-bounds')?.innerText.includes('Bounds applied')")
     _plot_rendered(page, "topology-approx")
     for elem_id in ("topology-diagram", "topology-barcode", "topology-approx"):
         _fits(page, elem_id)
@@ -248,17 +248,17 @@ def _load(page, label: str, expect: str) -> None:
     box.fill(label)
     page.get_by_role("option", name=label).click()
     page.click("#load-btn")
-    page.wait_for_function(f"document.querySelector('#status').innerText.includes({expect!r})", timeout=120_000)
+    page.wait_for_function(f"document.querySelector('#status')?.innerText.includes({expect!r})", timeout=120_000)
 
 
 def test_control_ranges_follow_the_loaded_model(page):
     _load(page, "micro tier (random weights)", "micro tier")
     _tab(page, "Generate")
-    page.wait_for_function("document.querySelector('#max-new input[type=range]').max === '127'", timeout=30_000)
+    page.wait_for_function("document.querySelector('#max-new input[type=range]')?.max === '127'", timeout=30_000)
     assert page.get_attribute("#topology-layer input[type=range]", "max") == "3"
     assert page.get_attribute("#attention-block input[type=range]", "max") == "1"
     _load(page, "nano (shipped, trained)", "nano (shipped")
-    page.wait_for_function("document.querySelector('#max-new input[type=range]').max === '255'", timeout=30_000)
+    page.wait_for_function("document.querySelector('#max-new input[type=range]')?.max === '255'", timeout=30_000)
 
 
 def test_empty_prompt_shows_an_error_not_a_traceback(page):

@@ -13,11 +13,11 @@ import sys
 from qtg import __version__
 from qtg.cli import app as app_cmd
 from qtg.cli import eval as eval_cmd
-from qtg.cli import export, generate, info, tokenizer, topo, train
+from qtg.cli import experiment, export, generate, info, tokenizer, topo, train
 from qtg.distributed.world import under_torchrun
 from qtg.errors import QTGError
 
-COMMANDS = [info, train, generate, eval_cmd, tokenizer, topo, export, app_cmd]
+COMMANDS = [info, train, generate, eval_cmd, experiment, tokenizer, topo, export, app_cmd]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?

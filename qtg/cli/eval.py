@@ -19,8 +19,9 @@ weights are untouched), e.g. the exact TopoFilter (topo=exact), no TopoFilter
 heads ablated (ablate=0:1,2 for block 0's heads 1 and 2)."""
 
 EXAMPLES = """examples:
-  qtg eval --data assets/corpus/hamlet.txt.gz
-  qtg eval --checkpoint runs/nano --data my_texts/ --json
+  qtg eval --data assets/corpus/hamlet.txt.gz                       the shipped nano (the default)
+  qtg eval --model nano-baseline --data assets/corpus/hamlet.txt.gz   any shipped model, by name
+  qtg eval --checkpoint runs/nano --data my_texts/ --json            your own weights
   qtg eval --data assets/corpus/hamlet.txt.gz --intervene topo=exact"""
 
 

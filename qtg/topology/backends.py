@@ -18,9 +18,10 @@ by (death, birth).
   (``SimplexTree.create_from_array``), reduced by edge collapse (Boissonnat &
   Pritam, 2020: it preserves the persistence of the flag complex in every
   degree), expanded to dimension ``maxdim + 1`` and reduced over Z/2, with
-  ``persistence_dim_max=True`` so that the bars that never die in the highest
-  dimension are reported too. Collapse is repeated until the edge count stops
-  falling. Filtration values are the float64 distances themselves.
+  ``persistence_dim_max`` set when the complex stops below ``maxdim + 1``, so
+  that the bars that never die in the highest dimension reported are there
+  too. Collapse is repeated until the edge count stops falling. Filtration
+  values are the float64 distances themselves.
 * ``ripser``: ripser.py (Bauer, *Ripser*, 2021: implicit coboundaries,
   clearing, apparent pairs) over Z/2.
 * ``giotto-ph``: ``gph.ripser_parallel`` (Burella Perez, Hauke, Lupo,
@@ -210,9 +211,11 @@ def gudhi_diagrams(d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndar
             previous = st.num_simplices()
             st.collapse_edges(1)  # gudhi 3.13: a negative count is silently a no-op, so loop here
     st.expansion(maxdim + 1)
-    # persistence_dim_max: without it gudhi leaves out the bars of the top dimension of the complex
-    # that never die (a square's H1 at a cut at its side, the H0 of a single point)
-    st.compute_persistence(homology_coeff_field=2, persistence_dim_max=True)
+    # gudhi leaves out the top dimension of the complex unless persistence_dim_max is set. That dimension
+    # is maxdim + 1 (not reported) when the complex reaches it; when it does not (a square cut at its side
+    # has no triangles, a single point no edge), it is one we report, bars that never die included.
+    # Only then is the flag set: otherwise it would cost a full reduction of the (maxdim + 1)-simplices.
+    st.compute_persistence(homology_coeff_field=2, persistence_dim_max=st.dimension() <= maxdim)
     return [sort_diagram(st.persistence_intervals_in_dimension(k)) for k in range(maxdim + 1)]
 
 

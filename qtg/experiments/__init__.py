@@ -1,0 +1,28 @@
+"""Experiments: ask a model a causal question over a corpus and get an answer with an error bar.
+
+    from qtg import experiments as ex
+    lens = ex.logit_lens(model, ids)                               # tied head on every state, [B, N, V] each
+    cmp = ex.compare_text(model, "To be, or not", qtg.Intervention(topo="off"))   # one text, with and without
+    res = ex.sweep(model, "texts/", [qtg.Intervention(topo="exact")])  # per-window figures, paired 95 % CIs
+    ranking = ex.head_importance(model, "texts/", max_windows=200)  # each head ablated alone, ranked
+    ex.paired_bootstrap(after, before, n_bytes)                     # the interval on its own
+
+Every figure is computed from forward passes under :class:`qtg.Intervention`
+(the weights are never touched), bits per byte through :func:`qtg.metrics.bits_per_byte`,
+and every interval by a seeded bootstrap, so the same call gives the same numbers.
+"""
+
+from qtg.experiments.bootstrap import Interval, bootstrap_ratio, paired_bootstrap
+from qtg.experiments.compare import TextComparison, compare_ids, compare_text
+from qtg.experiments.corpus import Corpus, cut_corpus, token_byte_lengths
+from qtg.experiments.errors import ExperimentCancelled, ExperimentError
+from qtg.experiments.heads import HeadEffect, HeadRanking, head_importance, side_by_side
+from qtg.experiments.lens import Lens, head_table, logit_lens, read_out
+from qtg.experiments.sweep import Condition, SweepResult, WindowScores, prepare, sweep
+
+__all__ = [
+    "Condition", "Corpus", "ExperimentCancelled", "ExperimentError", "HeadEffect", "HeadRanking", "Interval", "Lens",
+    "SweepResult", "TextComparison", "WindowScores", "bootstrap_ratio", "compare_ids", "compare_text", "cut_corpus",
+    "head_importance", "head_table", "logit_lens", "paired_bootstrap", "prepare", "read_out", "side_by_side", "sweep",
+    "token_byte_lengths",
+]
