@@ -20,8 +20,10 @@ Files are served only from this launch's private export folder (Gradio's cache l
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -178,7 +180,7 @@ def quiet_logs() -> None:
 
 def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
            model=None) -> tuple[gr.Blocks, Explorer, str]:
-    """Serve the app. Files are served from this launch's private export folder only.
+    """Serve the app. Files are served from this launch's private export folder only; it is removed at exit.
 
     The tier table's parameter counts (5.5q's meta build takes seconds) are warmed in a thread started
     once the server answers, so the first page does not wait for them.
@@ -188,6 +190,7 @@ def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860, block: boo
     """
     quiet_logs()
     demo, ex = build_app(cfg, model)
+    atexit.register(shutil.rmtree, ex.export_dir, ignore_errors=True)  # this launch's exports go with it
     repo = Path(__file__).resolve().parent.parent
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
                             blocked_paths=[str(repo / "assets")], max_file_size=0,

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_app.py [--repeats 3] [--threads 2] [--json benchmarks/results/app_cpu.json]
 
-Starts ``python -m app`` in a subprocess (timed from the command to the first page served), then
-drives it through ``gradio_client`` as a remote user would. Generation is set beside the library's own
+Starts ``python -m app`` in a subprocess (timed from the command to the first page served), times the
+phases of a start-up in another fresh process (imports, model and page, server), then drives the app
+through ``gradio_client`` as a remote user would. Generation is set beside the library's own
 ``qtg.generate.generate`` in this process with the same thread count, so the app's overhead reads as
 a ratio. Medians over ``--repeats``; this machine is noisy, so read the ratios.
 """
@@ -52,6 +53,32 @@ def start_app(threads: int) -> tuple[subprocess.Popen, str, float]:
             if proc.poll() is not None or time.perf_counter() - t0 > 120:
                 raise SystemExit("the app did not start") from None
             time.sleep(0.05)
+
+
+PHASES = """
+import os, socket, sys, time
+t0 = time.perf_counter()
+def lap(name): print(f"{name}\t{time.perf_counter() - t0:.3f}", flush=True)
+import torch; lap("import torch")
+torch.set_num_threads(int(sys.argv[1]))
+import qtg; lap("import qtg")
+import gradio; lap("import gradio")
+import app.server as server; lap("import the app's modules")
+from app.config import AppConfig
+demo, ex = server.build_app(AppConfig(device="cpu")); lap("load nano and build the page")
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False); lap("start the server")
+demo.close()
+"""
+
+
+def startup_phases(threads: int) -> dict[str, float]:
+    """Seconds from the start of a fresh process to the end of each start-up phase (cumulative)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", PHASES, str(threads)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    return {name: float(t) for name, t in (line.split("\t") for line in out.splitlines() if "\t" in line)}
 
 
 def timed(fn) -> float:
@@ -108,12 +135,16 @@ def main() -> None:
         if len(starts) < args.repeats:
             proc.terminate()
             proc.wait(30)
+    phases: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for name, t in startup_phases(args.threads).items():
+            phases.setdefault(name, []).append(t)
     model = qtg.load("nano")
     client = Client(url, verbose=False)
     actions = {
         "topology (gudhi + ripser, 256 pts)": lambda: client.predict(TEXT * 2, 1, "gudhi + ripser (overlaid)", 256, 0,
                                                                      api_name="/topology"),
-        "attention (4 heads + baseline)": lambda: client.predict(TEXT, 0, -1, api_name="/attention"),
+        "attention (4 heads + baseline)": lambda: client.predict(TEXT, 0, -1, 1, "linear", api_name="/attention"),
         "compare (nano vs nano-baseline)": lambda: client.predict(TEXT, "shipped:nano", "cpu", "approximate",
                                                                   "shipped:nano-baseline", "cpu", "approximate", -1,
                                                                   api_name="/compare"),
@@ -143,12 +174,14 @@ def main() -> None:
     print(f"{'measure':40s} {'value':>10s}")
     print("-" * 52)
     print(f"{'start-up to first page s':40s} {statistics.median(starts):10.2f}")
+    for name, ts in phases.items():
+        print(f"{'  by the end of: ' + name + ' s':40s} {statistics.median(ts):10.2f}")
     for k, v in med.items():
         print(f"{k:40s} {v:10.3f}")
     print(f"{'app / library tokens/s':40s} {med['app tokens/s'] / med['library tokens/s']:10.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"startup_s": starts, "threads": args.threads, "tokens": args.tokens,
-                                         "runs": rows, "median": med}, indent=2))
+        args.json.write_text(json.dumps({"startup_s": starts, "startup_phases_s": phases, "threads": args.threads,
+                                         "tokens": args.tokens, "runs": rows, "median": med}, indent=2))
 
 
 if __name__ == "__main__":

@@ -138,8 +138,9 @@ def test_tiny_temperatures_are_greedy_not_a_crash(ex, nano, temperature):
     ((PROMPT, 10, 0.8, 0, 1, "abc"), "^seed: expected a whole number, got 'abc'$"),
     ((PROMPT, 2.5, 0.8, 0, 1, -1), "^max new tokens: expected a whole number, got 2.5$"),
     ((PROMPT, 10, 0.8, 0, 1, float("inf")), "^seed: expected a whole number, got inf$"),
-    (("word " * 300, 10, 0.8, 0, 1, -1), r"^prompt: [\d,]+ tokens \(1,500 characters\) is above the 256 tokens "
-                                         r"nano reads at once \(its context\); here that is the first [\d,]+ characters"),
+    (("word " * 300, 10, 0.8, 0, 1, -1), r"^prompt: [\d,]+ tokens \(1,500 characters\) is above the 256 "
+                                         r"tokens nano reads at once \(its context\); here that is the first "
+                                         r"[\d,]+ characters"),
     (("word " * 200, 100, 0.8, 0, 1, -1), "max_seq_len of nano \\(256\\)"),
 ])
 def test_generate_bad_input_is_one_line_naming_the_field(ex, args, message):

@@ -21,7 +21,7 @@ from qtg.checkpoint import save_checkpoint
 from qtg.cli import main
 from qtg.data import Document
 from qtg.evaluate import evaluate
-from qtg.tokenizer import decode, encode
+from qtg.tokenizer import decode, encode, token_strings
 from tests.conftest import SAMPLE_TEXT, run_qtg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,6 +117,15 @@ def test_lens_follows_the_intervention_and_reports_top_tokens(micro, ids):
     assert torch.equal(top_ids[..., 0], torch.stack(lens.log_probs).argmax(-1))
     d = lens.to_dict(k=3)
     assert [s["name"] for s in d["states"]] == micro.state_names and len(d["states"][0]["top_ids"]) == ids.shape[1]
+
+
+def test_lens_as_json_names_the_tokens(small, tok):
+    ids = [0] + encode(tok, "All: Speak, speak.")
+    d = ex.logit_lens(small, torch.tensor(ids)).to_dict(tok, k=2)
+    assert d["input_tokens"] == token_strings(tok, ids)
+    top = d["states"][-1]
+    assert top["top_tokens"][3] == token_strings(tok, top["top_ids"][3]) and len(top["top_probs"][3]) == 2
+    assert json.loads(json.dumps(d)) == d
 
 
 def test_head_table_is_found_by_declared_architecture(micro, small_baseline):

@@ -130,7 +130,8 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
     lim = ex.limits
     gr.Markdown("Exact Vietoris–Rips persistence of the token states at one layer, beside the TopoFilter's "
                 "approximation of H0 on the same tokens. Leave the text empty to use the last generation. "
-                "The text must fit the model's context (256 tokens for nano, about 800 characters of prose).")
+                "The text must fit the model's context (a longer one is refused with the limit in tokens and "
+                "characters).")
     with gr.Row():
         text = gr.Textbox(label="text (empty: the last generation)", lines=4, scale=3, elem_id="topology-text",
                           max_length=lim.max_text_chars)

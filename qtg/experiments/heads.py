@@ -73,7 +73,7 @@ def head_importance(model: Any, data: str | os.PathLike | Sequence[Document] | C
     cfg = model.cfg
     pairs = [(b, h) for b in range(cfg.n_layers) for h in range(cfg.n_heads)]
     result = sweep(model, data, [Intervention(ablate_heads={b: [h]}) for b, h in pairs],
-                   **{**sweep_kwargs, "sample": 0})
+                   **{"desc": f"heads of {cfg.name}", **sweep_kwargs, "sample": 0})
     plain, ablated = result.conditions[0], result.conditions[1:]
     effects = [HeadEffect(b, h, c.delta_loss, c.delta_bits_per_byte) for (b, h), c in zip(pairs, ablated)]
     effects.sort(key=lambda e: (-e.delta_loss.estimate, e.block, e.head))

@@ -77,15 +77,19 @@ class Lens:
         probabilities and the KL to the final state; token strings when a tokenizer is given."""
         probs, ids = self.top(k)
         kl = self.kl_to_final()
-        label = (lambda row: token_strings(tokenizer, row)) if tokenizer is not None else (lambda row: None)
         states = []
         for s, name in enumerate(self.state_names):
             top_ids = ids[s, batch].tolist()  # [N][k]
             states.append({"name": name, "top_ids": top_ids, "top_probs": probs[s, batch].tolist(),
-                           "top_tokens": [label(row) for row in top_ids] if tokenizer is not None else None,
-                           "kl_to_final": kl[s, batch].tolist()})
+                           "top_tokens": _labels(tokenizer, top_ids), "kl_to_final": kl[s, batch].tolist()})
         inputs = self.ids[batch].tolist()
-        return {"input_ids": inputs, "input_tokens": label(inputs), "states": states}
+        return {"input_ids": inputs, "input_tokens": _labels(tokenizer, [inputs])[0] if tokenizer else None,
+                "states": states}
+
+
+def _labels(tokenizer: Any, rows: list[list[int]]) -> list[list[str]] | None:
+    """Token strings for each row of ids, or None without a tokenizer."""
+    return None if tokenizer is None else [token_strings(tokenizer, row) for row in rows]
 
 
 @torch.inference_mode()

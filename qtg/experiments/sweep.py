@@ -225,10 +225,17 @@ def _conditions(model: Any, interventions: Sequence[Intervention]) -> list[Inter
         if not isinstance(iv, Intervention):
             raise ExperimentError(f"interventions must be qtg.Intervention values, got {type(iv).__name__}")
         iv.check(model)
-        if iv in out:
+        if any(_same(iv, seen) for seen in out):
             raise ExperimentError(f"intervention {iv.name!r} is given twice (the unmodified model always runs first)")
         out.append(iv)
     return out
+
+
+def _same(a: Intervention, b: Intervention) -> bool:
+    try:
+        return bool(a == b)
+    except RuntimeError:  # per-block gamma tensors of several values compare elementwise: not the same value
+        return False
 
 
 def _check_args(batch_size: int, sample: int, max_windows: int | None, resamples: int) -> None:
@@ -259,7 +266,7 @@ def sweep(model: Any, data: str | os.PathLike | Sequence[Document] | Corpus,
           interventions: Sequence[Intervention], *, tokenizer: Any = None, batch_size: int = 8,
           sample: int = DEFAULT_SAMPLE, max_windows: int | None = None, seed: int = 0,
           resamples: int = DEFAULT_RESAMPLES, progress: bool = False, cancel: threading.Event | None = None,
-          on_progress: Callable[[int, int], None] | None = None) -> SweepResult:
+          on_progress: Callable[[int, int], None] | None = None, desc: str = "sweep") -> SweepResult:
     """Score a corpus under the unmodified model and each intervention; paired CIs against the former.
 
     Args:
@@ -273,7 +280,7 @@ def sweep(model: Any, data: str | os.PathLike | Sequence[Document] | Corpus,
             model's bits per byte equals ``qtg eval``'s).
         seed: fixes the window draws and the bootstrap: the same call gives the same numbers.
         resamples: bootstrap resamples.
-        progress: a tqdm bar over windows x conditions.
+        progress: a tqdm bar over windows x conditions, labelled ``desc``.
         cancel: set it (from another thread) to stop; the sweep raises :class:`ExperimentCancelled`.
         on_progress: called with (windows done, windows in all) after each forward pass.
 
@@ -288,7 +295,7 @@ def sweep(model: Any, data: str | os.PathLike | Sequence[Document] | Corpus,
     batches = _batches(corpus, picked, batch_size)
     diagrams: dict[int, tuple[np.ndarray, Any]] = {}
     total, done = len(corpus.windows) * len(conditions), 0
-    bar = tqdm(total=total, desc="sweep", unit="window", disable=not progress)
+    bar = tqdm(total=total, desc=desc, unit="window", disable=not progress)
     runs: list[tuple[Intervention, WindowScores, float]] = []
     try:
         for iv in conditions:
