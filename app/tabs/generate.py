@@ -154,9 +154,10 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         nonlocal fig_sent
         text = decode(tok, new_ids)
         new_session = Session(session.model, session.device, prompt + text)
-        numbers = {"prompt": prompt, "continuation": text, "token_ids": new_ids, "sampling": args,
-                   "tokens": scores.text, "soft": scores.soft, "exact": scores.exact, "weights": scores.weight,
-                   "generated": scores.generated, "model": loaded.source.key}
+        # copies: this update's numbers stay as they were when it was sent, whatever comes after
+        numbers = {"prompt": prompt, "continuation": text, "token_ids": list(new_ids), "sampling": args,
+                   "tokens": list(scores.text), "soft": list(scores.soft), "exact": list(scores.exact),
+                   "weights": list(scores.weight), "generated": list(scores.generated), "model": loaded.source.key}
         payload = Exportable("generate", {"live_diagram": fig} if fig is not None else {}, numbers)
         # the live figure changes at most every live_every_s: between redraws it is not sent again
         shown = gr.skip() if fig_sent is fig and not done else fig
@@ -187,8 +188,8 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
 
 
 def stopped(payload: Exportable | None) -> str:
-    """The status line after Stop: how many new tokens the server had computed (the page may not have received
-    the update carrying the last one or two)."""
+    """The status line after Stop: the new tokens of the last update the server sent (the page may not have
+    received that one when Stop took effect)."""
     n = len(payload.numbers.get("token_ids", ())) if payload is not None else 0
     return f"stopped after {n} new tokens (Stop pressed; the server computes no more)"
 

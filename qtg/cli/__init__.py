@@ -25,6 +25,8 @@ EPILOG = """examples:
   qtg train --config configs/nano.yaml --out runs/nano --steps 3000   train nano; add --resume to continue
   qtg generate --prompt "ROMEO:" --max-new-tokens 80        the shipped nano continues a prompt
   qtg eval --data assets/corpus/hamlet.txt.gz               loss, perplexity, bits per byte
+  qtg eval --model nano-baseline --data assets/corpus/hamlet.txt.gz --intervene ablate=0:1   one head off
+  qtg experiment --data assets/corpus --split test --intervene topo=off   change in bits/byte with a 95% CI
   qtg tokenizer train --vocab-size 2048 --out runs/tok.json   a BPE tokenizer on the bundled corpus
   qtg topo --text "To be, or not to be" --layer all --html topo.html   exact persistence vs the TopoFilter
   torchrun --nproc_per_node 2 $(which qtg) train --config configs/nano.yaml --out runs/nano2   sharded (FSDP2)

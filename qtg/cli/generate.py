@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from qtg.cli.common import add_model_args, check_tokenizer, load_model
+from qtg.cli.common import add_model_args, check_tokenizer, load_model, model_source
 from qtg.distributed.world import close_world, init_world, under_torchrun
 from qtg.errors import ConfigError, GenerationError
 from qtg.generate import check_sampling, generate, stream
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     world = init_world(args.device)
     try:
-        model = load_sharded_model(args.checkpoint or args.tier or "nano", world, _precision(args.dtype))
+        model = load_sharded_model(model_source(args), world, _precision(args.dtype))
         check_tokenizer(model)
         args.seed = shared_seed(world, args.seed)
         with open(os.devnull, "w") if not world.is_main else contextlib.nullcontext(sys.stdout) as out:
