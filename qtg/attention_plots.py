@@ -98,6 +98,9 @@ def gamma_bars(gammas: Sequence[Any], title: str = "Fisher-Rao contrast gamma pe
         vals = np.asarray(g.detach().float().cpu() if hasattr(g, "detach") else g, dtype=np.float64).ravel()
         fig.add_trace(go.Bar(x=[f"head {h}" for h in range(len(vals))], y=vals, name=f"block {layer}",
                              hovertemplate="%{x}: gamma %{y:.4g}<extra>block " + str(layer) + "</extra>"))
-    fig.add_hline(y=1.0, line=dict(color="gray", dash="dash", width=1), annotation_text="gamma = 1 (seed)")
+    fig.add_hline(y=1.0, line=dict(color="gray", dash="dash", width=1))
+    # named in the legend: a label on the line itself lands on the bars
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="gamma = 1 (the seed's fixed value)",
+                             line=dict(color="gray", dash="dash", width=1)))
     fig.update_layout(title=title, template="plotly_white", barmode="group", height=360, yaxis_title="gamma")
     return fig

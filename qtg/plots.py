@@ -91,7 +91,7 @@ def persistence_diagram(diagrams: Any, title: str = "Persistence diagram") -> go
                                           SOURCE_SYMBOLS[s % len(SOURCE_SYMBOLS)]))
     pad = 0.03 * level
     fig.update_layout(title=title, xaxis_title="birth (edge length)", yaxis_title="death (edge length)",
-                      template="plotly_white", width=760, height=700,
+                      template="plotly_white", height=700,  # width: the container's
                       xaxis=dict(range=[-pad, level + pad]), yaxis=dict(range=[-pad, level + 2 * pad]))
     return fig
 

@@ -5,6 +5,7 @@ at <= 300 points so the file runs in seconds."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import multiprocessing as mp
@@ -217,11 +218,12 @@ def test_point_limit_reports_what_it_kept_and_a_valid_error_bound(how):
         topology.exact_diagrams(x, max_points=40, subsample="error")
 
 
-def test_time_budget_stops_the_work_and_names_the_knob():
+@pytest.mark.parametrize("backend", ["ripser", "giotto-ph"])  # giotto-ph runs threads inside the child
+def test_time_budget_stops_the_work_and_names_the_knob(backend):
     x = unit_vectors(300, 128, seed=5)  # H2 of 300 unstructured points: minutes of work
     start = time.monotonic()
     with pytest.raises(TopologyError, match=r"exceeded time_budget=0\.5 s.*raise time_budget.*max_points.*max_edge"):
-        topology.exact_diagrams(x, maxdim=2, backend="ripser", time_budget=0.5)
+        topology.exact_diagrams(x, maxdim=2, backend=backend, time_budget=0.5)
     assert time.monotonic() - start < 5
     assert not mp.active_children(), "the worker process must be gone"
 
@@ -298,6 +300,15 @@ def test_a_distance_matrix_gives_the_same_diagrams_and_a_square_array_is_never_r
 
 
 # --- the comparison -------------------------------------------------------------------------------
+
+
+def test_distances_and_the_elder_rule_have_their_own_modules_and_keep_their_names():
+    from qtg.topology import bottleneck_distance, elder, wasserstein_distance
+
+    compare = importlib.import_module("qtg.topology.compare")  # the package's `compare` is the function
+    assert topology.bottleneck is bottleneck_distance.bottleneck is compare.bottleneck
+    assert topology.wasserstein_1 is wasserstein_distance.wasserstein_1 is compare.wasserstein_1
+    assert topology.elder_persistence is elder.elder_persistence is compare.elder_persistence
 
 
 def test_elder_rule_attributes_bars_to_the_younger_token():

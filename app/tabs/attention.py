@@ -69,12 +69,8 @@ def heatmaps(maps: Any, tokens: list[str], kind: str, heads: list[int], gamma: A
 
 
 def gamma_figure(gammas: list[Any]) -> go.Figure:
-    """``gamma_bars`` with gamma = 1 named in the legend (its label drawn over the line overlapped the bars)."""
-    fig = gamma_bars(gammas)
-    fig.layout.annotations = [a for a in fig.layout.annotations if "gamma = 1" not in (a.text or "")]
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="gamma = 1 (the seed's fixed value)",
-                             line=dict(color="gray", dash="dash", width=1)))
-    return fit(fig)
+    """``gamma_bars`` sized to its panel."""
+    return fit(gamma_bars(gammas))
 
 
 def all_gammas(loaded: Loaded) -> list[Any]:
