@@ -55,7 +55,7 @@ def _side(ex: Explorer, text: str, key: str, device: str, mode: str, layer_arg: 
         states = model(ids, return_internals=True, map_blocks=(), intervene=intervene).states[layer][0]
     ex.counters.add("forwards")
     dgms = exact_diagrams(states, maxdim=1, max_points=min(256, ex.limits.max_topology_points),
-                          time_budget=ex.limits.topology_time_budget)
+                          time_budget=ex.limits.topology_time_budget, metric_input="points")
     seconds = _now(device) - t0
     loss = nll / count
     return {"model": loaded.source.label, "key": key, "device": loaded.device,

@@ -84,7 +84,7 @@ def live_diagram(model_points: torch.Tensor | None, limit: int) -> tuple[Any, st
     if model_points is None or model_points.shape[1] < 3:
         return None, ""
     pts = model_points[0, -limit:].double().cpu().numpy()
-    ex = exact_diagrams(pts, maxdim=1, max_points=limit, time_budget=None)
+    ex = exact_diagrams(pts, maxdim=1, max_points=limit, time_budget=None, metric_input="points")
     bars = ", ".join(f"H{k}: {len(d)}" for k, d in enumerate(ex.dgms))
     fig = fit(persistence_diagram(ex, title=f"Exact H0/H1 of the last {len(pts)} tokens' QEmbed states ({bars})"),
               height=460)

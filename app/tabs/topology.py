@@ -19,9 +19,10 @@ from qtg.topology import approx_view, bottleneck, compare, exact_diagrams
 
 BACKENDS = {
     "gudhi + ripser (overlaid)": ("gudhi", "ripser"),
-    "auto (spanning tree H0, ripser H1)": ("auto",),
+    "auto (spanning tree H0, giotto-ph H1)": ("auto",),
     "gudhi": ("gudhi",),
     "ripser": ("ripser",),
+    "giotto-ph": ("giotto-ph",),
 }
 
 
@@ -65,7 +66,8 @@ def topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 1, b
     ex.counters.add("forwards")
     # layer 1 of a QTG model is the TopoFilter's view of the QEmbed cloud (layer 0)
     cloud = out.states[0 if (loaded.has_topofilter and layer == 1) else layer][0]
-    bounded = dict(maxdim=1, max_points=points, max_edge=edge or None, time_budget=ex.limits.topology_time_budget)
+    bounded = dict(maxdim=1, max_points=points, max_edge=edge or None, time_budget=ex.limits.topology_time_budget,
+                   metric_input="points")
     results = {e: exact_diagrams(cloud, backend=e, **bounded) for e in engines}
     main = results["ripser"] if "ripser" in results else next(iter(results.values()))
     name = names[layer]

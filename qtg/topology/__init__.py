@@ -7,6 +7,8 @@
     cmp = topology.compare(ex, view)                           # bottleneck, W1, per-token errors, ranks
     topology.bottleneck(ex_gudhi.dgms[1], ex_ripser.dgms[1])    # any two diagrams (e.g. two engines' H1)
     topology.exact_mode_loss(model, ids)                       # what the soft-min costs in loss
+    topology.attention_graph(out.attention[0][0, h])           # a head's attention map as a graph: H0/H1, Betti
+    topology.prompt_distance(A, prompt_len)                    # TOHA: the prompt-to-continuation spanning forest
 
 :mod:`qtg.topology.exact` computes diagrams (engines in
 :mod:`qtg.topology.backends`); :mod:`qtg.topology.compare` measures the
@@ -17,6 +19,15 @@ in :mod:`qtg.plots`.
 """
 
 from qtg.errors import TopologyError
+from qtg.topology.attention_graph import (
+    THRESHOLDS,
+    AttentionTopology,
+    BarStats,
+    attention_distances,
+    attention_graph,
+    bar_stats,
+    head_attention_graphs,
+)
 from qtg.topology.bottleneck_distance import bottleneck
 from qtg.topology.compare import (
     ApproxView,
@@ -30,10 +41,14 @@ from qtg.topology.compare import (
 )
 from qtg.topology.elder import elder_persistence
 from qtg.topology.exact import Bounds, ExactDiagrams, euclidean_distances, exact_diagrams
+from qtg.topology.head_geometry import HeadGeometry, fisher_rao_distances, head_geometry, head_points
+from qtg.topology.prompt_forest import PromptForest, prompt_distance
 from qtg.topology.wasserstein_distance import wasserstein_1
 
 __all__ = [
-    "ApproxView", "Bounds", "Comparison", "ExactDiagrams", "ExactModeResult", "LayerComparison", "TopologyError",
-    "approx_view", "bottleneck", "compare", "elder_persistence", "euclidean_distances", "exact_diagrams",
-    "exact_mode_loss", "layer_sweep", "wasserstein_1",
+    "ApproxView", "AttentionTopology", "BarStats", "Bounds", "Comparison", "ExactDiagrams", "ExactModeResult",
+    "HeadGeometry", "LayerComparison", "PromptForest", "THRESHOLDS", "TopologyError", "approx_view",
+    "attention_distances", "attention_graph", "bar_stats", "bottleneck", "compare", "elder_persistence",
+    "euclidean_distances", "exact_diagrams", "exact_mode_loss", "fisher_rao_distances", "head_attention_graphs",
+    "head_geometry", "head_points", "layer_sweep", "prompt_distance", "wasserstein_1",
 ]
