@@ -177,11 +177,16 @@ def as_int(value: Any, name: str, lo: int, hi: int) -> int:
             raise AppInputError(f"{name}: expected a whole number, got {value.strip()[:50]!r}") from None
     else:
         raise AppInputError(f"{name}: expected a whole number, got {str(value)[:50]!r}")
-    if n < lo:
-        raise AppInputError(f"{name}: {n} is below the minimum {lo}")
-    if n > hi:
-        raise AppInputError(f"{name}: {n} is above the maximum {hi}")
-    return n
+    return _in_range(n, name, lo, hi)
+
+
+def _in_range(x: int | float, name: str, lo: int | float, hi: int | float) -> int | float:
+    show = (lambda v: str(v)) if isinstance(x, int) else (lambda v: f"{v:g}")  # noqa: E731 - whole numbers whole
+    if x < lo:
+        raise AppInputError(f"{name}: {show(x)} is below the minimum {show(lo)}")
+    if x > hi:
+        raise AppInputError(f"{name}: {show(x)} is above the maximum {show(hi)}")
+    return x
 
 
 def as_float(value: Any, name: str, lo: float, hi: float) -> float:
@@ -198,8 +203,4 @@ def as_float(value: Any, name: str, lo: float, hi: float) -> float:
         raise AppInputError(f"{name}: expected a number, got {str(value)[:50]!r}") from None
     if not math.isfinite(f):
         raise AppInputError(f"{name}: expected a finite number, got {value!r}")
-    if f < lo:
-        raise AppInputError(f"{name}: {f:g} is below the minimum {lo:g}")
-    if f > hi:
-        raise AppInputError(f"{name}: {f:g} is above the maximum {hi:g}")
-    return f
+    return _in_range(f, name, lo, hi)

@@ -101,7 +101,8 @@ def shots(tmp_path_factory) -> Path:
 
 
 def _tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
+    # while the page's on-load events run, a loading overlay covers the tabs: wait it out (slow when loaded)
+    page.get_by_role("tab", name=name).click(timeout=120_000)
 
 
 def _plot_rendered(page, elem_id: str, timeout: float = 90_000) -> None:

@@ -16,6 +16,8 @@ from app.exports import export
 # object addresses. These pass the value through unchanged (``is_template``: the page draws them as the
 # components they extend); every handler checks its fields with ``app.core.as_int`` / ``as_float`` or the
 # registry, whose one-line messages name the field.
+# Each subclasses its component directly, not through a shared mixin: Gradio finds a template's front-end
+# component from the class's first base, and with a mixin first the page never finishes loading.
 class Slider(gr.Slider):
     is_template = True
 
