@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "system's temporary folder)")
     p.add_argument("--concurrency", type=int, default=2, help="heavy requests run at once (default 2)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores but one, left to the web server; on 2 cores "
-                        "that made streaming 1.8x faster than 2 threads)")
+                   help="torch CPU threads (default: all cores but one, left to the web server; "
+                        "benchmarks/bench_app.py measures the difference)")
     p.set_defaults(func=run)
 
 

@@ -265,7 +265,7 @@ def engine_diagrams(engine: str, d: np.ndarray, maxdim: int, threshold: float) -
 
 def preload(engine: str) -> None:
     """Import an engine's library in this process, so a forked child does not pay for it
-    (ripser.py and giotto-ph import scikit-learn: about 0.3 s, every time, in a fresh child)."""
+    (ripser.py and giotto-ph import scikit-learn, every time, in a fresh child)."""
     if engine == "gudhi":
         import gudhi  # noqa: F401
     elif engine == "ripser":

@@ -19,7 +19,7 @@ def bottleneck(a: np.ndarray, b: np.ndarray) -> float:
 
     gudhi on the finite parts, 1-D matching on the essential ones; the larger of the two.
     """
-    import gudhi  # a heavy import (about 0.3 s), paid only by callers that measure diagrams
+    import gudhi  # a heavy import, paid only by callers that measure diagrams
 
     fa, ea = split_diagram(a)
     fb, eb = split_diagram(b)
