@@ -418,3 +418,10 @@ def test_cli_topo_json_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
 def test_cli_topo_errors_are_one_line(tiny_checkpoint):
     r = run_qtg("topo", "--checkpoint", str(tiny_checkpoint), "--text", "To be or not", "--layer", "9")
     assert r.returncode == 2 and "--layer 9 does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_equal_diagrams_are_at_bottleneck_zero_exactly():
+    """gudhi's default tolerance is the smallest double: equal diagrams must read 0, not ~1e-308."""
+    a = np.array([[0.0, 1.5], [0.2, 0.9], [0.3, 0.31], [0.0, np.inf]])
+    assert topology.bottleneck(a, a[::-1].copy()) == 0.0
+    assert topology.bottleneck(a, a + [0.0, 1e-3]) == pytest.approx(1e-3)  # a real difference still shows
