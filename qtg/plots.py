@@ -304,3 +304,50 @@ def save_html(figures: go.Figure | Sequence[go.Figure], path: str | os.PathLike,
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
             f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>\n<body>\n{body}\n</body></html>\n")
     return atomic_text(path, page)
+
+
+def attention_graph_diagrams(columns: Mapping[str, Sequence[Any]], heads: Sequence[int],
+                             title: str = "Attention-graph persistence diagrams") -> go.Figure:
+    """H0/H1 diagrams of attention graphs (``qtg.topology.attention_graph``): one row per head, one column
+    per model, on a shared "inf" level so that the columns compare.
+
+    A point is a class born at distance b and dying at d, distances being d_ij = 1 - max(a_ij, a_ji): an
+    H0 bar dying at d is two groups of tokens joined once attention 1 - d links them.
+
+    Args:
+        columns: column title (e.g. the model) -> one diagram per head, each an ``AttentionTopology``,
+            an ``ExactDiagrams`` or a list of ``[n, 2]`` arrays.
+        heads: the head index of each row (the entries of every column, in order).
+        title: figure title.
+    """
+    named = {name: [_as_dgms(getattr(g, "diagrams", g)) for g in graphs] for name, graphs in columns.items()}
+    bad = [name for name, dgms in named.items() if len(dgms) != len(heads)]
+    if bad or not named:
+        raise ValueError(f"every column needs one diagram per head ({len(heads)}); columns {bad or 'none'} differ")
+    cols, rows = len(named), len(heads)
+    titles = [f"{name}, head {h}" for h in heads for name in named]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.1,
+                        vertical_spacing=min(0.3 / rows, 0.08) if rows > 1 else 0.0)
+    level = _inf_level([d for dgms in named.values() for d in dgms])
+    for r in range(1, rows + 1):  # panels in reading order, as the titles
+        for c, dgms in enumerate(named.values(), start=1):
+            dgm = dgms[r - 1]
+            _frame(fig, level, row=r, col=c)
+            for k, points in enumerate(dgm):
+                fig.add_trace(_diagram_traces(points, level, f"H{k}", DIM_COLORS[k % len(DIM_COLORS)],
+                                              "circle-open"), row=r, col=c)
+                fig.data[-1].update(showlegend=False, legendgroup=f"H{k}")
+    for k in range(max(len(d) for dgms in named.values() for d in dgms)):
+        # named once in the legend, whether or not the first panel holds a point of that dimension
+        color = DIM_COLORS[k % len(DIM_COLORS)]
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"H{k}", legendgroup=f"H{k}",
+                                 marker=dict(color=color, symbol="circle-open", size=8, line=dict(color=color))))
+    pad = 0.03 * level
+    fig.update_xaxes(range=[-pad, level + pad])
+    fig.update_yaxes(range=[-pad, level + 2 * pad])
+    fig.update_xaxes(title_text="birth (1 - attention)", row=rows)
+    fig.update_yaxes(title_text="death", col=1)
+    fig.update_layout(title=title, template="plotly_white", height=max(380, 260 * rows + 120),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + 40 / (260 * rows + 120),
+                                  xanchor="right", x=1.0))
+    return fig

@@ -187,6 +187,19 @@ def test_attention_tab(page, shots):
     page.screenshot(path=str(shots / "attention.png"), full_page=True)
 
 
+def test_attention_topology_panel(page, shots):
+    """The attention-graph diagrams (QTG and baseline, one row per head) draw and fit their panel; the
+    features table fills."""
+    _tab(page, "Attention")
+    page.click("#attention-topology-btn")
+    _plot_rendered(page, "attention-topology")
+    page.wait_for_function("document.querySelector('#attention-topology-features')?.innerText.includes('b1@0.1')",
+                           timeout=90_000)
+    assert page.locator("#attention-topology .subplot").count() >= 2  # QTG and baseline side by side
+    _fits(page, "attention-topology")
+    page.locator("#attention-topology").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "attention_topology.png"), full_page=True)
+
 def test_compare_tab_table_is_whole(page, shots):
     _tab(page, "Compare")
     page.click("#compare-btn")

@@ -32,8 +32,9 @@ from app.server import control_ranges  # noqa: E402
 from app.tabs import attention, compare, generate, tiers, topology  # noqa: E402
 from qtg.generate import generate as generate_ids  # noqa: E402
 from qtg.metrics import attention_stats  # noqa: E402
+from qtg.plots import attention_graph_diagrams  # noqa: E402
 from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
-from qtg.topology import approx_view, exact_diagrams  # noqa: E402
+from qtg.topology import approx_view, attention_graph, exact_diagrams  # noqa: E402
 from qtg.topology import compare as topo_compare  # noqa: E402
 from qtg.views import view_memory  # noqa: E402
 
@@ -358,6 +359,61 @@ def test_long_maps_keep_labels_and_offer_log_and_row_scales(ex, nano):
     with pytest.raises(qtg.QTGError, match="^scale: 'cubic' is not one of"):
         attention.attention(ex, None, text, 1, 0, 1, "cubic")
 
+
+
+def test_attention_topology_is_the_librarys_attention_graph(ex, nano):
+    """Every number of ``/attention_topology`` equals ``qtg.topology.attention_graph`` on the same map, for QTG
+    and the same-size baseline; the figure's points are those diagrams; the table rows are their features."""
+    fig, table, numbers, note, payload = attention.attention_topology(ex, None, TEXT, 2, -1)
+    base = ex.registry.baseline_for(nano)
+    ids = torch.tensor([encode(nano.tokenizer, TEXT)])
+    heads = list(range(nano.model.cfg.n_heads))
+    assert numbers["heads"] == heads and numbers["models"]["nano-baseline"] == "shipped:nano-baseline"
+    expected = {}
+    for name, loaded in (("QTG (nano)", nano), ("baseline (nano-baseline)", base)):
+        with torch.inference_mode():
+            maps = loaded.model(ids, return_internals=True).attention[2][0]
+        expected[name] = [attention_graph(maps[h]) for h in heads]
+        for h in heads:
+            want = expected[name][h].to_dict()
+            got = numbers["graphs"][name][h]
+            assert got["betti0"] == want["betti0"] and got["betti1"] == want["betti1"]
+            assert got["features"] == pytest.approx(want["features"], abs=1e-9)
+            assert got["diagrams"]["dgms"] == want["diagrams"]["dgms"]
+    assert [r[:2] for r in table["data"]] == [[n, h] for n in expected for h in heads]
+    assert table["data"][1][2:] == pytest.approx(list(expected["QTG (nano)"][1].features().values()), abs=1e-4)
+    # panel (head 1, baseline): its H1 points are the library's H1 diagram
+    h1 = [t for t in fig.data if t.name == "H1"][2 * 1 + 1]
+    want_h1 = expected["baseline (nano-baseline)"][1].diagrams.dgms[1]
+    np.testing.assert_allclose(np.c_[h1.x, h1.y], want_h1, atol=1e-12)
+    assert "baseline (nano-baseline), head 1" in [a.text for a in fig.layout.annotations]
+    assert payload.figures["attention_topology"] is fig
+
+
+def test_attention_topology_refuses_bad_input_and_checks_memory(ex, micro_session):
+    with pytest.raises(qtg.QTGError, match="^head: 4 is above the maximum 3$"):
+        attention.attention_topology(ex, None, TEXT, 0, 4)
+    with pytest.raises(qtg.QTGError, match="^block: expected a whole number, got 'x'$"):
+        attention.attention_topology(ex, None, TEXT, "x", -1)
+    need = view_memory("micro", 128, "fp32", map_blocks=1).request
+    small = Explorer(replace(ex.cfg, limits=replace(Limits(), memory_budget=need - 1)))
+    small.registry = ex.registry
+    micro = ex.current(micro_session)
+    full = decode(micro.tokenizer, encode(micro.tokenizer, " ".join(["the"] * 400))[:128])
+    with pytest.raises(qtg.QTGError, match=r"^attention topology: 128 tokens on micro need .* beyond the weights"):
+        attention.attention_topology(small, Session(micro_session.model, "cpu"), full, 0, -1)
+    assert small.counters.forwards == 0  # refused before the forward pass
+
+
+def test_attention_graph_diagrams_lays_out_heads_by_models():
+    ring = np.eye(4, k=-1) + np.eye(4, k=3)  # a 4-cycle of full attention: one H1 bar
+    graphs = {"a": [attention_graph(ring)] * 3, "b": [attention_graph(np.tril(np.ones((4, 4))) / 4)] * 3}
+    fig = attention_graph_diagrams(graphs, [0, 1, 2])
+    assert [a.text for a in fig.layout.annotations][:2] == ["a, head 0", "b, head 0"]
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["H0", "H1"]  # named once each
+    assert len([t for t in fig.data if t.name == "H1" and t.showlegend is False and len(t.x)]) == 3  # the rings
+    with pytest.raises(ValueError, match="one diagram per head"):
+        attention_graph_diagrams({"a": graphs["a"][:2]}, [0, 1, 2])
 
 # --- compare -----------------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ def test_every_named_endpoint_answers(server):
     c = client(url)
     names = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
     expected = {"/tiers", "/load", "/unload", "/generate", "/topology", "/attention", "/compare", "/export_generate",
-                "/export_topology", "/export_attention", "/export_compare", "/export_tiers"}
+                "/export_topology", "/export_attention", "/export_compare", "/export_tiers",
+                "/attention_topology"}
     assert expected <= names
     table = c.predict("cpu", api_name="/tiers")[0]
     assert [row[0] for row in table["data"]][:2] == ["micro", "nano"]
@@ -127,6 +128,21 @@ def test_bad_input_is_one_line_naming_the_field_and_the_server_keeps_serving(ser
     assert str(err.value) == message
     assert c.predict(PROMPT, 3, 0, 0, 1, -1, api_name="/generate")[1]
 
+
+def test_attention_topology_answers_and_refuses_a_bad_head(server):
+    """``/attention_topology``: QTG and baseline graphs per head, their features in the table; a head beyond
+    the model's is refused in one line naming the field, and the server keeps serving."""
+    c = client(server[1])
+    fig, table, numbers, note = c.predict(TEXT, 1, 2, 1, api_name="/attention_topology")
+    assert numbers["heads"] == [2] and set(numbers["graphs"]) == {"QTG (nano)", "baseline (nano-baseline)"}
+    graph = numbers["graphs"]["QTG (nano)"][0]
+    assert graph["n_tokens"] == len(numbers["tokens"]) and len(graph["betti0"]) == len(graph["thresholds"])
+    assert [r[:2] for r in table["data"]] == [["QTG (nano)", 2], ["baseline (nano-baseline)", 2]]
+    assert fig is not None
+    with pytest.raises(Exception) as err:
+        c.predict(TEXT, 1, 9, 1, api_name="/attention_topology")
+    assert str(err.value) == "head: 9 is above the maximum 3"
+    assert c.predict(TEXT, 0, 0, 1, api_name="/attention_topology")[2]["heads"] == [0]
 
 def test_the_largest_advertised_seed_is_taken(server):
     ex, url = server

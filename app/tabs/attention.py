@@ -7,6 +7,11 @@ materialises the ``[B, H, N, N]`` maps of the block shown and of no other. Heads
 time (``Limits.heads_per_page``), so a 24- or 64-head tier lays out like a 4-head one. Long texts can be
 drawn on a log scale or per row (``qtg.views.scale_maps``); per-head numbers are
 ``qtg.metrics.attention_stats``.
+
+Endpoint ``/attention_topology``: each shown head's map read as a weighted graph (distance
+1 - max(a_ij, a_ji), Kushnareva et al. 2021), its exact H0/H1 diagram and features (graph Betti numbers at
+the paper's thresholds, bar statistics), QTG and baseline side by side; every number is
+``qtg.topology.attention_graph``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from app.models import AppInputError, Loaded
 from app.tabs.common import Radio, Slider, export_controls, fit
 from qtg.attention_plots import attention_heatmaps, gamma_bars
 from qtg.metrics import attention_stats
+from qtg.plots import attention_graph_diagrams
+from qtg.topology import attention_graph
 from qtg.views import LOG_FLOOR, SCALES, scale_maps
 
 COLS = 4  # heatmaps per row of a page
@@ -152,6 +159,58 @@ def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, 
             "  \n".join(notes), Exportable("attention", figs, numbers))
 
 
+def _head_graphs(ex: Explorer, maps: Any, heads: list[int]) -> list[Any]:
+    """``qtg.topology.attention_graph`` of each head's map (``maps`` ``[H, N, N]``), within the topology bounds."""
+    return [attention_graph(maps[h], max_points=ex.limits.max_topology_points,
+                            time_budget=ex.limits.topology_time_budget) for h in heads]
+
+
+def feature_table(graphs: dict[str, list[Any]], heads: list[int]) -> dict[str, Any]:
+    """One row per (model, head) of ``AttentionTopology.features()``, for a ``gr.Dataframe``."""
+    keys = list(next(iter(graphs.values()))[0].features())
+    rows = [[name, h, *[round(v, 4) for v in g.features().values()]]
+            for name, gs in graphs.items() for h, g in zip(heads, gs)]
+    return {"headers": ["model", "head", *keys], "data": rows}
+
+
+def attention_topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, head: Any = -1,
+                       page: Any = 1) -> tuple:
+    """Returns (diagram fig, feature table, numbers, note, payload): the attention graph of every shown head,
+    for the loaded model and its same-size baseline (when shipped). Arguments as for :func:`attention`."""
+    session = session or ex.new_session()
+    loaded = ex.current(session)
+    text = ex.text_or_last(session, text)
+    cfg = loaded.model.cfg
+    per_page = ex.limits.heads_per_page
+    layer = as_int(layer, "block", 0, cfg.n_layers - 1)
+    head = as_int(head, "head", -1, cfg.n_heads - 1)
+    page = as_int(page, "heads page", 1, n_pages(cfg.n_heads, per_page))
+    heads = page_heads(cfg.n_heads, per_page, page) if head < 0 else [head]
+    out, tokens, cut = _forward(ex, loaded, text, layer, "attention topology")
+    kind = "QTG" if loaded.has_topofilter else "dot-product"
+    graphs = {f"{kind} ({loaded.source.name})": _head_graphs(ex, out.attention[layer][0], heads)}
+    models = {loaded.source.name: loaded.source.key}
+    notes = [cut] if cut else []
+    base = ex.registry.baseline_for(loaded)
+    if base is not None:
+        bout, _, _ = _forward(ex, base, text, layer, "attention topology (baseline)")
+        graphs[f"baseline ({base.source.name})"] = _head_graphs(ex, bout.attention[layer][0], heads)
+        models[base.source.name] = base.source.key
+    elif loaded.has_topofilter:
+        notes.append("No same-size baseline is shipped beside this model, so there is no dot-product column.")
+    if head < 0 and cfg.n_heads > per_page:
+        notes.append(f"Heads page {page} of {n_pages(cfg.n_heads, per_page)}.")
+    bounded = sorted({g.diagrams.bounds.describe() for gs in graphs.values() for g in gs
+                      if not g.diagrams.bounds.exact})
+    notes.extend(f"Bounds applied: {b}." for b in bounded)
+    fig = fit(attention_graph_diagrams(graphs, heads, f"Attention-graph H0/H1, block {layer} "
+                                                      f"(distance 1 − max(a_ij, a_ji); {len(tokens)} tokens)"))
+    numbers: dict[str, Any] = {"models": models, "layer": layer, "heads": heads, "tokens": tokens, "notes": notes,
+                               "graphs": {name: [g.to_dict() for g in gs] for name, gs in graphs.items()}}
+    return (fig, feature_table(graphs, heads), numbers, "  \n".join(notes),
+            Exportable("attention", {"attention_topology": fig}, numbers))
+
+
 def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
     """Updates of this tab's controls for ``loaded``: blocks, heads and pages of heads (hidden when one page
     holds every head; a slider needs two values, the handler refuses any page beyond the last)."""
@@ -189,4 +248,16 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
     export_controls(ex, payload, "attention")
     run_btn.click(user_facing(lambda *a: attention(ex, *a), "attention"), [session, text, layer, head, page, scale],
                   [attn, dist, gamma, base, numbers, note, payload], api_name="attention", concurrency_id="heavy")
+    gr.Markdown("**Attention topology.** Each head's map as a weighted graph, distance 1 − max(a_ij, a_ji): "
+                "its exact H0/H1 persistence diagram, the Betti numbers of the graph kept at attention ≥ t, and "
+                "bar statistics (Kushnareva et al. 2021), QTG and the same-size baseline side by side.")
+    topo_btn = gr.Button("Attention topology", elem_id="attention-topology-btn")
+    topo_note = gr.Markdown(elem_id="attention-topology-note")
+    topo_fig = gr.Plot(label="attention-graph diagrams", elem_id="attention-topology")
+    topo_table = gr.Dataframe(label="attention-graph features per head", elem_id="attention-topology-features",
+                              interactive=False, wrap=True)
+    topo_numbers = gr.JSON(label="attention-graph numbers")
+    topo_btn.click(user_facing(lambda *a: attention_topology(ex, *a), "attention topology"),
+                   [session, text, layer, head, page], [topo_fig, topo_table, topo_numbers, topo_note, payload],
+                   api_name="attention_topology", concurrency_id="heavy")
     return {"ranges": [layer, head, page]}
