@@ -67,7 +67,8 @@ _warned_flex_fallback: set[str] = set()  # devices for which the CPU-training fa
 
 @dataclass
 class QTGOutput:
-    """What :meth:`QTG.forward` returns. Internals are None unless asked for."""
+    """What :meth:`QTG.forward` returns. Internals are None unless asked for, except the TopoFilter's
+    weights, which every QTG forward computes anyway (``[B, N]``, small)."""
 
     logits: Tensor  # [B, N, V]
     loss: Tensor | None = None  # scalar, when targets are given
@@ -75,7 +76,7 @@ class QTGOutput:
     states: list[Tensor] | None = None  # [B, N, 2d]: 0 QEmbed, 1 TopoFilter, then one per block
     topo_scores: Tensor | None = None  # s~ (soft-min, with the intervention's T), [B, N]
     topo_exact_scores: Tensor | None = None  # s (causal min distance), [B, N]
-    topo_weights: Tensor | None = None  # w as applied (after the intervention), [B, N]
+    topo_weights: Tensor | None = None  # w as applied (after the intervention), [B, N]; always set by QTG
     attention: list[Tensor | None] | None = None  # per block [B, H, N, N] (None where not in map_blocks)
     distances: list[Tensor | None] | None = None  # per block d_FR [B, H, N, N] in [0, pi/2], likewise
     gamma: list[Tensor | None] | None = None  # per block [H] as applied, likewise
@@ -488,12 +489,12 @@ class QTG(DecoderLM):
             cache.advance(ids.shape[1])
         logits = F.linear(self.norm(x), self.embed.table.weight)  # [B, N, V]: Re<e_v, h>
 
-        out = QTGOutput(logits=logits)
+        out = QTGOutput(logits=logits, topo_weights=topo.weights)
         if targets is not None:
             out.loss, out.loss_terms = self.loss(logits, targets, topo.weights, filtered)
         if return_internals:
             out.states = states
-            out.topo_scores, out.topo_exact_scores, out.topo_weights = topo.soft, topo.exact, topo.weights
+            out.topo_scores, out.topo_exact_scores = topo.soft, topo.exact
             out.attention, out.distances = attention, distances
             out.gamma = gammas
             out.attn_impl = impls

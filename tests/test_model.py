@@ -93,6 +93,7 @@ def test_internals_are_not_computed_unless_asked(micro, ids):
     with torch.no_grad():
         out = micro(ids)
     assert out.states is None and out.attention is None and out.topo_exact_scores is None and out.loss is None
+    assert out.topo_weights.shape == ids.shape  # computed by every forward, so always returned
 
 
 def test_bad_ids_get_a_clear_error(micro):

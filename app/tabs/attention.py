@@ -103,6 +103,21 @@ def _forward(ex: Explorer, loaded: Loaded, text: str, block: int, what: str) -> 
     return out, tokens, cut
 
 
+def _request(ex: Explorer, session: Session | None, text: Any, layer: Any, head: Any,
+             page: Any) -> tuple[Loaded, str, int, int, int, list[int]]:
+    """The session's model, the text (or the last generation) and the checked block, head and page,
+    with the heads to show: the page's (head -1) or the one head."""
+    session = session or ex.new_session()
+    loaded = ex.current(session)
+    text = ex.text_or_last(session, text)
+    cfg, per_page = loaded.model.cfg, ex.limits.heads_per_page
+    layer = as_int(layer, "block", 0, cfg.n_layers - 1)
+    head = as_int(head, "head", -1, cfg.n_heads - 1)
+    page = as_int(page, "heads page", 1, n_pages(cfg.n_heads, per_page))
+    heads = page_heads(cfg.n_heads, per_page, page) if head < 0 else [head]
+    return loaded, text, layer, head, page, heads
+
+
 def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, head: Any = -1, page: Any = 1,
               scale: Any = "linear") -> tuple:
     """Returns (attention fig, distance fig or None, gamma fig or None, baseline fig or None, numbers, note, payload).
@@ -110,17 +125,10 @@ def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, 
     ``layer`` is a block index; ``head`` -1 draws the heads of page ``page`` (1-based, ``heads_per_page`` a page),
     else that one head; ``scale`` is how attention weights are coloured (linear, log, row).
     """
-    session = session or ex.new_session()
-    loaded = ex.current(session)
-    text = ex.text_or_last(session, text)
-    cfg = loaded.model.cfg
-    per_page = ex.limits.heads_per_page
-    layer = as_int(layer, "block", 0, cfg.n_layers - 1)
-    head = as_int(head, "head", -1, cfg.n_heads - 1)
-    page = as_int(page, "heads page", 1, n_pages(cfg.n_heads, per_page))
+    loaded, text, layer, head, page, heads = _request(ex, session, text, layer, head, page)
     if scale not in SCALES:
         raise AppInputError(f"scale: {str(scale)[:50]!r} is not one of {list(SCALES)}")
-    heads = page_heads(cfg.n_heads, per_page, page) if head < 0 else [head]
+    cfg, per_page = loaded.model.cfg, ex.limits.heads_per_page
     out, tokens, cut = _forward(ex, loaded, text, layer, "attention")
     b0 = 0  # the batch row
     qtg_model = loaded.has_topofilter
@@ -177,15 +185,8 @@ def attention_topology(ex: Explorer, session: Session | None, text: Any, layer: 
                        page: Any = 1) -> tuple:
     """Returns (diagram fig, feature table, numbers, note, payload): the attention graph of every shown head,
     for the loaded model and its same-size baseline (when shipped). Arguments as for :func:`attention`."""
-    session = session or ex.new_session()
-    loaded = ex.current(session)
-    text = ex.text_or_last(session, text)
-    cfg = loaded.model.cfg
-    per_page = ex.limits.heads_per_page
-    layer = as_int(layer, "block", 0, cfg.n_layers - 1)
-    head = as_int(head, "head", -1, cfg.n_heads - 1)
-    page = as_int(page, "heads page", 1, n_pages(cfg.n_heads, per_page))
-    heads = page_heads(cfg.n_heads, per_page, page) if head < 0 else [head]
+    loaded, text, layer, head, page, heads = _request(ex, session, text, layer, head, page)
+    cfg, per_page = loaded.model.cfg, ex.limits.heads_per_page
     out, tokens, cut = _forward(ex, loaded, text, layer, "attention topology")
     kind = "QTG" if loaded.has_topofilter else "dot-product"
     graphs = {f"{kind} ({loaded.source.name})": _head_graphs(ex, out.attention[layer][0], heads)}

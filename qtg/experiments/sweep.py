@@ -176,9 +176,7 @@ def _score_batch(run: _Run, idx: list[int], with_maps: bool) -> None:
         ids[row, :len(windows[i])] = torch.tensor(windows[i])
         mask[row, :len(windows[i]) - 1] = True
     ids, mask = ids.to(device), mask.to(device)
-    internals = with_maps or model.has_topofilter  # the TopoFilter weights come with the internals
-    out = model(ids[:, :-1], return_internals=internals, map_blocks=None if with_maps else (),
-                intervene=run.intervene)
+    out = model(ids[:, :-1], return_internals=with_maps, intervene=run.intervene)  # w comes with every pass
     nll = F.cross_entropy(out.logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # [b, w-1]
     run.scores.nll[idx] = (nll * mask).double().sum(1).cpu().numpy()
     if run.scores.mean_weight is not None:

@@ -379,10 +379,8 @@ def exact_mode_loss(model: Any, ids: torch.Tensor, intervene: Intervention | Non
     base = intervene or Intervention()
     inputs, targets = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        approx = model(inputs, targets=targets, return_internals=True, map_blocks=(),
-                       intervene=dataclasses.replace(base, topo="approx"))
-        exact = model(inputs, targets=targets, return_internals=True, map_blocks=(),
-                      intervene=dataclasses.replace(base, topo="exact"))
+        approx = model(inputs, targets=targets, intervene=dataclasses.replace(base, topo="approx"))
+        exact = model(inputs, targets=targets, intervene=dataclasses.replace(base, topo="exact"))
     ce_a, ce_e = float(approx.loss_terms["ce"]), float(exact.loss_terms["ce"])
     w_soft, w_hard = approx.topo_weights, exact.topo_weights
     return ExactModeResult(
