@@ -21,6 +21,7 @@ from qtg.errors import ConfigError
 
 ATTN_IMPLS = ("auto", "reference", "flex")
 POSITIONS = ("alibi", "none")
+TOPO_FILTERS = ("approx", "off")
 ARCHS = ("qtg", "baseline")
 
 
@@ -49,6 +50,10 @@ class QTGConfig:
     # while leaving gradients to more than the single nearest neighbour
     # (docs/model.md §8).
     topo_temperature: float = 0.1
+    # The model's own weight: "approx" (w from the soft-min s~), or "off"
+    # (w = 1 for every token: the nano-notopo ablation). s~ is still computed
+    # either way, so the explorer can show what the filter would have done.
+    topo_filter: str = "approx"
 
     # --- GeoAttention (docs/model.md §3) ----------------------------------
     gamma_init: float = 1.0
@@ -86,6 +91,7 @@ class QTGConfig:
             (self.topo_tau > 0, f"topo_tau must be > 0, got {self.topo_tau}"),
             (self.topo_temperature > 0, f"topo_temperature must be > 0, got {self.topo_temperature}"),
             (self.gamma_init > 0, f"gamma_init must be > 0, got {self.gamma_init}"),
+            (self.topo_filter in TOPO_FILTERS, f"topo_filter must be one of {TOPO_FILTERS}, got {self.topo_filter!r}"),
             (self.pos in POSITIONS, f"pos must be one of {POSITIONS}, got {self.pos!r}"),
             (self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}"),
             (self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}"),

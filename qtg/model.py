@@ -184,7 +184,9 @@ class TopoFilter(nn.Module):
 
     An :class:`~qtg.intervention.Intervention` may weight by s instead of s~
     (``topo="exact"``; no gradient flows through s), switch the filter off
-    (``"off"``: w = 1), or override theta, tau and T for one call.
+    (``"off"``: w = 1), or override theta, tau and T for one call. A model
+    configured with ``topo_filter="off"`` (nano-notopo) has w = 1 as its own
+    weight; ``topo="exact"`` still applies the exact filter to it.
     """
 
     def __init__(self, cfg: QTGConfig):
@@ -192,6 +194,7 @@ class TopoFilter(nn.Module):
         self.theta = cfg.topo_threshold
         self.tau = cfg.topo_tau
         self.temperature = cfg.topo_temperature
+        self.own_mode = cfg.topo_filter  # what topo="approx" (the model's own) means
 
     def forward(self, psi: Tensor, past: Tensor | None = None, intervene: Intervention = NO_INTERVENTION,
                 want_exact: bool = False) -> TopoScores:
@@ -204,6 +207,7 @@ class TopoFilter(nn.Module):
             want_exact: also return s (it is computed anyway when ``topo="exact"``).
         """
         theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
+        mode = self.own_mode if intervene.topo == "approx" else intervene.topo
         offset = 0 if past is None else past.shape[1]
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
         delta = pairwise_distances(psi, points)  # [B, N, P+N]
@@ -218,14 +222,14 @@ class TopoFilter(nn.Module):
         soft = -temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
         soft = torch.where(first.view(1, -1), torch.zeros_like(soft), soft)
         hard = None
-        if want_exact or intervene.topo == "exact":
+        if want_exact or mode == "exact":
             inf = torch.full_like(delta, float("inf"))
             hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
             hard = torch.where(first.view(1, -1), torch.zeros_like(hard), hard)
-        if intervene.topo == "off":
+        if mode == "off":
             w = torch.ones_like(soft)
         else:
-            w = self.weights(hard if intervene.topo == "exact" else soft, theta, tau)
+            w = self.weights(hard if mode == "exact" else soft, theta, tau)
         return TopoScores(soft, hard, w)
 
     @staticmethod

@@ -130,3 +130,8 @@ def run_qtg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``qtg ARGS...`` in a subprocess (the installed script, else ``python -m qtg``), output captured as text."""
     exe = [str(QTG_BIN)] if QTG_BIN.exists() else [sys.executable, "-m", "qtg"]
     return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+# --- the browser harness (tests/browser.py): one app server and one Chromium page per session ---
+
+from tests.browser import app_url, page, shots  # noqa: E402, F401

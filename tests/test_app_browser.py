@@ -10,127 +10,14 @@ folder, or to ``$QTG_SCREENSHOTS`` (the README's come from ``QTG_SCREENSHOTS=doc
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.test_app_server import free_port
+from tests.browser import STARTUP, fits, plot_rendered, set_number, tab
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-STARTUP = {}  # seconds from the command to the first page, and the app's log file
-
-
-def _need_browser():
-    why = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        why = "playwright is not installed (pip install -e '.[test]')"
-    if why is None and not Path(CHROMIUM).exists():
-        why = "Chromium is not installed: run `make browser` (apt-get install chromium)"
-    if why and os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true needs the browser tests: {why}")
-    if why:
-        pytest.skip(f"browser tests skipped: {why}; CI=true makes them mandatory")
-
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """``python -m app`` in a subprocess, as a user runs it; yields its URL once the first page answers."""
-    _need_browser()
-    port = free_port()
-    log = tmp_path_factory.mktemp("applog") / "app.log"
-    STARTUP["log"] = log
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--device", "cpu",
-                                 "--export-dir", str(tmp_path_factory.mktemp("exports"))],
-                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - t0 > 120:
-                pytest.fail(f"the app did not start; its log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        STARTUP["seconds"] = time.perf_counter() - t0
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def page(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.console_errors = []
-        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-        pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
-        pg.goto(app_url)
-        pg.wait_for_selector("#status", timeout=60_000)
-        yield pg
-        browser.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    out = Path(os.environ.get("QTG_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _tab(page, name: str) -> None:
-    # while the page's on-load events run, a loading overlay covers the tabs: wait it out (slow when loaded)
-    page.get_by_role("tab", name=name).click(timeout=120_000)
-
-
-def _plot_rendered(page, elem_id: str, timeout: float = 90_000) -> None:
-    """A plotly figure drew its SVG inside the component."""
-    page.wait_for_selector(f"#{elem_id} .js-plotly-plot .main-svg", timeout=timeout)
-
-
-# What overflows a plot's panel: the drawn SVG wider than the panel, or the legend's right edge past it.
-FIT_JS = """id => {
-  const panel = document.getElementById(id).getBoundingClientRect();
-  const svg = document.querySelector('#' + id + ' .main-svg').getBoundingClientRect();
-  const legend = document.querySelector('#' + id + ' .legend');
-  const box = legend ? legend.getBoundingClientRect() : null;
-  return {panel: panel.width, svg: svg.width, over: svg.right - panel.right,
-          legend: box ? box.right - panel.right : null, legendWidth: box ? box.width : null};
-}"""
-
-
-def _fits(page, elem_id: str) -> None:
-    m = page.evaluate(FIT_JS, elem_id)
-    assert m["svg"] <= m["panel"] + 1 and m["over"] <= 1, (elem_id, m)
-    assert m["legend"] is not None and m["legend"] <= 1 and m["legendWidth"] > 0, (elem_id, m)
-
-
-def _set_number(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(value)
-    box.press("Enter")
 
 
 def test_first_page_is_served_soon_after_the_command(app_url):
@@ -142,9 +29,9 @@ def test_first_page_is_served_soon_after_the_command(app_url):
 
 def test_first_page_shows_the_loaded_model_and_the_tier_table(page):
     assert "nano (shipped, trained)" in page.inner_text("#status")
-    _tab(page, "Tiers")  # filled on load: no button pressed
+    tab(page, "Tiers")  # filled on load: no button pressed
     page.wait_for_function("document.querySelector('#tiers-table')?.innerText.includes('5.5q')", timeout=120_000)
-    _tab(page, "Generate")
+    tab(page, "Generate")
 
 
 def test_generate_streams_into_the_page(page, shots):
@@ -152,22 +39,22 @@ def test_generate_streams_into_the_page(page, shots):
     page.click("#generate-btn")
     page.wait_for_function("document.querySelectorAll('#generated-html .qtg-tok').length > 20", timeout=60_000)
     page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('done')", timeout=60_000)
-    _plot_rendered(page, "live-diagram")
+    plot_rendered(page, "live-diagram")
     assert page.input_value("#continuation textarea").startswith("JULIET:")  # no blank lines before the text
     title = page.get_attribute("#generated-html .qtg-tok >> nth=3", "title")
     assert title.startswith("s~ = ") and ", w = " in title
-    _fits(page, "live-diagram")
+    fits(page, "live-diagram")
     page.screenshot(path=str(shots / "generate.png"), full_page=True)
 
 
 def test_topology_tab(page, shots):
-    _tab(page, "Topology")
+    tab(page, "Topology")
     page.click("#topology-btn")
-    _plot_rendered(page, "topology-diagram")
+    plot_rendered(page, "topology-diagram")
     page.wait_for_function("document.querySelector('#topology-bounds')?.innerText.includes('Bounds applied')")
-    _plot_rendered(page, "topology-approx")
+    plot_rendered(page, "topology-approx")
     for elem_id in ("topology-diagram", "topology-barcode", "topology-approx"):
-        _fits(page, elem_id)
+        fits(page, elem_id)
     page.screenshot(path=str(shots / "topology.png"), full_page=True)
 
 
@@ -179,32 +66,32 @@ def test_export_in_the_page_names_no_server_path(page):
 
 
 def test_attention_tab(page, shots):
-    _tab(page, "Attention")
+    tab(page, "Attention")
     page.click("#attention-btn")
-    _plot_rendered(page, "attention-map")
-    _plot_rendered(page, "attention-gamma")
-    _fits(page, "attention-gamma")
+    plot_rendered(page, "attention-map")
+    plot_rendered(page, "attention-gamma")
+    fits(page, "attention-gamma")
     page.screenshot(path=str(shots / "attention.png"), full_page=True)
 
 
 def test_attention_topology_panel(page, shots):
     """The attention-graph diagrams (QTG and baseline, one row per head) draw and fit their panel; the
     features table fills."""
-    _tab(page, "Attention")
+    tab(page, "Attention")
     page.click("#attention-topology-btn")
-    _plot_rendered(page, "attention-topology")
+    plot_rendered(page, "attention-topology")
     page.wait_for_function("document.querySelector('#attention-topology-features')?.innerText.includes('b1@0.1')",
                            timeout=90_000)
     assert page.locator("#attention-topology .subplot").count() >= 2  # QTG and baseline side by side
-    _fits(page, "attention-topology")
+    fits(page, "attention-topology")
     page.locator("#attention-topology").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "attention_topology.png"), full_page=True)
 
 def test_compare_tab_table_is_whole(page, shots):
-    _tab(page, "Compare")
+    tab(page, "Compare")
     page.click("#compare-btn")
-    _plot_rendered(page, "compare-diagrams")
-    _fits(page, "compare-diagrams")
+    plot_rendered(page, "compare-diagrams")
+    fits(page, "compare-diagrams")
     right = page.evaluate("Math.max(...[...document.querySelectorAll('#compare-table th, #compare-table td')]"
                           ".map(e => e.getBoundingClientRect().right))")
     panel = page.evaluate("document.querySelector('#compare-table').getBoundingClientRect().right")
@@ -231,14 +118,14 @@ SPLIT_WORDS_JS = """sel => {
 
 
 def test_tiers_tab_headers_break_between_words(page, shots):
-    _tab(page, "Tiers")
+    tab(page, "Tiers")
     page.get_by_text("5.5q").first.wait_for(timeout=60_000)
     assert page.evaluate(SPLIT_WORDS_JS, "#tiers-table th") == []
     page.screenshot(path=str(shots / "tiers.png"), full_page=True)
 
 
 def _load(page, label: str, expect: str) -> None:
-    _tab(page, "Tiers")
+    tab(page, "Tiers")
     box = page.locator("#tiers-model input")
     box.click()
     box.fill(label)
@@ -249,7 +136,7 @@ def _load(page, label: str, expect: str) -> None:
 
 def test_control_ranges_follow_the_loaded_model(page):
     _load(page, "micro tier (random weights)", "micro tier")
-    _tab(page, "Generate")
+    tab(page, "Generate")
     page.wait_for_function("document.querySelector('#max-new input[type=range]')?.max === '127'", timeout=30_000)
     assert page.get_attribute("#topology-layer input[type=range]", "max") == "3"
     assert page.get_attribute("#attention-block input[type=range]", "max") == "1"
@@ -260,8 +147,8 @@ def test_control_ranges_follow_the_loaded_model(page):
 def test_stop_says_stopped_with_the_count(page):
     """On base (56M random weights, slow enough on a CPU that Stop always lands midway); then back to nano."""
     _load(page, "base tier (random weights)", "base tier")
-    _tab(page, "Generate")
-    _set_number(page, "max-new", "240")
+    tab(page, "Generate")
+    set_number(page, "max-new", "240")
     page.fill("#prompt textarea", "ROMEO:")
     page.click("#generate-btn")
     page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('generating: ')",
@@ -280,7 +167,7 @@ def test_stop_says_stopped_with_the_count(page):
 
 
 def test_empty_prompt_shows_an_error_not_a_traceback(page):
-    _tab(page, "Generate")
+    tab(page, "Generate")
     page.fill("#prompt textarea", "")
     page.click("#generate-btn")
     toast = page.get_by_text("prompt: empty; type some text").first
