@@ -5,7 +5,9 @@ QTG config it is built from; only the parts that make QTG unusual change:
 
 * a plain embedding lookup (no unit normalisation, no TopoFilter);
 * dot-product attention (``F.scaled_dot_product_attention``, causal) with
-  rotary positions (RoPE, base 10,000) on the ``d_h = d / H`` head width,
+  rotary positions (RoPE, base 10,000) on the ``d_h = d / H`` head width, or
+  with GeoAttention's ALiBi bias -m_h (i - j) (``baseline_pos="alibi"``: the
+  nano-baseline-alibi ablation, which separates the attention form from positions),
   projections 2d -> d -> 2d exactly as GeoAttention's, so the parameter
   counts differ only by QEmbed's bias and the per-head gamma;
 * cross-entropy alone as the loss.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtg.config import QTGConfig
+from qtg.fisher_rao import alibi_slopes
 from qtg.intervention import NO_INTERVENTION, Intervention
 from qtg.model import IGNORE_INDEX, Block, DecoderLM, QTGCache, QTGOutput, check_ids
 
@@ -49,12 +52,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
+def alibi_bias(slopes: Tensor, offset: int, n_q: int, n_k: int) -> Tensor:
+    """Additive bias ``[H, Nq, Nk]``: -m_h (i - j) for keys j <= i, -inf after (queries at offset..)."""
+    i = torch.arange(offset, offset + n_q, device=slopes.device, dtype=torch.float32).view(-1, 1)
+    j = torch.arange(n_k, device=slopes.device, dtype=torch.float32).view(1, -1)
+    bias = -slopes.view(-1, 1, 1) * (i - j)  # [H, Nq, Nk]
+    return bias.masked_fill(j > i, float("-inf"))
+
+
 class DotProductAttention(nn.Module):
-    """Causal multi-head softmax(QK^T / sqrt(d_h)) V with RoPE."""
+    """Causal multi-head softmax(QK^T / sqrt(d_h) [+ ALiBi]) V, with RoPE unless ALiBi."""
 
     def __init__(self, cfg: QTGConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.alibi = cfg.baseline_pos == "alibi"
         self.wq = nn.Linear(cfg.width, cfg.d_model, bias=False)
         self.wk = nn.Linear(cfg.width, cfg.d_model, bias=False)
         self.wv = nn.Linear(cfg.width, cfg.d_model, bias=False)
@@ -69,20 +81,26 @@ class DotProductAttention(nn.Module):
         """Args: x ``[B, N, 2d]``; ``intervene`` may ablate heads (nothing else applies here).
         Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa"."""
         offset = 0 if cache is None else cache.length
-        cos, sin = rope_angles(x.shape[1], self.head_dim, offset, x.device)
-        q = apply_rope(self._split(self.wq(x)), cos, sin)
-        k = apply_rope(self._split(self.wk(x)), cos, sin)
-        v = self._split(self.wv(x))
+        q, k, v = self._split(self.wq(x)), self._split(self.wk(x)), self._split(self.wv(x))  # [B, H, N, d_h]
+        if not self.alibi:
+            cos, sin = rope_angles(x.shape[1], self.head_dim, offset, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # [B, H, P+N, d_h]
         n_q, n_k = q.shape[2], k.shape[2]
         i = torch.arange(offset, offset + n_q, device=x.device).view(-1, 1)
         allowed = torch.arange(n_k, device=x.device).view(1, -1) <= i  # [Nq, Nk]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if offset == 0 else allowed,
-                                             is_causal=offset == 0)
+        if self.alibi:
+            bias = alibi_bias(alibi_slopes(self.n_heads, x.device), offset, n_q, n_k)  # [H, Nq, Nk]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if offset == 0 else allowed,
+                                                 is_causal=offset == 0)
         maps = None
         if want_maps:
             scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if self.alibi:
+                scores = scores + bias
             maps = scores.masked_fill(~allowed, float("-inf")).softmax(-1).detach()
         keep = intervene.head_mask(layer, self.n_heads, out.device)
         if keep is not None:  # an ablated head's slice of the output is zero before W_o

@@ -22,6 +22,7 @@ from qtg.errors import ConfigError
 ATTN_IMPLS = ("auto", "reference", "flex")
 POSITIONS = ("alibi", "none")
 TOPO_FILTERS = ("approx", "off")
+BASELINE_POSITIONS = ("rope", "alibi")
 ARCHS = ("qtg", "baseline")
 
 
@@ -60,6 +61,9 @@ class QTGConfig:
     learn_gamma: bool = False  # per-head gamma, log-parameterised
     pos: str = "none"  # "none" (NoPE, the seed) | "alibi"
     attn_impl: str = "auto"  # "auto" | "reference" | "flex"
+    # Positions of the baseline decoder (arch="baseline" only): "rope", or "alibi"
+    # with GeoAttention's slopes, so attention form and positions can be compared apart.
+    baseline_pos: str = "rope"
 
     # --- loss (docs/model.md §4) ------------------------------------------
     lambda_topo: float = 0.01
@@ -92,6 +96,8 @@ class QTGConfig:
             (self.topo_temperature > 0, f"topo_temperature must be > 0, got {self.topo_temperature}"),
             (self.gamma_init > 0, f"gamma_init must be > 0, got {self.gamma_init}"),
             (self.topo_filter in TOPO_FILTERS, f"topo_filter must be one of {TOPO_FILTERS}, got {self.topo_filter!r}"),
+            (self.baseline_pos in BASELINE_POSITIONS,
+             f"baseline_pos must be one of {BASELINE_POSITIONS}, got {self.baseline_pos!r}"),
             (self.pos in POSITIONS, f"pos must be one of {POSITIONS}, got {self.pos!r}"),
             (self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}"),
             (self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}"),
@@ -109,7 +115,7 @@ class QTGConfig:
     @property
     def label(self) -> str:
         """The name to show: ``nano``, or ``nano-baseline`` for its baseline decoder."""
-        if self.arch == "baseline" and not self.name.endswith("-baseline"):
+        if self.arch == "baseline" and "baseline" not in self.name:
             return f"{self.name}-baseline"
         return self.name
 
