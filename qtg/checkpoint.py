@@ -187,7 +187,9 @@ def load_checkpoint(
     Args:
         directory: the checkpoint directory (or its ``model.safetensors``).
         device: "cpu", "cuda", "auto", ...
-        dtype: parameter dtype; None keeps the dtype the weights were saved in.
+        dtype: parameter dtype; None keeps the dtype the weights were saved in,
+            except that 16-bit weights on a CPU are computed in float32 (the
+            shipped checkpoints are stored in bfloat16 only to be small).
 
     Returns:
         The model in eval mode, with ``model.tokenizer`` (a ``tokenizers.Tokenizer``
@@ -203,7 +205,7 @@ def load_checkpoint(
     with _open_safetensors(path) as f:
         stored = _stored_dtype(f, path)
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype) if dtype is not None else stored
+        dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(stored, device)
         check_fits(cfg, device, dtype)
         model = meta_model(cfg, dtype)
         _check_names_and_shapes(model, f, path)
@@ -291,6 +293,14 @@ def _stored_dtype(f: Any, path: Path) -> torch.dtype:
     return max((_SAFETENSORS_FLOATS[n] for n in names), key=lambda d: torch.finfo(d).bits)
 
 
+def _default_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a checkpoint loads in when none is asked for: as stored, but float32 for 16-bit
+    weights on a CPU, whose 16-bit matmuls are slow and whose results the explorer compares in float32."""
+    if torch.device(device).type == "cpu" and torch.finfo(stored).bits == 16:
+        return torch.float32
+    return stored
+
+
 def _check_names_and_shapes(model: nn.Module, f: Any, path: Path) -> None:
     """The stored tensor names and shapes against the (meta) model that config.json describes."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -374,7 +384,8 @@ def load(
     Args:
         name_or_dir: tier name or path.
         device: "cpu", "cuda", "auto", ...
-        dtype: parameter dtype; None keeps a checkpoint's dtype (fp32 for random weights).
+        dtype: parameter dtype; None keeps a checkpoint's dtype (float32 for 16-bit weights on a
+            CPU, and for random weights).
 
     Returns:
         The model, with ``model.random_weights`` telling whether it was trained.

@@ -57,8 +57,13 @@ def test_round_trip_gives_identical_logits_state_and_tokenizer(model, ids, tmp_p
 
 
 def test_dtype_is_kept_or_converted(model, ids, tmp_path):
-    save_checkpoint(qtg.build("micro", seed=7, dtype="bf16"), tmp_path / "bf16")
-    assert load_checkpoint(tmp_path / "bf16").embed.table.weight.dtype == torch.bfloat16
+    bf16 = qtg.build("micro", seed=7, dtype="bf16")
+    save_checkpoint(bf16, tmp_path / "bf16")
+    assert load_checkpoint(tmp_path / "bf16", dtype="bf16").embed.table.weight.dtype == torch.bfloat16
+    # 16-bit storage computes in float32 on a CPU unless asked otherwise, with the stored values exactly
+    as_stored = load_checkpoint(tmp_path / "bf16")
+    assert {p.dtype for p in as_stored.parameters()} == {torch.float32}
+    assert all(torch.equal(a.float(), b) for a, b in zip(bf16.state_dict().values(), as_stored.state_dict().values()))
     save_checkpoint(model, tmp_path / "fp32")
     as_bf16 = load_checkpoint(tmp_path / "fp32", dtype="bf16")
     assert {p.dtype for p in as_bf16.parameters()} == {torch.bfloat16}
@@ -82,11 +87,27 @@ class _FloatAllocations(TorchFunctionMode):
 def test_a_bf16_load_never_materialises_float32_weights(tmp_path):
     """Loading is checked against 16-bit bytes, so it must allocate 16-bit weights only (cast on ``meta`` first)."""
     save_checkpoint(qtg.build("micro", seed=7, dtype="bf16"), tmp_path / "bf16")
-    for dtype in (None, "bf16"):  # as stored, and asked for
-        with _FloatAllocations() as seen:
-            loaded = load_checkpoint(tmp_path / "bf16", dtype=dtype)
-        assert loaded.embed.table.weight.dtype == torch.bfloat16
-        assert seen.dtypes == {torch.bfloat16}, seen.dtypes
+    with _FloatAllocations() as seen:
+        loaded = load_checkpoint(tmp_path / "bf16", dtype="bf16")
+    assert loaded.embed.table.weight.dtype == torch.bfloat16
+    assert seen.dtypes == {torch.bfloat16}, seen.dtypes
+
+
+def test_export_stores_a_checkpoint_in_16_bits_under_a_new_name(model, ids, tmp_path, capsys):
+    """``qtg export --dtype bf16 --name``: half the bytes, the same weights to bf16 rounding, the new name."""
+    from qtg.cli import main
+
+    save_checkpoint(model, tmp_path / "fp32", extra_state={"step": 7})
+    assert main(["export", str(tmp_path / "fp32"), "--out", str(tmp_path / "small"), "--dtype", "bf16",
+                 "--name", "micro-small"]) == 0
+    small = load_checkpoint(tmp_path / "small")
+    assert small.cfg.name == "micro-small" and read_state(tmp_path / "small")["step"] == 7
+    for a, b in zip(model.state_dict().values(), small.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b)
+    size = (tmp_path / "small" / "model.safetensors").stat().st_size
+    assert size < 0.55 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    assert main(["export", "micro", "--out", str(tmp_path / "none")]) != 0
+    assert "nothing to export" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def test_files_are_safetensors_and_json_with_the_tied_head_stored_once(saved, model):
