@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import qtg
-from qtg.checkpoint import SHIPPED_DIR
+from qtg.checkpoint import shipped_models
 from qtg.data import Document, default_corpus_path, load_documents, split_documents
 from qtg.evaluate import evaluate
 from qtg.train_config import load_config
@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     docs = test_works(args.bytes_per_work)
-    names = args.models or sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "model.safetensors").is_file())
+    names = args.models or shipped_models()
     print(f"test works: {', '.join(d.name for d in docs)} ({sum(d.n_bytes for d in docs):,} bytes)")
     print(f"{'model':<22}{'storage':<10}{'bits/byte':>11}{'change':>11}")
     rows, worst = [], 0.0
