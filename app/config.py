@@ -19,6 +19,11 @@ class Limits:
     heads_per_page: int = 8  # attention heatmaps: heads drawn at once (a 24-head tier shows 3 pages)
     live_points: int = 160  # the live diagram during generation: the last this-many tokens' points
     live_every_s: float = 0.75  # ...recomputed at most this often, so the stream never waits long on it
+    max_lens_tokens: int = 32  # logit lens: positions drawn (states x positions cells, each with its text)
+    sweep_windows: int = 16  # experiment sweep: windows of the held-out works by default (nano, 2 CPU cores: ~10 s)
+    max_sweep_windows: int = 2_000  # ...and at most (nano's test split is a few hundred windows)
+    max_sweep_conditions: int = 8  # interventions in one sweep, the unmodified model not counted
+    max_sweep_sample: int = 32  # windows with attention statistics and exact H0 diagrams
     # Memory a request may allocate beyond the weights: None means the device's free memory at the time,
     # shared by the heavy requests that may run at once. A view that needs more is refused before it runs.
     memory_budget: int | None = None

@@ -36,7 +36,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from app.config import AppConfig  # noqa: E402
 from app.core import Explorer  # noqa: E402
-from app.tabs import attention, compare, generate, tiers, topology  # noqa: E402
+from app.tabs import attention, compare, experiment, generate, tiers, topology  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ INTRO = """# QTG Explorer
 A QTG language model (TopoFilter + Fisher–Rao GeoAttention) beside exact topology. **Generate** streams text
 coloured by the TopoFilter's weights with a live exact diagram; **Topology** sets gudhi and ripser beside the
 TopoFilter's approximation; **Attention** shows Fisher–Rao maps and the baseline's; **Compare** runs one text
-through two models; **Tiers** loads and unloads models."""
+through two models; **Tiers** loads and unloads models.
+**Experiment** edits the forward pass (TopoFilter, γ, heads, positions) on a text and over the held-out works,
+with confidence intervals, and shows the logit lens."""
 
 # Table headers break between words only; the Compare and Tiers tables scroll rather than clip.
 CSS = """
@@ -152,6 +154,8 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
                 attn = attention.build(ex, session, first)
             with gr.Tab("Compare", id="compare"):
                 compare.build(ex, session)
+            with gr.Tab("Experiment", id="experiment"):
+                experiment.build(ex, session)
             with gr.Tab("Tiers", id="tiers"):
                 tier = tiers.build(ex, session)
         ranged = [status, *gen["ranges"], *topo["ranges"], *attn["ranges"]]

@@ -82,7 +82,8 @@ def test_every_named_endpoint_answers(server):
     names = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
     expected = {"/tiers", "/load", "/unload", "/generate", "/topology", "/attention", "/compare", "/export_generate",
                 "/export_topology", "/export_attention", "/export_compare", "/export_tiers",
-                "/attention_topology"}
+                "/attention_topology", "/experiment", "/lens", "/sweep", "/export_experiment", "/export_lens",
+                "/export_sweep"}
     assert expected <= names
     table = c.predict("cpu", api_name="/tiers")[0]
     assert [row[0] for row in table["data"]][:2] == ["micro", "nano"]

@@ -24,6 +24,9 @@ stored (float32 master weights) unless --dtype says otherwise. Only the
 weights travel: to continue training, resume the run itself (`qtg train
 --resume` reads sharded checkpoints at any world size)."""
 
+# Training-state fields an exported checkpoint keeps (the rest - RNG, loader, optimizer - only resumes a run).
+PROVENANCE = ("step", "tokens_seen", "val_loss", "best_val", "train_config")
+
 EXAMPLES = """examples:
   qtg export runs/nano2 --out runs/nano2-single
   qtg export runs/nano2/step_000300 --out exported/nano --dtype bf16
@@ -62,8 +65,9 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None, name: 
     if name is not None:
         model.cfg = model.cfg.replace(name=name)
     state = read_train_state(ckpt) or {}
-    return save_checkpoint(model, out, extra_state={"format": "qtg-export/1", "exported_from": str(ckpt),
-                                                    "step": state.get("step"), "ranks": state.get("sharded"),
+    kept = {k: state[k] for k in PROVENANCE if k in state}  # what the weights are; not how to resume
+    return save_checkpoint(model, out, extra_state={"format": "qtg-export/1", "exported_from": str(ckpt), **kept,
+                                                    "ranks": state.get("sharded"),
                                                     "dtype": str(next(model.parameters()).dtype)})
 
 
