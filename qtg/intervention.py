@@ -215,6 +215,8 @@ def _parse_heads(value: str) -> dict[int, list[int]]:
         for group in filter(None, value.split(";")):
             block, _, heads = group.partition(":")
             out[int(block)] = [int(h) for h in heads.split(",") if h.strip()]
+            if not out[int(block)]:
+                raise ValueError(group)  # a block with no heads named is a typo, never "ablate nothing"
     except ValueError:
         raise InterventionError(f"ablate={value!r}: expected block:head,head;block:head (0-based integers)") from None
     return out

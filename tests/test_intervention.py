@@ -231,3 +231,6 @@ def test_the_text_form_reads_what_the_cli_passes():
         Intervention.parse("gama=1")
     with pytest.raises(InterventionError, match="not a number"):
         Intervention.parse("theta=high")
+    for typo in ("ablate=0;1", "ablate=0:"):  # a block with no heads is refused, not read as "ablate nothing"
+        with pytest.raises(InterventionError, match="expected block:head"):
+            Intervention.parse(typo)

@@ -12,11 +12,11 @@ from qtg.data import split_documents
 from qtg.experiments import ExperimentError, Interval, head_importance, prepare, side_by_side, sweep
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES
 from qtg.experiments.corpus import read_documents
+from qtg.experiments.heldout import SHIPPED_SPLIT
 from qtg.experiments.sweep import DEFAULT_SAMPLE
 from qtg.intervention import Intervention
 
 # configs/nano.yaml and configs/nano-baseline.yaml: validation and test tenths of the bytes, split seed 0
-SHIPPED_SPLIT = {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
 
 HELP = """Ask a model a causal question over a corpus and get an answer with an error bar.
 

@@ -17,11 +17,13 @@ from qtg.experiments.compare import TextComparison, compare_ids, compare_text
 from qtg.experiments.corpus import Corpus, cut_corpus, token_byte_lengths
 from qtg.experiments.errors import ExperimentCancelled, ExperimentError
 from qtg.experiments.heads import HeadEffect, HeadRanking, head_importance, side_by_side
+from qtg.experiments.heldout import NextToken, heldout_documents, next_token, recorded_split
 from qtg.experiments.lens import Lens, head_table, logit_lens, read_out
 from qtg.experiments.sweep import Condition, SweepResult, WindowScores, prepare, sweep
 
 __all__ = [
     "Condition", "Corpus", "ExperimentCancelled", "ExperimentError", "HeadEffect", "HeadRanking", "Interval", "Lens",
+    "NextToken", "heldout_documents", "next_token", "recorded_split",
     "SweepResult", "TextComparison", "WindowScores", "bootstrap_ratio", "compare_ids", "compare_text", "cut_corpus",
     "head_importance", "head_table", "logit_lens", "paired_bootstrap", "prepare", "read_out", "side_by_side", "sweep",
     "token_byte_lengths",
