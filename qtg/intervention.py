@@ -146,7 +146,8 @@ class Intervention:
     # --- text form, for the command line -----------------------------------------
     @classmethod
     def parse(cls, spec: str) -> Intervention:
-        """``"topo=exact"``, ``"gamma=1"``, ``"gamma_scale=0.5"``, ``"positions=none"``,
+        """``"topo=exact"``, ``"gamma=1"``, ``"gamma=0:1,1,2,2;3:0.5,0.5,0.5,0.5"`` (per block, one value
+        per head), ``"gamma_scale=0.5"``, ``"positions=none"``,
         ``"ablate=0:1,2;3:0"`` (block:heads), ``"theta=0.2,tau=0.5"`` -> an Intervention."""
         kwargs: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in _split_top(spec))):
@@ -156,6 +157,8 @@ class Intervention:
                 raise InterventionError(f"intervention {spec!r}: expected key=value, got {part!r}")
             if key in ("topo", "positions"):
                 kwargs[key] = value
+            elif key == "gamma" and ":" in value:
+                kwargs[key] = _parse_block_gamma(value)
             elif key in ("theta", "tau", "temperature", "gamma", "gamma_scale"):
                 kwargs[key] = _number(key, value)
             elif key in ("ablate", "ablate_heads"):
@@ -219,6 +222,20 @@ def _parse_heads(value: str) -> dict[int, list[int]]:
                 raise ValueError(group)  # a block with no heads named is a typo, never "ablate nothing"
     except ValueError:
         raise InterventionError(f"ablate={value!r}: expected block:head,head;block:head (0-based integers)") from None
+    return out
+
+
+def _parse_block_gamma(value: str) -> dict[int, Tensor]:
+    """``"0:1,1,2,2;3:0.5,0.5,0.5,0.5"`` -> ``{0: tensor([1, 1, 2, 2]), 3: tensor([.5, .5, .5, .5])}``
+    (head counts are checked against a model by :meth:`Intervention.check`)."""
+    out: dict[int, Tensor] = {}
+    try:
+        for group in filter(None, value.split(";")):
+            block, _, values = group.partition(":")
+            out[int(block)] = torch.tensor([float(v) for v in values.split(",") if v.strip()], dtype=torch.float32)
+    except ValueError:
+        raise InterventionError(f"gamma={value!r}: expected a number, or block:g,g,...;block:g,... "
+                                "(one value per head)") from None
     return out
 
 

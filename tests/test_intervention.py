@@ -227,6 +227,11 @@ def test_the_text_form_reads_what_the_cli_passes():
     assert edit == Intervention(topo="exact", ablate_heads={0: [1, 2], 1: [0]}, gamma_scale=0.5)
     assert edit.name == "topo=exact gamma_scale=0.5 ablate=0:1,2;1:0"
     assert Intervention.parse("gamma=1").gamma == 1.0
+    per_block = Intervention.parse("gamma=0:1,1,2,2;1:0.5,0.5,0.5,0.5,topo=off")
+    assert per_block.topo == "off" and set(per_block.gamma) == {0, 1}
+    assert per_block.gamma[0].tolist() == [1.0, 1.0, 2.0, 2.0] and per_block.gamma[1].tolist() == [0.5] * 4
+    with pytest.raises(InterventionError, match="one value per head"):
+        Intervention.parse("gamma=0:1,x")
     with pytest.raises(InterventionError, match="unknown key 'gama'"):
         Intervention.parse("gama=1")
     with pytest.raises(InterventionError, match="not a number"):

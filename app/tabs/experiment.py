@@ -63,23 +63,18 @@ def _optional_float(value: Any, name: str, lo: float, hi: float) -> float | None
     return as_float(value, name, lo, hi)
 
 
-def parse_gamma(value: Any, n_heads: int) -> float | dict[int, torch.Tensor] | None:
+def parse_gamma(value: Any) -> float | dict[int, torch.Tensor] | None:
     """``""`` (the model's), ``"1"`` (every head of every block) or ``"0:1,1,2,2;3:0.5,0.5,0.5,0.5"``
-    (per block, one value per head; blocks not named keep theirs)."""
+    (per block, one value per head; blocks not named keep theirs), read by :meth:`qtg.Intervention.parse`."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str) or ":" not in value:
         return as_float(value, "gamma", 0.0, BIG)
-    out: dict[int, torch.Tensor] = {}
-    for group in filter(None, (g.strip() for g in value.split(";"))):
-        block, _, heads = group.partition(":")
-        try:
-            vals = [float(v) for v in heads.split(",") if v.strip()]
-            out[int(block)] = torch.tensor(vals, dtype=torch.float32)
-        except ValueError:
-            raise AppInputError(f"gamma: expected a number or block:g,g,...;block:g,... with {n_heads} values per "
-                                f"block, got {value.strip()[:50]!r}") from None
-    return out
+    try:
+        return dict(Intervention.parse(f"gamma={value.strip()}").gamma)
+    except InterventionError:
+        raise AppInputError(f"gamma: expected a number or block:g,g,...;block:g,... (one value per head), got "
+                            f"{value.strip()[:50]!r}") from None
 
 
 def parse_ablate(value: Any) -> dict[int, list[int]]:
@@ -110,7 +105,7 @@ def intervention_from(loaded: Loaded, topo: Any = "approx", theta: Any = None, t
     iv = Intervention(topo=topo, theta=_optional_float(theta, "theta", -BIG, BIG),
                       tau=_optional_float(tau, "tau", 1e-9, BIG),
                       temperature=_optional_float(temperature, "T", 1e-9, BIG),
-                      gamma=parse_gamma(gamma, loaded.model.cfg.n_heads), gamma_scale=scale,
+                      gamma=parse_gamma(gamma), gamma_scale=scale,
                       ablate_heads=parse_ablate(ablate), positions=positions)
     iv.check(loaded.model)
     return iv
