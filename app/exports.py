@@ -43,7 +43,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 @dataclass
 class Exportable:
     tab: str
-    figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly Figure
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly Figure, or a function making one
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,7 +169,8 @@ def export(item: Exportable | None, export_dir: Path, png: bool = True,
         raise AppInputError("nothing to export yet: run this tab first")
     out = Path(export_dir) / f"{_safe(item.tab)}-{uuid.uuid4().hex[:10]}"
     out.mkdir(mode=0o700)
-    figures = {name: go.Figure(printable(f.to_plotly_json())) for name, f in item.figures.items()}
+    made = {name: f() if callable(f) else f for name, f in item.figures.items()}  # costly ones: made on export
+    figures = {name: go.Figure(printable(f.to_plotly_json())) for name, f in made.items()}
     paths = []
     if figures:
         paths.append(save_html(list(figures.values()), out / "figures.html", title=f"QTG Explorer: {item.tab}"))

@@ -36,7 +36,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from app.config import AppConfig  # noqa: E402
 from app.core import Explorer  # noqa: E402
-from app.tabs import attention, compare, experiment, generate, tiers, topology  # noqa: E402
+from app.tabs import attention, compare, experiment, generate, tiers, topology, training  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ coloured by the TopoFilter's weights with a live exact diagram; **Topology** set
 TopoFilter's approximation; **Attention** shows Fisher–Rao maps and the baseline's; **Compare** runs one text
 through two models; **Tiers** loads and unloads models.
 **Experiment** edits the forward pass (TopoFilter, γ, heads, positions) on a text and over the held-out works,
-with confidence intervals, and shows the logit lens."""
+with confidence intervals, and shows the logit lens.
+**Training** scrubs a run's snapshots, or a micro run trained here: loss, γ, entropy, w, exact-vs-approximate H0."""
 
 # Table headers break between words only; the Compare and Tiers tables scroll rather than clip.
 CSS = """
@@ -156,6 +157,8 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
                 compare.build(ex, session)
             with gr.Tab("Experiment", id="experiment"):
                 experiment.build(ex, session)
+            with gr.Tab("Training", id="training"):
+                training.build(ex)
             with gr.Tab("Tiers", id="tiers"):
                 tier = tiers.build(ex, session)
         ranged = [status, *gen["ranges"], *topo["ranges"], *attn["ranges"]]

@@ -30,6 +30,9 @@ Choices:
   grad_accum`` windows in the same order, and checkpoints are sharded (DCP);
   either kind of checkpoint resumes at any world size. The machinery lives in
   :mod:`qtg.distributed`; a plain process gets identity collectives.
+* **Snapshots** (``checkpoint.snapshot_every``, off by default): light
+  weights-only safetensors files in ``snapshots/`` (:mod:`qtg.snapshots`),
+  16-bit by default, for watching a run's topology over training.
 * **Validation** runs every ``eval_every`` steps and at each checkpoint, so
   ``best`` (lowest ``val_loss``, the training objective on the validation split)
   is exact. ``val_bpb`` is the validation NLL in bits per UTF-8 byte of text,
@@ -70,6 +73,7 @@ from qtg.data import (
 from qtg.errors import CheckpointError, ConfigError, DataError, TrainingError
 from qtg.generate import generate
 from qtg.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
+from qtg.snapshots import remove_after, snapshot_path, snapshot_tensors, write_snapshot
 from qtg.tiers import get_tier
 from qtg.tokenizer import decode, eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 from qtg.train_config import (  # noqa: F401  (re-exported: qtg.train.TrainConfig)
@@ -265,6 +269,7 @@ def _clean_up(run: _Run) -> None:
     if metrics.is_file():
         lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if _line_step(ln) <= run.step]
         atomic_text(metrics, "".join(ln + "\n" for ln in lines))
+    remove_after(run.out, run.step)  # snapshots of steps this run is about to redo
 
 
 def _line_step(line: str) -> float:
@@ -318,6 +323,29 @@ def _save(run: _Run, val_loss: float | None) -> Path:
                 shutil.rmtree(old)
     run.world.barrier()
     return path
+
+
+def _snapshot(run: _Run, at_start: bool = False) -> None:
+    """Write ``snapshots/step_XXXXXX.safetensors`` when ``checkpoint.snapshot_every`` asks for this step.
+
+    Steps: multiples of ``snapshot_every`` (0 included) and the run's last step; at the start of an
+    invocation only a missing multiple (a fresh run's step 0, or snapshots switched on at a resume).
+    Under torchrun every rank gathers the weights (a collective); rank 0 writes.
+    """
+    c = run.cfg.checkpoint
+    if c.snapshot_every is None:
+        return
+    due = run.step % c.snapshot_every == 0
+    if at_start:
+        due = due and not snapshot_path(run.out, run.step).is_file()
+    elif run.step == run.cfg.training.steps:
+        due = True
+    if not due:
+        return
+    tensors = snapshot_tensors(run.model, c.snapshot_dtype)
+    if run.world.is_main:
+        write_snapshot(tensors, run.model.cfg, run.out, run.step, c.snapshot_dtype)
+    run.world.barrier()
 
 
 # --- steps and evaluation -----------------------------------------------------------------------
@@ -482,6 +510,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict[str, Any]:
     step_seconds, step_tokens, skipped = 0.0, 0, 0
     bar = tqdm(total=t.steps, initial=start, unit="step", disable=not lg.progress, dynamic_ncols=True)
     metrics_path = run.out / "metrics.jsonl" if world.is_main else os.devnull
+    _snapshot(run, at_start=True)
     with open(metrics_path, "a", encoding="utf-8") as metrics, bar:
         while run.step < t.steps:
             lr = lr_at(run.step, t.lr, t.min_lr, t.warmup_steps, t.schedule_steps)
@@ -502,6 +531,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> dict[str, Any]:
             else:
                 run.bad_steps, summary["loss"] = 0, record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            _snapshot(run)
             _evaluate_and_save(run, summary, bar, metrics)
     latest = _latest(run.out)
     return {"out_dir": str(run.out), "start_step": start, "step": run.step, "skipped_steps": skipped,

@@ -20,6 +20,8 @@ import yaml
 
 from qtg.errors import ConfigError
 
+SNAPSHOT_DTYPES = ("bfloat16", "float16", "float32")  # checkpoint.snapshot_dtype (qtg.snapshots)
+
 
 @dataclass
 class ModelSection:
@@ -69,6 +71,9 @@ class CheckpointSection:
     dir: str = "runs/train"
     every: int = 250
     keep_last: int = 3
+    # light weights-only snapshots (qtg.snapshots) every K steps, for watching a run over time; None: none
+    snapshot_every: int | None = None
+    snapshot_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
 
 
 @dataclass
@@ -112,6 +117,10 @@ class TrainConfig:
                   (d.micro_batch_size is None or d.micro_batch_size >= 1, "data.micro_batch_size must be >= 1"),
                   (d.batch_size >= 1, "data.batch_size must be >= 1"),
                   (c.every >= 1 and c.keep_last >= 1, "checkpoint.every and keep_last must be >= 1"),
+                  (c.snapshot_every is None or c.snapshot_every >= 1, "checkpoint.snapshot_every must be >= 1 "
+                                                                      "or null"),
+                  (c.snapshot_dtype in SNAPSHOT_DTYPES, f"checkpoint.snapshot_dtype must be one of "
+                                                        f"{', '.join(SNAPSHOT_DTYPES)}, got {c.snapshot_dtype!r}"),
                   (lg.eval_every >= 1, "logging.eval_every must be >= 1"), (lg.sample_tokens >= 0,
                                                                          "logging.sample_tokens must be >= 0")]
         for ok, message in checks:

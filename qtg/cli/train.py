@@ -16,6 +16,8 @@ HELP = """Train a QTG model and write a run directory (--out):
   metrics.jsonl    one JSON object per step (loss, its terms, lr, grad_norm, tokens_per_s)
                    and per evaluation (val_loss, val_ppl, val_bpb, a sample)
   tokenizer.json   the tokenizer (trained on the training split unless --tokenizer is given)
+  snapshots/       with --snapshot-every K: step_XXXXXX.safetensors, light weights-only snapshots (16-bit by
+                   default) at every K-th step and the last, for watching a run over training (qtg.snapshots)
 
 --config reads a YAML file with the sections model, data, training, checkpoint
 and logging (see configs/nano.yaml); flags given here override it. --steps is
@@ -40,6 +42,7 @@ EXAMPLES = """examples:
   qtg train --config configs/nano.yaml --out runs/nano --steps 3000 --resume
   qtg train --config configs/nano.yaml --arch baseline --tokenizer runs/nano/tokenizer.json --out runs/base
   qtg train --tier micro --data my_texts/ --out runs/micro --steps 200 --device cpu
+  qtg train --tier micro --out runs/micro-snaps --steps 120 --seq-len 64 --snapshot-every 20
   qtg train --tier nano --init runs/nano --data poems.jsonl --out runs/poems --steps 500
   torchrun --nproc_per_node 2 $(which qtg) train --config configs/nano.yaml --out runs/nano2
   torchrun --nproc_per_node 8 $(which qtg) train --tier 7b --activation-checkpointing --out runs/7b"""
@@ -59,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--init", metavar="WEIGHTS_DIR", help="start from these weights (checkpoint or run directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's (auto)")
+    p.add_argument("--seq-len", type=int, metavar="N", help="training window in tokens (default: the config's, "
+                   "else the model's context)")
+    p.add_argument("--snapshot-every", type=int, metavar="K",
+                   help="keep a light weights-only snapshot every K steps in OUT/snapshots/ (default: the config's "
+                        "checkpoint.snapshot_every, none)")
+    p.add_argument("--snapshot-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="snapshot precision (default: the config's checkpoint.snapshot_dtype, bfloat16)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="under torchrun: recompute each block in backward instead of keeping its activations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,7 +82,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = [(cfg.model, "tier", args.tier), (cfg.data, "path", args.data),
                  (cfg.data, "tokenizer", args.tokenizer), (cfg.checkpoint, "dir", args.out),
                  (cfg.training, "steps", args.steps), (cfg.training, "init", args.init),
-                 (cfg.training, "device", args.device)]
+                 (cfg.training, "device", args.device), (cfg.data, "seq_len", args.seq_len),
+                 (cfg.checkpoint, "snapshot_every", args.snapshot_every),
+                 (cfg.checkpoint, "snapshot_dtype", args.snapshot_dtype)]
     for section, name, value in overrides:
         if value is not None:
             setattr(section, name, value)
