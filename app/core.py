@@ -25,6 +25,8 @@ from app.exports import private_dir
 from app.models import AppInputError, Loaded, ModelRegistry
 from qtg.builder import resolve_device
 from qtg.memory import available_memory, human_bytes
+from qtg.serve.api import Served
+from qtg.serve.engine import Engine
 from qtg.tokenizer import decode, encode, token_strings
 from qtg.views import max_view_tokens, view_memory
 
@@ -67,6 +69,8 @@ class Explorer:
         else:
             self.device = str(resolve_device(cfg.device))
         self.default_key = self.registry.default_key(cfg.model)
+        self._engines: dict[tuple[str, str], Engine] = {}  # (model key, device) -> its batching engine
+        self._engines_lock = threading.Lock()
 
     def new_session(self) -> Session:
         return Session(model=self.default_key, device=self.device)
@@ -75,6 +79,29 @@ class Explorer:
         """The session's model (a session that lost its state falls back to the default model)."""
         session = session or self.new_session()
         return self.registry.get(session.model, session.device)
+
+    def engine(self, loaded: Loaded) -> Engine | None:
+        """The continuous-batching engine decoding for ``loaded`` (shared by every session and the ``/v1`` API),
+        started on first use; None for a model sharded across ranks, which keeps no decoding cache."""
+        if getattr(loaded.model, "lockstep", False):
+            return None
+        slot = (loaded.source.key, loaded.device)
+        with self._engines_lock:
+            engine = self._engines.get(slot)
+            if engine is None or engine.model is not loaded.model:
+                for key, other in list(self._engines.items()):  # engines of models no longer loaded let
+                    if other.idle and (key == slot or not self.registry.is_loaded(*key)):  # their weights go
+                        other.close()
+                        del self._engines[key]
+                engine = self._engines[slot] = Engine(loaded.model, tokenizer=loaded.tokenizer)
+            return engine
+
+    def api_models(self) -> dict[str, Any]:
+        """What the ``/v1`` API serves beside the page: the default model, through its engine (none when sharded)."""
+        loaded = self.current(None)
+        engine = self.engine(loaded)
+        name = loaded.source.name
+        return {} if engine is None else {name: Served(name, engine, loaded.tokenizer)}
 
     def devices(self) -> list[str]:
         if self.registry.pinned is not None:

@@ -33,10 +33,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
+from starlette.routing import Mount  # noqa: E402
 
 from app.config import AppConfig  # noqa: E402
 from app.core import Explorer  # noqa: E402
 from app.tabs import attention, compare, experiment, generate, tiers, topology, training  # noqa: E402
+from qtg.serve.api import create_api  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,11 @@ def build_app(cfg: AppConfig, model=None) -> tuple[gr.Blocks, Explorer]:
     return demo, ex
 
 
+def api_mount(ex: Explorer) -> Mount:
+    """The OpenAI-compatible API (docs/serve.md) at ``/v1``, on the default model's batching engine."""
+    return Mount("/v1", app=create_api(ex.api_models, prefix=""))
+
+
 def theme() -> gr.themes.Base:
     """The default look with the system's fonts: nothing is fetched from a font service."""
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -201,7 +208,8 @@ def launch(cfg: AppConfig, host: str = "127.0.0.1", port: int = 7860, block: boo
     repo = Path(__file__).resolve().parent.parent
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
                             blocked_paths=[str(repo / "assets")], max_file_size=0,
-                            app_kwargs={"middleware": [Middleware(Guard)]}, ssr_mode=False, mcp_server=False,
+                            app_kwargs={"middleware": [Middleware(Guard)], "routes": [api_mount(ex)]},
+                            ssr_mode=False, mcp_server=False,
                             footer_links=["api"], quiet=not block, theme=theme(), css=CSS, show_error=True)
     # Not a daemon: a daemon thread killed inside torch at interpreter exit aborts the process.
     threading.Thread(target=tiers.summaries, args=(ex.device,), name="warm-tier-table").start()

@@ -37,11 +37,16 @@ from qtg.model import IGNORE_INDEX, Block, DecoderLM, QTGCache, QTGOutput, check
 ROPE_BASE = 10_000.0
 
 
-def rope_angles(n: int, head_dim: int, offset: int, device) -> tuple[Tensor, Tensor]:
-    """cos and sin ``[n, head_dim / 2]`` for positions offset .. offset + n - 1."""
+def rope_angles(n: int, head_dim: int, offset: int | Tensor, device) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[n, head_dim / 2]`` for positions offset .. offset + n - 1
+    (``[B, 1, n, head_dim / 2]`` for per-row offsets ``[B]``, a ragged batch)."""
     inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
-    angles = torch.outer(pos, inv_freq)  # [n, d_h / 2]
+    if isinstance(offset, Tensor):
+        pos = offset.view(-1, 1, 1, 1).float() + torch.arange(n, device=device, dtype=torch.float32).view(-1, 1)
+        angles = pos * inv_freq  # [B, 1, n, d_h / 2]: the same products as outer's
+    else:
+        pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
+        angles = torch.outer(pos, inv_freq)  # [n, d_h / 2]
     return angles.cos(), angles.sin()
 
 
@@ -52,9 +57,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-def alibi_bias(slopes: Tensor, offset: int, n_q: int, n_k: int) -> Tensor:
-    """Additive bias ``[H, Nq, Nk]``: -m_h (i - j) for keys j <= i, -inf after (queries at offset..)."""
-    i = torch.arange(offset, offset + n_q, device=slopes.device, dtype=torch.float32).view(-1, 1)
+def alibi_bias(slopes: Tensor, offset: int | Tensor, n_q: int, n_k: int) -> Tensor:
+    """Additive bias ``[H, Nq, Nk]``: -m_h (i - j) for keys j <= i, -inf after (queries at offset..;
+    per-row offsets ``[B]`` give ``[B, H, Nq, Nk]``)."""
+    i = torch.arange(n_q, device=slopes.device, dtype=torch.float32).view(-1, 1)
+    i = i + (offset.view(-1, 1, 1, 1).float() if isinstance(offset, Tensor) else offset)
     j = torch.arange(n_k, device=slopes.device, dtype=torch.float32).view(1, -1)
     bias = -slopes.view(-1, 1, 1) * (i - j)  # [H, Nq, Nk]
     return bias.masked_fill(j > i, float("-inf"))
@@ -81,6 +88,8 @@ class DotProductAttention(nn.Module):
         """Args: x ``[B, N, 2d]``; ``intervene`` may ablate heads (nothing else applies here).
         Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa"."""
         offset = 0 if cache is None else cache.length
+        if cache is not None and cache.lengths is not None:  # a ragged batch: each row at its own position
+            offset = cache.lengths
         q, k, v = self._split(self.wq(x)), self._split(self.wk(x)), self._split(self.wv(x))  # [B, H, N, d_h]
         if not self.alibi:
             cos, sin = rope_angles(x.shape[1], self.head_dim, offset, x.device)
@@ -88,14 +97,15 @@ class DotProductAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # [B, H, P+N, d_h]
         n_q, n_k = q.shape[2], k.shape[2]
-        i = torch.arange(offset, offset + n_q, device=x.device).view(-1, 1)
-        allowed = torch.arange(n_k, device=x.device).view(1, -1) <= i  # [Nq, Nk]
+        i = torch.arange(n_q, device=x.device).view(-1, 1)
+        i = i + (offset.view(-1, 1, 1, 1) if isinstance(offset, Tensor) else offset)
+        allowed = torch.arange(n_k, device=x.device).view(1, -1) <= i  # [Nq, Nk] (ragged [B, 1, Nq, Nk])
         if self.alibi:
             bias = alibi_bias(alibi_slopes(self.n_heads, x.device), offset, n_q, n_k)  # [H, Nq, Nk]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if offset == 0 else allowed,
-                                                 is_causal=offset == 0)
+            start = not isinstance(offset, Tensor) and offset == 0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if start else allowed, is_causal=start)
         maps = None
         if want_maps:
             scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)

@@ -24,6 +24,7 @@ arccos has an infinite derivative) and beyond it (rounding).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -40,13 +41,18 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, skipping the call when it would do nothing (it costs ~4 us per decoding op)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def sqrt_simplex(x: Tensor) -> Tensor:
     """sqrt(softmax(x)) over the last dim, in float32 (float64 for a float64 ``x``).
 
     Computed as exp(log_softmax(x) / 2), which never takes the square root of
     an underflowed probability (sqrt has an infinite derivative at 0).
     """
-    return torch.exp(0.5 * F.log_softmax(x.to(compute_dtype(x)), dim=-1))
+    return torch.exp(0.5 * F.log_softmax(as_dtype(x, compute_dtype(x)), dim=-1))
 
 
 def fr_sq_traceable(bc: Tensor) -> Tensor:
@@ -68,24 +74,39 @@ def fr_sq_traceable(bc: Tensor) -> Tensor:
 
 
 class _FrSq(torch.autograd.Function):
-    """arccos(BC)^2 with a hand-written backward: saves two tensors instead of
-    the where-branches' six (benchmarks/bench_attention.py times both)."""
+    """arccos(BC)^2 with a hand-written backward (:func:`fr_sq_grad`): saves one
+    tensor, arccos(BC) (autograd through the where-branches would save six),
+    and runs in place (benchmarks/bench_speed.py --ablate times it against the
+    previous backward)."""
 
     @staticmethod
     def forward(ctx, bc: Tensor) -> Tensor:
-        x = bc.clamp(max=1.0)  # rounding can push BC above 1
-        a = torch.acos(x)
-        ctx.save_for_backward(x, a)
+        a = bc.clamp(max=1.0).acos_()  # rounding can push BC above 1
+        ctx.save_for_backward(a)
         return a * a
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        x, a = ctx.saved_tensors
-        u = 1.0 - x
-        near = u < _SERIES_BELOW  # d/dx of the series 2u + u^2/3 + 4u^3/45
-        series = -(2.0 + u * (2.0 / 3.0 + u * (4.0 / 15.0)))
-        exact = -2.0 * a * torch.rsqrt((u * (1.0 + x)).clamp(min=1e-30))
-        return grad * torch.where(near, series, exact)
+        (a,) = ctx.saved_tensors
+        return fr_sq_grad(a).mul_(grad)
+
+
+def fr_sq_grad(a: Tensor) -> Tensor:
+    """d/dx arccos(x)^2 at x = cos(a), for a = arccos(x) (BC in [0, 1]: a in [0, pi/2]): -2 a / sin(a), -2 at 0.
+
+    Since sqrt(1 - x^2) = sin(arccos x), this is the textbook -2 arccos(x) /
+    sqrt(1 - x^2) written in the saved ``a`` alone, in one fresh buffer (on the
+    ``[B, H, N, N]`` maps of a training step every temporary costs more than
+    the arithmetic). a / sin(a) keeps a few-ulp relative error right down to
+    a -> 0 (float32 1.2e-7, float64 4e-16 against the exact derivative at the
+    rounded x: tests/test_speed_exactness.py); only the 0/0 at a = 0 (BC = 1)
+    needs its limit, which a floor of 1e-30 on a gives. The series
+    2 + 2u/3 + 4u^2/15 in u = 1 - x, which the traced form
+    :func:`fr_sq_traceable` keeps, is no more accurate in float32 and less so
+    in float64.
+    """
+    a = a.clamp(min=1e-30)  # sin(1e-30) = 1e-30 exactly: the ratio is 1 at a = 0, not 0/0
+    return torch.div(a, torch.sin(a), out=a).mul_(-2.0)  # a / sin(a) is bit-identical for a >= 1e-30
 
 
 def fr_sq(bc: Tensor) -> Tensor:
@@ -93,42 +114,121 @@ def fr_sq(bc: Tensor) -> Tensor:
     return _FrSq.apply(bc)
 
 
+_slopes_cache: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> Tensor:
-    """ALiBi slopes m_h = 2^(-8h/H), h = 1..H (docs/model.md §3), float32 ``[H]``."""
+    """ALiBi slopes m_h = 2^(-8h/H), h = 1..H (docs/model.md §3), float32 ``[H]``.
+
+    Built once per (H, device) and shared: do not modify the result in place.
+    """
+    if torch.compiler.is_compiling():
+        return _alibi_slopes(n_heads, device)
+    key = (n_heads, torch.device(device or "cpu"))
+    slopes = _slopes_cache.get(key)
+    if slopes is None:
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
+            slopes = _slopes_cache[key] = _alibi_slopes(n_heads, device)
+    return slopes
+
+
+def _alibi_slopes(n_heads: int, device: torch.device | str | None) -> Tensor:
     h = torch.arange(1, n_heads + 1, dtype=torch.float32, device=device)
     return torch.pow(2.0, -8.0 * h / n_heads)
 
 
 def no_autocast(t: Tensor):
-    """Autocast off: inside, matmuls keep the dtype of their inputs (float32 BC, float64 distances)."""
+    """Autocast off: inside, matmuls keep the dtype of their inputs (float32 BC, float64 distances).
+
+    A no-op context where autocast is off already (entering torch.autocast costs ~14 us).
+    """
+    if not torch.is_autocast_enabled(t.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def _scores(sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None, q_offset: int) -> tuple[Tensor, Tensor]:
+# The additive score bias (ALiBi and the causal mask) depends only on i - j, so
+# one square [H, L, L] matrix per (heads, device, dtype) serves every call as a
+# block of rows and columns: training, prefill and each decoding row. Built once
+# instead of per layer and token (5 ops each, 13 % of a decoding step). Above
+# this size it is built per call instead (long contexts with many heads).
+_BIAS_CACHE_BYTES = 64 * 2**20
+_bias_cache: dict[tuple[int | None, torch.device, torch.dtype], Tensor] = {}
+
+
+def build_bias(slopes: Tensor | None, q_offset: int, nq: int, nk: int,
+               device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+    """-m_h (i - j) for keys j <= i and -inf above the causal diagonal, queries at q_offset...
+
+    Returns ``[H, Nq, Nk]`` (``[1, Nq, Nk]``, zeros and -inf, without slopes).
+    Adding it equals subtracting ``m_h (i - j)`` and masking (negation is exact).
+    """
+    i = torch.arange(q_offset, q_offset + nq, device=device).view(-1, 1)  # query positions
+    j = torch.arange(nk, device=device).view(1, -1)  # key positions
+    if slopes is None:
+        bias = torch.zeros(1, nq, nk, dtype=dtype, device=device)
+    else:
+        bias = -slopes.to(dtype).view(-1, 1, 1) * (i - j).clamp(min=0).to(dtype)
+    return bias.masked_fill(j > i, float("-inf"))
+
+
+def score_bias(n_heads: int | None, q_offset: int, nq: int, nk: int,
+               device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`build_bias` with the slopes ``alibi_slopes(n_heads)`` (None: causal mask only), from the cache.
+
+    Returns a view ``[H, Nq, Nk]`` (``[1, Nq, Nk]``) into the cached matrix; under
+    ``torch.compile`` it is built in the graph instead (no Python state to guard on).
+    """
+    need = max(q_offset + nq, nk)
+    size = max(256, 1 << (need - 1).bit_length())  # grow by powers of two: few rebuilds while decoding
+    if torch.compiler.is_compiling() or (n_heads or 1) * size * size * dtype.itemsize > _BIAS_CACHE_BYTES:
+        slopes = alibi_slopes(n_heads, device) if n_heads else None
+        return build_bias(slopes, q_offset, nq, nk, device, dtype)
+    key = (n_heads, torch.device(device), dtype)
+    full = _bias_cache.get(key)
+    if full is None or full.shape[-1] < need:
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
+            slopes = alibi_slopes(n_heads, device) if n_heads else None
+            full = build_bias(slopes, 0, size, size, device, dtype)
+        _bias_cache[key] = full
+    return full[:, q_offset:q_offset + nq, :nk]
+
+
+def _scores(sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None, q_offset: int,
+            bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Masked scores and BC for queries at positions q_offset.. and keys at 0...
 
     Args:
         sp: sqrt of query distributions, float32 ``[B, H, Nq, d_h]``.
         sk: sqrt of key distributions, float32 ``[B, H, Nk, d_h]``.
         gamma: ``[H]``.  slopes: ``[H]`` or None (NoPE).
+        bias: the additive ALiBi + mask bias ``[H or 1, Nq, Nk]`` (:func:`score_bias`);
+            None builds it from ``slopes``.
     Returns:
         scores ``[B, H, Nq, Nk]`` with -inf above the causal diagonal, and BC.
+
+    Without gradients the same arithmetic runs in place and without the
+    autograd Function (a decoding step is bound by per-op overhead); the
+    result is bit-identical to the autograd path.
     """
     nq, nk = sp.shape[-2], sk.shape[-2]
     dtype = compute_dtype(sp)
     with no_autocast(sp):  # autocast would run this matmul in bf16
-        bc = sp.to(dtype) @ sk.to(dtype).transpose(-1, -2)  # [B, H, Nq, Nk], float32 (or float64)
-    scores = -gamma.to(dtype).view(1, -1, 1, 1) * fr_sq(bc)
-    i = torch.arange(q_offset, q_offset + nq, device=sp.device).view(-1, 1)  # query positions
-    j = torch.arange(nk, device=sp.device).view(1, -1)  # key positions
-    if slopes is not None:
-        scores = scores - slopes.to(dtype).view(1, -1, 1, 1) * (i - j).clamp(min=0).to(dtype)
-    scores = scores.masked_fill(j > i, float("-inf"))
-    return scores, bc
+        bc = as_dtype(sp, dtype) @ as_dtype(sk, dtype).transpose(-1, -2)  # [B, H, Nq, Nk], float32 (or float64)
+    if bias is None:
+        bias = build_bias(slopes, q_offset, nq, nk, sp.device, dtype)
+    neg_gamma = -as_dtype(gamma, dtype).view(1, -1, 1, 1)
+    if torch.is_grad_enabled():
+        scores = fr_sq(bc) * neg_gamma
+    else:  # fr_sq's forward, in place on a copy (bc is returned for the maps)
+        scores = torch.acos_(bc.clamp(max=1.0))
+        scores = scores.mul_(scores).mul_(neg_gamma)
+    return scores.add_(as_dtype(bias, dtype)), bc
 
 
 def attention_reference(
-    sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None = None, q_offset: int = 0
+    sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None = None, q_offset: int = 0,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Causal Fisher-Rao attention, matmul form.
 
@@ -138,25 +238,29 @@ def attention_reference(
         gamma: ``[H]``; slopes: ``[H]`` ALiBi slopes or None.
         q_offset: absolute position of the first query (keys start at 0); a
             decoding step with a cache has ``Nq = 1, q_offset = Nk - 1``.
+        bias: the ALiBi + mask bias from :func:`score_bias` (then ``slopes`` is
+            not read), or None to build it from ``slopes``.
     Returns:
         ``[B, H, Nq, d_h]`` in v's dtype.
     """
-    scores, _ = _scores(sp, sk, gamma, slopes, q_offset)
+    scores, _ = _scores(sp, sk, gamma, slopes, q_offset, bias)
     attn = torch.softmax(scores, dim=-1)
     with no_autocast(attn):
-        return (attn @ v.to(attn.dtype)).to(v.dtype)
+        return as_dtype(attn @ as_dtype(v, attn.dtype), v.dtype)
 
 
 @torch.no_grad()
 def attention_maps(
-    sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None = None, q_offset: int = 0
+    sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None = None, q_offset: int = 0,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The full maps, for inspection: attention ``A`` and distances ``d_FR``.
 
     Both ``[B, H, Nq, Nk]`` float32; A is causal with rows summing to 1, d_FR
-    lies in [0, pi/2] (also above the diagonal, where A is 0).
+    lies in [0, pi/2] (also above the diagonal, where A is 0). ``bias`` as in
+    :func:`attention_reference`.
     """
-    scores, bc = _scores(sp, sk, gamma, slopes, q_offset)
+    scores, bc = _scores(sp, sk, gamma, slopes, q_offset, bias)
     return torch.softmax(scores, dim=-1), torch.acos(bc.clamp(0.0, 1.0))
 
 

@@ -5,6 +5,8 @@ it is given::
 
     logits_to_probs -> sample -> prefill -> decode_one_token -> decode_n_tokens -> generate / stream
 
+(:func:`sample_rows` samples rows that each have their own settings: ``qtg.serve``'s batches.)
+
 Design choices:
 
 * **Checked up front.** :func:`check_request` refuses a bad request (empty
@@ -138,6 +140,40 @@ def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
         return logits.argmax(dim=-1)
     probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)  # [B, V]
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # [B]
+
+
+def sample_rows(logits: Tensor, samplings: Sequence[Sampling],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """The next token of rows that each sample on their own (a batch of independent requests).
+
+    Row b gets the token :func:`sample` gives ``logits[b:b + 1]`` with ``samplings[b]`` and
+    ``generators[b]``: the filtering (a per-row computation) runs once for all rows sharing
+    temperature, top-k and top-p, the draw once per row from that row's random source.
+
+    Args:
+        logits: ``[B, V]`` next-token logits.
+        samplings: B sampling settings.
+        generators: B random sources (None: the global RNG).
+
+    Returns:
+        B token ids.
+    """
+    assert logits.dim() == 2 and len(samplings) == len(generators) == logits.shape[0], "one sampling per row"
+    groups: dict[tuple, list[int]] = {}
+    for b, s in enumerate(samplings):
+        groups.setdefault(("greedy",) if s.greedy else (s.temperature, s.top_k, s.top_p), []).append(b)
+    out = [0] * len(samplings)
+    for key, rows in groups.items():
+        picked = logits[rows] if len(rows) < len(samplings) else logits  # [R, V]
+        if key == ("greedy",):
+            tokens = picked.argmax(dim=-1).tolist()
+        else:
+            probs = logits_to_probs(picked, *key)  # [R, V]
+            tokens = [int(torch.multinomial(probs[i:i + 1], num_samples=1, generator=generators[b]))
+                      for i, b in enumerate(rows)]
+        for b, token in zip(rows, tokens):
+            out[b] = token
+    return out
 
 
 # --- forward passes ----------------------------------------------------------------

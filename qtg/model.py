@@ -12,10 +12,12 @@ Notable choices (where the definition is silent; docs/model.md §8 says why):
 * Linear layers have no bias (Llama convention); QEmbed keeps the seed's
   bias (its ``Linear(vocab, d)`` on one-hot input is a lookup plus a bias).
 * TopoFilter distances use the Gram form ``|x|^2 + |y|^2 - 2<x, y>`` (no
-  ``[N, N, 2d]`` tensor) in float64: in float32 its cancellation error is
-  ~1e-6 in the *squared* distance, so repeated tokens sat 1e-3 apart instead
-  of 0. Squared distances below 1e-12 read as exactly 0, with gradient 0
-  (sqrt has an infinite derivative at 0).
+  ``[N, N, 2d]`` tensor) in float32, and exactly 0 (gradient 0: sqrt has an
+  infinite derivative at 0) where the token ids are equal: its cancellation
+  error is ~1e-6 in the *squared* distance, which alone would leave repeated
+  tokens 1e-3 apart instead of 0 (elsewhere it moves w by < 1e-6). Given
+  points without ids, they are computed in float64, where squared distances
+  below 1e-12 read as 0.
 * Residual output projections are initialised with std / sqrt(2 n_layers)
   (GPT-2); the model is built on the ``meta`` device and initialised by
   :meth:`QTG.init_weights`, so a tier is never half-allocated.
@@ -47,6 +49,7 @@ from qtg.fisher_rao import (
     compute_dtype,
     fr_sq,
     no_autocast,
+    score_bias,
     sqrt_simplex,
 )
 from qtg.intervention import NO_INTERVENTION, Intervention
@@ -91,18 +94,40 @@ class QTGCache:
     ``keys[l]`` their keys and ``values[l]`` their values for block l (QTG's
     keys are float32 sqrt-simplex vectors). Each new token then costs O(N),
     not O(N^2). The baseline decoder uses the same class without ``points``.
+
+    A *ragged* cache (``lengths`` set) holds rows of different lengths, as a
+    batch of independent requests does (``qtg.serve``): row b's tokens fill
+    slots ``0 .. lengths[b] - 1``, the slots after them up to ``length`` =
+    max(lengths) are padding, and a step feeds one token per row, written at
+    slot ``lengths[b]``. The model then masks and positions each row by its
+    own length, so a row gets what it would get alone.
     """
 
     points: Tensor | None = None  # [B, P, 2d]
+    ids: Tensor | None = None  # [B, P] the points' token ids (TopoFilter: exact zeros between equal ids)
     keys: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h]
     values: list[Tensor] = field(default_factory=list)  # per block [B, H, P, d_h]
-    length: int = 0  # P, tokens seen so far
+    length: int = 0  # P, tokens seen so far (ragged: the widest row)
+    lengths: Tensor | None = None  # ragged only: [B] int64, each row's own token count
+
+    def append(self, old: Tensor | None, new: Tensor, dim: int) -> Tensor:
+        """``old`` (positions on ``dim``) followed by ``new``; ragged: each row's one new slot at its own length."""
+        if old is None:
+            return new
+        if self.lengths is None:
+            return torch.cat([old, new], dim=dim)
+        assert new.shape[dim] == 1, "a ragged cache takes one token per row and step"
+        out = torch.cat([old, torch.zeros_like(new)], dim=dim)  # one more slot: the widest row's
+        rows = torch.arange(out.shape[0], device=out.device)
+        index = (rows,) + (slice(None),) * (dim - 1) + (self.lengths,)
+        out[index] = new.select(dim, 0)
+        return out
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append block ``layer``'s new keys/values ``[B, H, N, d_h]``; return all ``[B, H, P+N, d_h]``."""
         if layer < len(self.keys):
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
+            k = self.append(self.keys[layer], k, dim=2)
+            v = self.append(self.values[layer], v, dim=2)
             self.keys[layer], self.values[layer] = k, v
         else:
             self.keys.append(k)
@@ -112,6 +137,8 @@ class QTGCache:
     def advance(self, n: int) -> None:
         """Called by the model once all blocks have read the old length."""
         self.length += n
+        if self.lengths is not None:
+            self.lengths = self.lengths + n
 
 
 def check_ids(ids: Tensor, vocab_size: int) -> None:
@@ -148,12 +175,23 @@ class QEmbed(nn.Module):
 # --- TopoFilter ----------------------------------------------------------------
 
 
-def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
-    """delta_ij = ||x_i - y_j||_2, Gram form computed in float64, returned in float32 (float64 for float64 x).
+def pairwise_distances(x: Tensor, y: Tensor, x_ids: Tensor | None = None, y_ids: Tensor | None = None) -> Tensor:
+    """delta_ij = ||x_i - y_j||_2 by the Gram form, float32 (float64 for float64 x).
 
-    Args: x ``[B, Nq, D]``, y ``[B, Nk, D]``. Returns ``[B, Nq, Nk]``.
-    Squared distances below 1e-12 return exactly 0 with gradient 0.
+    Args: x ``[B, Nq, D]``, y ``[B, Nk, D]``; optionally the token ids ``[B, Nq]``,
+    ``[B, Nk]`` the points are embeddings of. Returns ``[B, Nq, Nk]``.
+
+    With ids (and x not float64) it is computed in float32 and reads exactly 0
+    where the ids are equal (equal ids are equal points; the Gram form's
+    cancellation alone would leave them ~1e-3 apart); elsewhere its rounding
+    moves a distance by ~5e-7 (QEmbed points are unit vectors; in the shipped
+    nano no two distinct tokens are closer than 0.5), w by < 1e-6
+    (tests/test_speed_exactness.py). Without ids it is computed in float64, where squared distances
+    below 1e-12 read as 0. Both give those zeros a zero gradient (sqrt has an
+    infinite derivative at 0).
     """
+    if x_ids is not None and y_ids is not None and x.dtype != torch.float64:
+        return _distances_by_ids(x, y, x_ids, y_ids)
     out_dtype = compute_dtype(x)
     x, y = x.double(), y.double()
     with no_autocast(x):
@@ -161,6 +199,16 @@ def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
         far = sq > _DIST_SQ_FLOOR
         dist = torch.where(far, torch.sqrt(torch.where(far, sq, torch.ones_like(sq))), torch.zeros_like(sq))
     return dist.to(out_dtype)
+
+
+def _distances_by_ids(x: Tensor, y: Tensor, x_ids: Tensor, y_ids: Tensor) -> Tensor:
+    """:func:`pairwise_distances` in float32, exactly 0 where ``x_ids[b, i] == y_ids[b, j]``."""
+    x, y = x.float(), y.float()
+    with no_autocast(x):
+        norms = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2)  # [B, Nq, Nk]
+        sq = torch.baddbmm(norms, x, y.transpose(-1, -2), alpha=-2.0)  # |x|^2 + |y|^2 - 2<x, y>
+    same = x_ids.unsqueeze(-1) == y_ids.unsqueeze(-2)  # [B, Nq, Nk]
+    return torch.sqrt(sq.clamp(min=_DIST_SQ_FLOOR)).masked_fill(same, 0.0)
 
 
 @dataclass
@@ -197,7 +245,8 @@ class TopoFilter(nn.Module):
         self.own_mode = cfg.topo_filter  # what topo="approx" (the model's own) means
 
     def forward(self, psi: Tensor, past: Tensor | None = None, intervene: Intervention = NO_INTERVENTION,
-                want_exact: bool = False) -> TopoScores:
+                want_exact: bool = False, lengths: Tensor | None = None, ids: Tensor | None = None,
+                past_ids: Tensor | None = None) -> TopoScores:
         """Scores and weights of the tokens of ``psi``, which follow ``past``.
 
         Args:
@@ -205,27 +254,64 @@ class TopoFilter(nn.Module):
             past: ``[B, P, 2d]`` states of earlier tokens, or None.
             intervene: the call's intervention (mode, theta, tau, T).
             want_exact: also return s (it is computed anyway when ``topo="exact"``).
+            lengths: ``[B]`` for a ragged ``past`` (see :class:`QTGCache`): row b's
+                earlier tokens are its first ``lengths[b]`` points, the rest padding.
+            ids, past_ids: the token ids ``[B, N]`` of ``psi`` and ``[B, P]`` of ``past``
+                (None when there is no past). Given, the distances are computed in
+                float32 with exact zeros between equal ids (:func:`pairwise_distances`);
+                without them, in float64.
         """
         theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
         mode = self.own_mode if intervene.topo == "approx" else intervene.topo
+        if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
+            soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, want_exact or mode == "exact")
+            return self.result(soft, hard, mode, theta, tau)
         offset = 0 if past is None else past.shape[1]
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
-        delta = pairwise_distances(psi, points)  # [B, N, P+N]
+        if past is None or ids is None:
+            point_ids = ids
+        else:  # the past's ids too; a caller that keeps only points (no past_ids) gets the float64 path
+            point_ids = None if past_ids is None else torch.cat([past_ids, ids], dim=1)  # [B, P+N]
+            if point_ids is not None and point_ids.shape != points.shape[:2]:
+                point_ids = None  # ids out of step with the points: do not trust them
+        delta = pairwise_distances(psi, points, ids, point_ids)  # [B, N, P+N]
         i = torch.arange(offset, offset + psi.shape[1], device=psi.device).view(-1, 1)
+        if lengths is not None:  # ragged: row b's new tokens follow its own lengths[b] points, [B, N, 1]
+            i = i - offset + lengths.view(-1, 1, 1)
         j = torch.arange(points.shape[1], device=psi.device).view(1, -1)
         earlier = j < i  # [N, P+N]
         first = i == 0  # [N, 1]: the first token has no earlier point
         # The first row gets one finite dummy entry so logsumexp's gradient is
         # not nan there; its value is discarded by the final where.
         keep = earlier | (first & (j == 0))
-        logits = torch.where(keep, -delta / temperature, torch.full_like(delta, float("-inf")))
+        logits = (delta / -temperature).masked_fill_(~keep, float("-inf"))  # = -delta / T where kept
         soft = -temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
-        soft = torch.where(first.view(1, -1), torch.zeros_like(soft), soft)
+        soft = torch.where(first[..., 0], torch.zeros_like(soft), soft)
         hard = None
         if want_exact or mode == "exact":
             inf = torch.full_like(delta, float("inf"))
             hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
-            hard = torch.where(first.view(1, -1), torch.zeros_like(hard), hard)
+            hard = torch.where(first[..., 0], torch.zeros_like(hard), hard)
+        return self.result(soft, hard, mode, theta, tau)
+
+    @staticmethod
+    def step_scores(psi: Tensor, past: Tensor, ids: Tensor | None, past_ids: Tensor | None, temperature: float,
+                    exact: bool) -> tuple[Tensor, Tensor | None]:
+        """s~ and s (None unless ``exact``) ``[B, 1]`` of one new token per row after P >= 1 points.
+
+        A decoding step: every point of ``past`` ``[B, P, 2d]`` is earlier than
+        ``psi`` ``[B, 1, 2d]``, so no mask, no first-token case and no
+        concatenation are needed (a step is bound by per-op overhead). Same
+        values as the general path, up to the summation order of the logsumexp.
+        """
+        if ids is None or past_ids is None or past_ids.shape != past.shape[:2]:
+            ids = past_ids = None  # the float64 path, as in forward
+        delta = pairwise_distances(psi, past, ids, past_ids)  # [B, 1, P]
+        soft = -temperature * torch.logsumexp(delta / -temperature, dim=-1)  # [B, 1]
+        return soft, delta.amin(dim=-1).detach() if exact else None
+
+    def result(self, soft: Tensor, hard: Tensor | None, mode: str, theta: float, tau: float) -> TopoScores:
+        """The weights from s~ (or s for ``mode="exact"``; 1 for ``"off"``), with both scores."""
         if mode == "off":
             w = torch.ones_like(soft)
         else:
@@ -239,6 +325,48 @@ class TopoFilter(nn.Module):
 
 
 # --- GeoAttention ----------------------------------------------------------------
+
+
+def attention_rows(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None,
+                   q_pos: Tensor) -> Tensor:
+    """Fisher-Rao attention of one query per row, each at its own position (a ragged decoding step).
+
+    The same score as :func:`qtg.fisher_rao.attention_reference`,
+    -gamma_h d_FR^2 - m_h (i - j), with i = ``q_pos[b]`` for row b and keys
+    after it (that row's padding) masked.
+
+    Args:
+        sp: float32 sqrt-simplex queries ``[B, H, 1, d_h]``.
+        sk: keys ``[B, H, K, d_h]``, row b's real ones in slots 0..q_pos[b].
+        v: values ``[B, H, K, d_h]``.
+        gamma: ``[H]``; slopes: ``[H]`` or None (no ALiBi).
+        q_pos: ``[B]`` int64, each row's query position.
+    Returns:
+        ``[B, H, 1, d_h]`` in v's dtype.
+    """
+    dtype = compute_dtype(sp)
+    with no_autocast(sp):
+        bc = sp.to(dtype) @ sk.to(dtype).transpose(-1, -2)  # [B, H, 1, K]
+    scores = -gamma.to(dtype).view(1, -1, 1, 1) * fr_sq(bc)
+    dist = q_pos.view(-1, 1, 1, 1) - torch.arange(sk.shape[-2], device=sk.device)  # [B, 1, 1, K]: i - j
+    if slopes is not None:
+        scores = scores - slopes.to(dtype).view(1, -1, 1, 1) * dist.clamp(min=0).to(dtype)
+    attn = torch.softmax(scores.masked_fill(dist < 0, float("-inf")), dim=-1)
+    with no_autocast(attn):
+        return (attn @ v.to(attn.dtype)).to(v.dtype)
+
+
+def ragged_bias(slopes: Tensor | None, q_pos: Tensor, nk: int, dtype: torch.dtype) -> Tensor:
+    """The score bias of one query per row at its own position: -m_h (i - j) for keys j <= i, -inf after.
+
+    Args: slopes ``[H]`` or None (no ALiBi); q_pos ``[B]`` int64, row b's query position i; nk keys.
+    Returns ``[B, H or 1, 1, K]``, the bias :func:`attention_rows` applies (for the maps of a ragged step).
+    """
+    dist = q_pos.view(-1, 1, 1, 1) - torch.arange(nk, device=q_pos.device)  # [B, 1, 1, K]: i - j
+    bias = torch.zeros(dist.shape, dtype=dtype, device=q_pos.device)
+    if slopes is not None:
+        bias = -slopes.to(dtype).view(1, -1, 1, 1) * dist.clamp(min=0).to(dtype)
+    return bias.masked_fill(dist < 0, float("-inf"))
 
 
 class GeoAttention(nn.Module):
@@ -311,12 +439,20 @@ class GeoAttention(nn.Module):
         alibi = self.cfg.pos == "alibi" and intervene.positions != "none"
         slopes = alibi_slopes(self.n_heads, x.device) if alibi else None
         impl = self.choose_impl(x, offset)
-        if impl == "flex":
+        if cache is not None and cache.lengths is not None:  # a ragged batch: each row at its own position
+            out = attention_rows(sp, sk, v, gamma, slopes, cache.lengths)  # [B, H, 1, d_h]
+        elif impl == "flex":
             out = attention_flex(sp, sk, v, gamma, slopes)
-        else:
-            out = attention_reference(sp, sk, v, gamma, slopes, q_offset=offset)  # [B, H, N, d_h]
+        else:  # ALiBi + causal mask: a block of one cached bias matrix (qtg.fisher_rao.score_bias)
+            bias = score_bias(self.n_heads if alibi else None, offset, sp.shape[2], sk.shape[2], sp.device,
+                              compute_dtype(sp))
+            out = attention_reference(sp, sk, v, gamma, q_offset=offset, bias=bias)  # [B, H, N, d_h]
         # gamma rides with the maps: read here, where FSDP has gathered the parameters, it is a plain tensor
-        maps = (*attention_maps(sp, sk, gamma, slopes, q_offset=offset), gamma.detach()) if want_maps else None
+        maps = None
+        if want_maps:  # a ragged row's query sits at its own length, its padding masked (qtg.serve asks these)
+            ragged = cache is not None and cache.lengths is not None
+            bias = ragged_bias(slopes, cache.lengths, sk.shape[2], compute_dtype(sp)) if ragged else None
+            maps = (*attention_maps(sp, sk, gamma, slopes, q_offset=offset, bias=bias), gamma.detach())
         keep = intervene.head_mask(layer, self.n_heads, out.device)
         if keep is not None:  # an ablated head's slice of the output is zero before W_o
             out = out * keep.view(1, -1, 1, 1).to(out.dtype)
@@ -472,10 +608,14 @@ class QTG(DecoderLM):
         intervene = self.check_forward_args(intervene, map_blocks)
         past = None if cache is None else cache.points
         psi = self.embed(ids)  # [B, N, 2d], unit norm
-        topo = self.topo(psi, past, intervene, want_exact=return_internals)  # [B, N] each
+        lengths = None if cache is None else cache.lengths  # ragged rows: each its own length
+        past_ids = None if cache is None else cache.ids
+        topo = self.topo(psi, past, intervene, want_exact=return_internals, lengths=lengths,
+                         ids=ids, past_ids=past_ids)  # [B, N] each
         filtered = psi * topo.weights.unsqueeze(-1).to(psi.dtype)  # [B, N, 2d]
         if cache is not None:
-            cache_points = psi if past is None else torch.cat([past, psi], dim=1)
+            cache_points = cache.append(past, psi, dim=1)
+            cache_ids = cache.append(past_ids, ids, dim=1) if past is None or past_ids is not None else None
 
         x = filtered
         states, attention, distances, gammas, impls = [psi, filtered], [], [], [], []
@@ -489,7 +629,7 @@ class QTG(DecoderLM):
                 distances.append(maps[1] if maps else None)
                 gammas.append(maps[2] if maps else None)
         if cache is not None:
-            cache.points = cache_points  # after the blocks: their offsets read the old length
+            cache.points, cache.ids = cache_points, cache_ids  # after the blocks: they read the old length
             cache.advance(ids.shape[1])
         logits = F.linear(self.norm(x), self.embed.table.weight)  # [B, N, V]: Re<e_v, h>
 

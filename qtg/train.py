@@ -72,6 +72,7 @@ from qtg.data import (
 )
 from qtg.errors import CheckpointError, ConfigError, DataError, TrainingError
 from qtg.generate import generate
+from qtg.malloc import keep_freed_memory
 from qtg.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
 from qtg.snapshots import remove_after, snapshot_path, snapshot_tensors, write_snapshot
 from qtg.tiers import get_tier
@@ -489,6 +490,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics and the files of the run, every rank its checkpoint shards.
     """
     cfg.validate()
+    keep_freed_memory()  # step temporaries stay in the heap: no page faults per step (qtg/malloc.py)
     world = distributed.init_world(cfg.training.device)
     try:
         summary = _train(cfg, world)

@@ -1,12 +1,21 @@
 """Generate tab: the text streams token by token, each token coloured by its TopoFilter weight,
 beside a live exact H0/H1 diagram of the growing sequence. Endpoint ``/generate``.
 
-Sampling is :func:`qtg.generate.stream` (the library's loop and checks). The colours need
-s~, s and w of each new token; the TopoFilter looks only backwards, so they are computed
-for the new token alone against the earlier QEmbed states (``model.topo(psi, past)``,
-O(N) per token) rather than by re-running the sequence. The live diagram is exact
+Decoding is the app's shared continuous-batching engine (:class:`qtg.serve.engine.Engine`, one per
+loaded model, also behind the ``/v1`` API): a request joins the batch other sessions are decoding and
+gets the tokens :func:`qtg.generate.stream` would give it alone; Stop cancels just its row. The colours
+need s~, s and w of each new token; the TopoFilter looks only backwards, so the engine computes them
+for the new token alone against the earlier QEmbed states (``model.topo(psi, past)``, O(N) per token)
+rather than by re-running the sequence. A model sharded across ranks keeps no cache and decodes
+through :func:`qtg.generate.stream`, scored here by :class:`Scorer` the same way. The live diagram is exact
 (``qtg.topology.exact_diagrams``) on the last ``live_points`` tokens, recomputed at most every
 ``live_every_s`` seconds, so it never slows the stream to a crawl.
+
+Below it, a strip: per head, the prompt distance (``qtg.topology.prompt_distance``: the spanning forest
+joining the continuation to the prompt in the attention graph of one block, the last by default) after each
+generated token. The engine hands each token's attention row in that block (its ``attention_block`` extra);
+one :class:`qtg.topology.PromptForest` per head takes it, O(N) per token and never a rebuild. The strip is
+redrawn with the live diagram. A model sharded across ranks decodes without the engine and has no strip.
 """
 
 from __future__ import annotations
@@ -25,10 +34,13 @@ from app.errors import user_facing
 from app.exports import Exportable
 from app.models import Loaded
 from app.tabs.common import Number, Slider, export_controls, fit
+from qtg.attention_plots import prompt_distance_strip
+from qtg.errors import GenerationError
 from qtg.generate import MIN_TEMPERATURE, check_sampling, stream
 from qtg.plots import persistence_diagram
+from qtg.serve.engine import Engine
 from qtg.tokenizer import EOS_TOKEN, decode, token_strings
-from qtg.topology import exact_diagrams
+from qtg.topology import PromptForest, exact_diagrams
 
 YIELD_EVERY_S = 0.05  # page updates at most this often (each carries every token so far)
 
@@ -91,6 +103,83 @@ def live_diagram(model_points: torch.Tensor | None, limit: int) -> tuple[Any, st
     return fig, f"live diagram: {len(pts)} points, {ex.seconds * 1000:.0f} ms ({ex.bounds.describe()})"
 
 
+@torch.inference_mode()
+def qembed_states(model: Any, ids: list[int], limit: int, device: Any) -> torch.Tensor | None:
+    """The QEmbed states ``[1, n, 2d]`` of the last ``limit`` tokens (None for a model without a TopoFilter)."""
+    if not model.has_topofilter:
+        return None
+    return model.embed(torch.tensor([ids[-limit:]], device=device))
+
+
+# token ids (none in a last update that brings only an attention row), their s~, s, w, and the attention
+# rows [H, i + 1] that arrived with them (each the row of the token before, in the strip's block)
+Scored = tuple[list[int], list[float], list[float], list[float], list[torch.Tensor]]
+
+
+def engine_scored(engine: Engine, ids: torch.Tensor, args: dict[str, Any], eos: int | None,
+                  block: int | None = None) -> Iterator[Scored]:
+    """The prompt's scores, then each new token with its own, from the shared engine; with ``block``,
+    the attention rows of that block as the engine sends them (the last token's with the finish).
+
+    The request is submitted (and checked) at the first ``next``; closing the iterator (Stop, a
+    closed page) cancels it, so its row leaves the batch and no further token is computed for it.
+    """
+    req = engine.submit(ids, eos_id=eos, topo=True, attention_block=block, **args)
+    nan = float("nan")
+    try:
+        prompt_sent = False
+        for event in req:
+            if event.error:
+                raise GenerationError(event.error)
+            if not prompt_sent:  # set by the engine before the first event
+                n = ids.shape[1]
+                topo = req.prompt_topo or [None] * n
+                yield (ids[0].tolist(), [t.soft if t else nan for t in topo], [t.exact if t else nan for t in topo],
+                       [t.weight if t else nan for t in topo], [])
+                prompt_sent = True
+            rows = [] if event.attention is None else [event.attention]
+            if event.token is not None:
+                t = event.topo
+                yield [event.token], [t.soft if t else nan], [t.exact if t else nan], [t.weight if t else nan], rows
+            elif rows:
+                yield [], [], [], [], rows
+    finally:
+        req.cancel()
+
+
+def stream_scored(model: Any, ids: torch.Tensor, args: dict[str, Any], eos: int | None) -> Iterator[Scored]:
+    """The same from :func:`qtg.generate.stream` (no cache: a model sharded across ranks), scored here;
+    no attention rows."""
+    steps = stream(model, ids, eos_id=eos, use_cache=False, **args)  # checks the request now
+    scorer = Scorer(model)
+    yield (ids[0].tolist(), *scorer.add(ids), [])
+    for step in steps:
+        yield [int(step[0])], *scorer.add(step.view(1, 1).to(ids.device)), []
+
+
+class Strip:
+    """The prompt distance of each head after each generated token: one :class:`~qtg.topology.PromptForest`
+    per head, fed the attention rows as they arrive (O(N) per token and head)."""
+
+    def __init__(self, prompt_len: int, block: int):
+        self.block = block
+        self.prompt_len = prompt_len
+        self.forests: list[PromptForest] = []
+        self.values: list[list[float]] = []  # [H][T]
+
+    def add(self, row: torch.Tensor) -> None:
+        """Args: row ``[H, i + 1]``, the attention row of the next generated token i in each head."""
+        if not self.forests:
+            self.forests = [PromptForest(self.prompt_len) for _ in range(row.shape[0])]
+            self.values = [[] for _ in self.forests]
+        for forest, values, head_row in zip(self.forests, self.values, row):
+            values.append(forest.add(head_row))
+
+    def figure(self) -> Any:
+        """The strip sized to its panel (None before the first row)."""
+        return fit(prompt_distance_strip(self.values, self.block), height=240) if self.values else None
+
+
 MAX_SEED = 2**63 - 1
 
 
@@ -112,31 +201,34 @@ def _sampling_args(ex: Explorer, loaded: Loaded, max_new_tokens, temperature, to
 
 
 def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens: Any = 64, temperature: Any = 0.8,
-             top_k: Any = 0, top_p: Any = 1.0, seed: Any = -1) -> Iterator[tuple]:
-    """Stream (html, text, live figure, stats, session, export payload) as tokens arrive.
+             top_k: Any = 0, top_p: Any = 1.0, seed: Any = -1, block: Any = -1) -> Iterator[tuple]:
+    """Stream (html, text, live figure, stats, session, export payload, prompt-distance strip) as tokens arrive.
 
     ``text`` is the prompt followed by the continuation so far. top_k 0 and top_p 1 mean off; seed -1
-    means unseeded; temperature 0 (or below ``qtg.generate.MIN_TEMPERATURE``) is greedy.
+    means unseeded; temperature 0 (or below ``qtg.generate.MIN_TEMPERATURE``) is greedy. ``block``: the
+    block whose attention the strip reads (-1 = the last).
     """
     session = session or ex.new_session()
     loaded = ex.current(session)
     args = _sampling_args(ex, loaded, max_new_tokens, temperature, top_k, top_p, seed)
+    n_layers = loaded.model.cfg.n_layers
+    block = as_int(block if block not in (None, "") else -1, "strip block", -1, n_layers - 1) % n_layers
     ids, tokens = ex.encode(loaded, prompt, ex.limits.max_prompt_chars, "prompt")
     ex.check_memory(loaded, ids.shape[1] + args["max_new_tokens"], "generate", kind="generate")
     tok = loaded.tokenizer
     eos = tok.token_to_id(EOS_TOKEN)
-    # a model sharded across ranks keeps no decoding cache (see qtg.distributed.lockstep)
-    cached = not getattr(loaded.model, "lockstep", False)
-    steps = stream(loaded.model, ids, eos_id=eos, use_cache=cached, **args)  # checks the request now
-
-    scorer, scores = Scorer(loaded.model), TokenScores()
-    soft, hard, w = scorer.add(ids)
-    scores.text, scores.soft, scores.exact, scores.weight = tokens, soft, hard, w
-    scores.generated = [False] * len(tokens)
-    new_ids: list[int] = []
-    fig, live_note = None, ""
-    fig_sent = None
+    # the shared engine, batched with every other request; a model sharded across ranks keeps no
+    # decoding cache (see qtg.distributed.lockstep) and runs the library's uncached loop instead
+    engine = ex.engine(loaded)
     t0 = time.perf_counter()
+    scored = (engine_scored(engine, ids, args, eos, block) if engine is not None
+              else stream_scored(loaded.model, ids, args, eos))
+    all_ids, soft, hard, w, _ = next(scored)  # the request is checked here: a bad one goes no further
+    scores = TokenScores(list(tokens), soft, hard, w, [False] * len(tokens))
+    new_ids: list[int] = []
+    strip = Strip(len(tokens), block)
+    fig, live_note, strip_fig = None, "", None
+    fig_sent = strip_sent = None
     first = last_yield = last_live = None
     ex.counters.add("streams_started")
 
@@ -151,38 +243,54 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         return " · ".join(p for p in parts if p) + (f"  \n{live_note}" if live_note else "")
 
     def update(done: bool) -> tuple:
-        nonlocal fig_sent
+        nonlocal fig_sent, strip_sent
         text = decode(tok, new_ids)
         new_session = Session(session.model, session.device, prompt + text)
         # copies: this update's numbers stay as they were when it was sent, whatever comes after
         numbers = {"prompt": prompt, "continuation": text, "token_ids": list(new_ids), "sampling": args,
                    "tokens": list(scores.text), "soft": list(scores.soft), "exact": list(scores.exact),
-                   "weights": list(scores.weight), "generated": list(scores.generated), "model": loaded.source.key}
-        payload = Exportable("generate", {"live_diagram": fig} if fig is not None else {}, numbers)
-        # the live figure changes at most every live_every_s: between redraws it is not sent again
+                   "weights": list(scores.weight), "generated": list(scores.generated), "model": loaded.source.key,
+                   "prompt_distance": {"block": block, "prompt_len": len(tokens),
+                                       "heads": [list(v) for v in strip.values]}}
+        figs = {name: f for name, f in (("live_diagram", fig), ("prompt_distance", strip_fig)) if f is not None}
+        payload = Exportable("generate", figs, numbers)
+        # the live figures change at most every live_every_s: between redraws they are not sent again
         shown = gr.skip() if fig_sent is fig and not done else fig
-        fig_sent = fig
-        return token_html(scores), prompt + text, shown, stats(done), new_session, payload
+        strip_shown = gr.skip() if strip_sent is strip_fig and not done else strip_fig
+        fig_sent, strip_sent = fig, strip_fig
+        return token_html(scores), prompt + text, shown, stats(done), new_session, payload, strip_shown
 
-    for step in steps:
-        now = time.perf_counter()
-        first = first or now
-        token = int(step[0])
-        new_ids.append(token)
-        ex.counters.add("tokens_generated")
-        soft, hard, w = scorer.add(step.view(1, 1).to(ids.device))
-        scores.text += token_strings(tok, [token])
-        scores.soft += soft
-        scores.exact += hard
-        scores.weight += w
-        scores.generated.append(True)
-        if last_live is None or now - last_live >= ex.limits.live_every_s:
-            fig, live_note = live_diagram(scorer.points, ex.limits.live_points)
-            last_live = time.perf_counter()
-        if last_yield is None or time.perf_counter() - last_yield >= YIELD_EVERY_S:
-            last_yield = time.perf_counter()
-            yield update(done=False)
-    fig, live_note = live_diagram(scorer.points, ex.limits.live_points)
+    def live() -> tuple[Any, str]:
+        return live_diagram(qembed_states(loaded.model, all_ids, ex.limits.live_points, ids.device),
+                            ex.limits.live_points)
+
+    try:
+        for token_ids, soft, hard, w, rows in scored:
+            for row in rows:
+                strip.add(row)
+            if not token_ids:  # the last token's attention row, after its token
+                continue
+            all_ids += token_ids
+            scores.soft += soft
+            scores.exact += hard
+            scores.weight += w
+            now = time.perf_counter()
+            first = first or now
+            new_ids.append(token_ids[0])
+            ex.counters.add("tokens_generated")
+            scores.text += token_strings(tok, token_ids)
+            scores.generated.append(True)
+            if last_live is None or now - last_live >= ex.limits.live_every_s:
+                fig, live_note = live()
+                strip_fig = strip.figure()
+                last_live = time.perf_counter()
+            if last_yield is None or time.perf_counter() - last_yield >= YIELD_EVERY_S:
+                last_yield = time.perf_counter()
+                yield update(done=False)
+    finally:
+        scored.close()  # Stop: the request leaves the engine's batch now
+    fig, live_note = live()
+    strip_fig = strip.figure()
     ex.counters.add("streams_finished")
     yield update(done=True)
 
@@ -197,7 +305,7 @@ def stopped(payload: Exportable | None) -> str:
 def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
     """Updates of this tab's controls for ``loaded`` (max new tokens follows its context)."""
     n = max_new_tokens_for(ex, loaded)
-    return (gr.update(maximum=n, value=min(80, n)),)
+    return (gr.update(maximum=n, value=min(80, n)), gr.update(maximum=max(1, loaded.model.cfg.n_layers - 1), value=-1))
 
 
 def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
@@ -216,6 +324,8 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
                 top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
                 # text, not a number: a browser's numbers are doubles, and the largest seed (2^63 - 1) is not one
                 seed = gr.Textbox(value="-1", label=f"seed (-1 = random, up to {MAX_SEED})", max_lines=1)
+            block = Slider(-1, max(1, loaded.model.cfg.n_layers - 1), value=-1, step=1,
+                           label="prompt-distance strip: block (-1 = the last)", elem_id="strip-block")
             with gr.Row():
                 go_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -223,18 +333,20 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
             stats = gr.Markdown(elem_id="generate-stats")
         with gr.Column(scale=2):
             live = gr.Plot(label="live exact diagram", elem_id="live-diagram")
+            strip_plot = gr.Plot(label="prompt distance per head (live)", elem_id="prompt-distance-strip")
             continuation = gr.Textbox(label="text (prompt + continuation, plain)", lines=4, interactive=False,
                                       elem_id="continuation")
     payload = gr.State(None)
     export_controls(ex, payload, "generate")
 
-    def run(s, p, n, t, k, tp, sd):
-        yield from generate(ex, s, p, n, t, k, tp, sd)
+    def run(s, p, n, t, k, tp, sd, bl=-1):
+        yield from generate(ex, s, p, n, t, k, tp, sd, bl)
 
-    evt = go_btn.click(user_facing(run, "generate"), [session, prompt, max_new, temperature, top_k, top_p, seed],
-                       [text_html, continuation, live, stats, session, payload], api_name="generate",
+    evt = go_btn.click(user_facing(run, "generate"),
+                       [session, prompt, max_new, temperature, top_k, top_p, seed, block],
+                       [text_html, continuation, live, stats, session, payload, strip_plot], api_name="generate",
                        concurrency_id="heavy")
     # Cancelling closes the generator on the server: no further token is computed. Then the status says so.
     stop_btn.click(None, None, None, cancels=[evt], api_visibility="private").then(
         stopped, [payload], [stats], api_visibility="private", queue=False)
-    return {"event": evt, "ranges": [max_new]}
+    return {"event": evt, "ranges": [max_new, block]}

@@ -13,11 +13,11 @@ import sys
 from qtg import __version__
 from qtg.cli import app as app_cmd
 from qtg.cli import eval as eval_cmd
-from qtg.cli import experiment, export, generate, info, tokenizer, topo, train
+from qtg.cli import experiment, export, generate, info, serve, tokenizer, topo, train
 from qtg.distributed.world import under_torchrun
 from qtg.errors import QTGError
 
-COMMANDS = [info, train, generate, eval_cmd, experiment, tokenizer, topo, export, app_cmd]
+COMMANDS = [info, train, generate, eval_cmd, experiment, tokenizer, topo, export, app_cmd, serve]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?
@@ -33,6 +33,7 @@ EPILOG = """examples:
   qtg export runs/nano2 --out runs/nano2-single   a sharded checkpoint as one file for qtg.load
   qtg info --tier 30b --plan --gpus 8   memory per GPU under FSDP2 and the fewest GPUs that fit
   qtg app                       the web app on the shipped nano, http://127.0.0.1:7860
+  qtg serve                     an OpenAI-compatible API (batched), http://127.0.0.1:8000/v1
 
 Set QTG_DEBUG=1 to see full tracebacks."""
 

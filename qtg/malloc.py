@@ -1,0 +1,58 @@
+"""Keep freed memory in the process: glibc malloc settings for training steps.
+
+A QTG training step allocates and frees many ``[B, H, N, N]`` temporaries of
+several MiB. glibc serves blocks that large with ``mmap`` and returns them with
+``munmap`` (or trims the heap top once more than ``M_TRIM_THRESHOLD`` is free),
+so every step faults the same pages in again: ~96,000 minor page faults per
+nano step (B = 16, N = 256), a large share of its time spent in the kernel.
+:func:`keep_freed_memory` raises both thresholds, so freed blocks stay in the
+heap and the next step reuses them (benchmarks/bench_speed.py measures the
+faults with ``resource.getrusage``). The cost is that the process keeps its
+peak heap instead of returning it to the system.
+
+The same settings from the shell, for any process (glibc reads them at start-up)::
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 python ...
+
+Blocks above 32 MiB (glibc's largest mmap threshold on 64-bit) are still mapped
+and unmapped each time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+TRIM_THRESHOLD_BYTES = 4 * 2**30
+
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once; later calls do nothing).
+
+    Returns:
+        True if the settings are in effect, False where there is no glibc
+        ``mallopt`` (macOS, Windows, musl) or it refused them.
+    """
+    global _applied
+    if _applied:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt takes an int: the trim threshold saturates at 2 GiB - 1 there
+    trim = min(TRIM_THRESHOLD_BYTES, 2**31 - 1)
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    return _applied
