@@ -104,3 +104,34 @@ def gamma_bars(gammas: Sequence[Any], title: str = "Fisher-Rao contrast gamma pe
                              line=dict(color="gray", dash="dash", width=1)))
     fig.update_layout(title=title, template="plotly_white", barmode="group", height=360, yaxis_title="gamma")
     return fig
+
+
+def prompt_distance_strip(values: Any, block: int, title: str | None = None, height: int = 240) -> go.Figure:
+    """One small line per head: TOHA's prompt distance after each generated token.
+
+    Args:
+        values: ``[H, T]``: head h's :func:`qtg.topology.prompt_distance` of the attention map of
+            block ``block`` cut after the t-th generated token (``qtg.topology.PromptForest.total``,
+            kept as the tokens arrive); T may be 0 (nothing generated yet).
+        block: the block the maps come from (0-based), for the title.
+        title: replaces the default title.
+        height: in pixels (a strip: short).
+
+    Returns:
+        A figure with one ``Scatter`` line per head, x the generated token's index (0 = the first).
+    """
+    vals = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64)
+    if vals.ndim != 2:
+        raise ValueError(f"values must be [H, T] (heads x generated tokens), got shape {vals.shape}")
+    fig = go.Figure()
+    x = np.arange(vals.shape[1])
+    for h, row in enumerate(vals):
+        fig.add_trace(go.Scatter(x=x, y=row, mode="lines", name=f"head {h}", line=dict(width=1.5),
+                                 hovertemplate=f"head {h}" + ", token %{x}: %{y:.4g}<extra></extra>"))
+    fig.update_layout(
+        title=dict(text=title or f"Prompt distance per head, block {block} (spanning forest from the continuation "
+                                 "to the prompt)", font=dict(size=13)),
+        template="plotly_white", height=height, margin=dict(l=50, r=10, t=40, b=40),
+        xaxis_title="generated token", yaxis_title="prompt distance", yaxis=dict(rangemode="tozero"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0, font=dict(size=10)))
+    return fig
