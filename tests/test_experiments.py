@@ -342,3 +342,23 @@ def test_eval_takes_a_shipped_model_by_name(text_file, capsys):
     assert "--model 'no-such-model' is not a shipped model" in err and "nano-baseline" in err
     with pytest.raises(SystemExit):  # one source only
         main(["eval", "--model", "nano", "--tier", "nano", "--data", str(text_file)])
+
+
+# --- several models on the same windows -----------------------------------------------------------
+
+
+def test_compare_models_pairs_windows_and_refuses_other_windows(small, small_baseline, docs, tok):
+    scores = ex.compare_models({"qtg": small, "baseline": small_baseline, "again": small}, docs, resamples=300)
+    first, base, again = scores
+    assert first.delta_bits_per_byte is None and [s.name for s in scores] == ["qtg", "baseline", "again"]
+    # each model's own figure is the sweep's unmodified bits per byte, i.e. qtg eval's
+    assert first.bits_per_byte.estimate == pytest.approx(evaluate(small, docs).bits_per_byte, abs=1e-6)
+    assert base.bits_per_byte.estimate == pytest.approx(evaluate(small_baseline, docs).bits_per_byte, abs=1e-6)
+    d = base.delta_bits_per_byte  # paired: the difference of the two figures, with an interval around it
+    assert d.estimate == pytest.approx(base.bits_per_byte.estimate - first.bits_per_byte.estimate, abs=1e-9)
+    assert d.low <= d.estimate <= d.high and d.n == len(ex.prepare(small, docs).windows)
+    assert again.delta_bits_per_byte.estimate == 0 and again.delta_bits_per_byte.width == 0  # a model against itself
+    longer = qtg.build(qtg.get_tier("micro").replace(max_seq_len=2 * CONTEXT), seed=0).eval()
+    longer.tokenizer = tok
+    with pytest.raises(ex.ExperimentError, match="other windows"):
+        ex.compare_models({"qtg": small, "longer": longer}, docs)

@@ -5,6 +5,7 @@
     cmp = ex.compare_text(model, "To be, or not", qtg.Intervention(topo="off"))   # one text, with and without
     res = ex.sweep(model, "texts/", [qtg.Intervention(topo="exact")])  # per-window figures, paired 95 % CIs
     ranking = ex.head_importance(model, "texts/", max_windows=200)  # each head ablated alone, ranked
+    scores = ex.compare_models({"nano": nano, "nano-notopo": notopo}, "texts/")  # models on the same windows
     ex.paired_bootstrap(after, before, n_bytes)                     # the interval on its own
 
 Every figure is computed from forward passes under :class:`qtg.Intervention`
@@ -19,11 +20,12 @@ from qtg.experiments.errors import ExperimentCancelled, ExperimentError
 from qtg.experiments.heads import HeadEffect, HeadRanking, head_importance, side_by_side
 from qtg.experiments.heldout import NextToken, heldout_documents, next_token, recorded_split
 from qtg.experiments.lens import Lens, head_table, logit_lens, read_out
+from qtg.experiments.models import ModelScore, compare_models
 from qtg.experiments.sweep import Condition, SweepResult, WindowScores, prepare, sweep
 
 __all__ = [
     "Condition", "Corpus", "ExperimentCancelled", "ExperimentError", "HeadEffect", "HeadRanking", "Interval", "Lens",
-    "NextToken", "heldout_documents", "next_token", "recorded_split",
+    "ModelScore", "NextToken", "compare_models", "heldout_documents", "next_token", "recorded_split",
     "SweepResult", "TextComparison", "WindowScores", "bootstrap_ratio", "compare_ids", "compare_text", "cut_corpus",
     "head_importance", "head_table", "logit_lens", "paired_bootstrap", "prepare", "read_out", "side_by_side", "sweep",
     "token_byte_lengths",
