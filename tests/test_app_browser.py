@@ -44,6 +44,9 @@ def test_generate_streams_into_the_page(page, shots):
     title = page.get_attribute("#generated-html .qtg-tok >> nth=3", "title")
     assert title.startswith("s~ = ") and ", w = " in title
     fits(page, "live-diagram")
+    plot_rendered(page, "prompt-distance-strip")  # one line per head, drawn from the streamed attention rows
+    assert page.locator("#prompt-distance-strip .scatterlayer .trace").count() == 4  # nano's heads
+    fits(page, "prompt-distance-strip")
     page.screenshot(path=str(shots / "generate.png"), full_page=True)
 
 
@@ -140,8 +143,10 @@ def test_control_ranges_follow_the_loaded_model(page):
     page.wait_for_function("document.querySelector('#max-new input[type=range]')?.max === '127'", timeout=30_000)
     assert page.get_attribute("#topology-layer input[type=range]", "max") == "3"
     assert page.get_attribute("#attention-block input[type=range]", "max") == "1"
+    assert page.get_attribute("#strip-block input[type=range]", "max") == "1"  # micro's last block
     _load(page, "nano (shipped, trained)", "nano (shipped")
     page.wait_for_function("document.querySelector('#max-new input[type=range]')?.max === '255'", timeout=30_000)
+    assert page.get_attribute("#strip-block input[type=range]", "max") == "3"
 
 
 def test_stop_says_stopped_with_the_count(page):

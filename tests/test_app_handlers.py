@@ -34,7 +34,7 @@ from qtg.generate import generate as generate_ids  # noqa: E402
 from qtg.metrics import attention_stats  # noqa: E402
 from qtg.plots import attention_graph_diagrams  # noqa: E402
 from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
-from qtg.topology import approx_view, attention_graph, exact_diagrams  # noqa: E402
+from qtg.topology import approx_view, attention_graph, exact_diagrams, prompt_distance  # noqa: E402
 from qtg.topology import compare as topo_compare  # noqa: E402
 from qtg.views import view_memory  # noqa: E402
 
@@ -82,12 +82,14 @@ def library_greedy(model, tokenizer, prompt: str, n: int) -> str:
 
 
 def test_generate_greedy_equals_library(ex, nano):
-    outs, (html, text, fig, stats, session, payload) = _last(generate.generate(ex, None, PROMPT, 40, 0, 0, 1, -1))
+    outs, (html, text, fig, stats, session, payload, strip) = _last(generate.generate(ex, None, PROMPT, 40, 0, 0, 1,
+                                                                                        -1))
     assert text == PROMPT + library_greedy(nano.model, nano.tokenizer, PROMPT, 40)  # the box starts at the prompt
     assert session.last_text == text
     assert "done: 40 new tokens" in stats and "first token" in stats
     assert fig is not None and len(fig.data) > 0  # the live exact diagram
     assert fig.layout.width is None  # sized to its panel, not 760 px
+    assert strip is not None and len(strip.data) == nano.model.cfg.n_heads and strip.layout.width is None
 
 
 def test_generate_streams_several_updates(ex, monkeypatch):
@@ -122,7 +124,7 @@ def test_generate_seeded_sampling_repeats_up_to_the_largest_seed(ex):
 
 @pytest.mark.parametrize("temperature", [1e-38, 1e-300, 5e-324])
 def test_tiny_temperatures_are_greedy_not_a_crash(ex, nano, temperature):
-    _, text, _, stats, _, _ = _last(generate.generate(ex, None, PROMPT, 8, temperature, 0, 1, -1))[1]
+    _, text, _, stats, _, _, _ = _last(generate.generate(ex, None, PROMPT, 8, temperature, 0, 1, -1))[1]
     assert text == PROMPT + library_greedy(nano.model, nano.tokenizer, PROMPT, 8)
     assert "(greedy)" in stats
 
@@ -143,6 +145,8 @@ def test_tiny_temperatures_are_greedy_not_a_crash(ex, nano, temperature):
                                          r"tokens nano reads at once \(its context\); here that is the first "
                                          r"[\d,]+ characters"),
     (("word " * 200, 100, 0.8, 0, 1, -1), "max_seq_len of nano \\(256\\)"),
+    ((PROMPT, 10, 0.8, 0, 1, -1, 4), "^strip block: 4 is above the maximum 3$"),
+    ((PROMPT, 10, 0.8, 0, 1, -1, -2), "^strip block: -2 is below the minimum -1$"),
 ])
 def test_generate_bad_input_is_one_line_naming_the_field(ex, args, message):
     with pytest.raises(gr.Error) as err:
@@ -164,6 +168,30 @@ def test_refusals_are_one_log_line_without_traceback(ex, caplog):
     lines = [r for r in caplog.records if r.name.startswith("app")]
     assert [r.getMessage() for r in lines] == ["refused generate: prompt: empty; type some text"]
     assert all(r.exc_info is None for r in lines)
+
+
+@pytest.mark.parametrize("block", [-1, 0])
+def test_the_strip_is_the_prompt_distance_of_the_final_map(ex, nano, block):
+    """The strip, kept token by token from the engine's attention rows, equals for every head and after every
+    generated token t ``qtg.topology.prompt_distance`` of the final text's full attention map (one plain
+    forward pass) cut to t + 1 tokens; its figure draws one line of those numbers per head."""
+    outs, last = _last(generate.generate(ex, None, PROMPT, 24, 0.9, 0, 1, 3, block))
+    strip, numbers = last[6], last[5].numbers
+    got = numbers["prompt_distance"]
+    n_layers = nano.model.cfg.n_layers
+    assert got["block"] == block % n_layers
+    ids = torch.tensor([encode(nano.tokenizer, PROMPT) + numbers["token_ids"]])
+    with torch.inference_mode():
+        A = nano.model(ids, return_internals=True, map_blocks=[got["block"]]).attention[got["block"]][0]  # [H, N, N]
+    p = got["prompt_len"]
+    assert p == len(encode(nano.tokenizer, PROMPT)) and len(got["heads"]) == A.shape[0]
+    for h, values in enumerate(got["heads"]):
+        assert len(values) == len(numbers["token_ids"]) == 24
+        want = [prompt_distance(A[h, :p + t + 1, :p + t + 1], p) for t in range(24)]
+        np.testing.assert_allclose(values, want, atol=1e-5)
+        np.testing.assert_allclose(strip.data[h].y, values)
+    assert max(max(v) for v in got["heads"]) > 0.1
+    assert f"block {block % n_layers}" in strip.layout.title.text
 
 
 def test_after_stop_the_status_says_stopped_with_the_count(ex):
@@ -204,7 +232,7 @@ def test_topology_states_the_bounds_it_applied(ex):
 
 def test_the_text_or_the_last_generation(ex):
     """One rule for every tab: an empty text means the session's last generation."""
-    *_, session, _ = _last(generate.generate(ex, None, PROMPT, 10, 0, 0, 1, -1))[1]
+    *_, session, _, _ = _last(generate.generate(ex, None, PROMPT, 10, 0, 0, 1, -1))[1]
     payload = topology.topology(ex, session, "", 1, "ripser", 64, 0)[5]
     assert "".join(payload.numbers["tokens"]) == session.last_text
     assert attention.attention(ex, session, " ", 0, -1)[4]["tokens"] == payload.numbers["tokens"]
@@ -516,8 +544,8 @@ def test_every_control_range_follows_the_loaded_model(ex, micro_session):
     """nano (context 256, 6 states, 4 blocks) and micro (context 128, 4 states, 2 blocks) set different ranges."""
     ranges = {name: control_ranges(ex, s)[1:] for name, s in (("nano", None), ("micro", micro_session))}
     maxima = {name: [u["maximum"] for u in r] for name, r in ranges.items()}
-    assert maxima["nano"] == [255, 5, 3, 3, 2]  # max new tokens, layer, block, head, heads page (hidden)
-    assert maxima["micro"] == [127, 3, 1, 3, 2]
+    assert maxima["nano"] == [255, 3, 5, 3, 3, 2]  # max new tokens, strip block, layer, block, head, heads page
+    assert maxima["micro"] == [127, 1, 3, 1, 3, 2]
     assert ranges["micro"][-1]["visible"] is False
     with pytest.raises(qtg.QTGError, match="^max new tokens: 200 is above the maximum 127$"):
         list(generate.generate(ex, micro_session, PROMPT, 200, 0, 0, 1, -1))

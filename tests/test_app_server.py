@@ -109,6 +109,15 @@ def test_generate_streams_and_equals_the_library(server):
     final = job.outputs()[-1]
     assert final[1] == PROMPT + library_greedy(ex.current(None).model, ex.current(None).tokenizer, PROMPT, 120)
     assert "done: " in final[3]
+    assert final[4] is not None  # the prompt-distance strip (the states are not sent: html, text, live, stats, strip)
+
+
+def test_generate_takes_the_strip_block(server):
+    """The strip's block is the last input (default -1 = the last block); it never changes the text."""
+    c = client(server[1])
+    default, first = [c.predict(PROMPT, 12, 0, 0, 1, -1, *block, api_name="/generate") for block in ((), (0,))]
+    assert default[1] == first[1]  # out: html, text, live diagram, stats, strip (the states are not sent)
+    assert "block 3" in str(default[4]) and "block 0" in str(first[4])  # nano's last block is 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -118,6 +127,7 @@ def test_generate_streams_and_equals_the_library(server):
     ((PROMPT, 1_000_000_000, 0.8, 0, 1, -1), "max new tokens: 1000000000 is above the maximum 255"),
     ((PROMPT, 10, 0.8, "seven", 1, -1), "top-k: expected a whole number, got 'seven'"),
     ((PROMPT, 10, 0.8, 0, 1, "seven"), "seed: expected a whole number, got 'seven'"),
+    ((PROMPT, 10, 0.8, 0, 1, -1, 9), "strip block: 9 is above the maximum 3"),
 ])
 def test_bad_input_is_one_line_naming_the_field_and_the_server_keeps_serving(server, args, message):
     """The app's own words, never Gradio's ("Value ... is greater than maximum value 512." or a multi-line
