@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 EXTRAS ?= test,dev
 
-.PHONY: install app test test-fast lint bench info notebooks browser clean
+.PHONY: install app test test-fast lint bench info notebooks notebooks-html browser clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ app:
 notebooks:
 	$(MAKE) install EXTRAS=notebooks
 	$(VENV)/bin/jupyter lab notebooks/
+
+# Execute every notebook and write HTML whose figures draw offline (plotly.js inline once per page)
+# to build/notebooks-html/; the committed notebooks stay without outputs.
+notebooks-html:
+	$(MAKE) install EXTRAS=notebooks
+	OMP_NUM_THREADS=1 $(PY) notebooks/export_html.py --out build/notebooks-html
 
 # Debian's Chromium for the browser tests (playwright cannot download browsers here).
 browser:
