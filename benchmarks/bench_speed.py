@@ -233,6 +233,22 @@ def scores_with_function(sp, sk, gamma, slopes, q_offset, bias=None):
     return (fisher_rao.fr_sq(bc) * -gamma.to(dtype).view(1, -1, 1, 1)).add_(bias), bc
 
 
+def composed_attention(sp, sk, v, gamma, bias, q_offset=0):
+    """Training attention as it was: _scores (fr_sq's Function, -gamma, + bias), softmax and A V, op by op."""
+    scores, _ = fisher_rao._scores(sp, sk, gamma, None, q_offset, bias)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def composed_soft_min(x, ids, temperature):
+    """TopoFilter's training soft-min as it was: its composition, through autograd (TopoFilter.forward's other path)."""
+    delta = qtg_model.pairwise_distances(x, x, ids, ids)
+    i = torch.arange(x.shape[1]).view(-1, 1)
+    j = torch.arange(x.shape[1]).view(1, -1)
+    keep = (j < i) | ((i == 0) & (j == 0))
+    soft = -temperature * torch.logsumexp((delta / -temperature).masked_fill_(~keep, float("-inf")), dim=-1)
+    return torch.where(i.view(1, -1) == 0, torch.zeros_like(soft), soft)
+
+
 def float64_distances(x, y, x_ids, y_ids):
     """The TopoFilter distances as they were: float64, without the ids."""
     return qtg_model.pairwise_distances(x, y)
@@ -257,10 +273,14 @@ VARIANTS: dict[str, tuple[tuple[object, str, object], ...]] = {
     "scores: previous (bias per call)": ((fisher_rao, "_scores", previous_scores),),
     "scores: Function without grad too": ((fisher_rao, "_scores", scores_with_function),),
     "TopoFilter: float64 distances": ((qtg_model, "_distances_by_ids", float64_distances),),
+    "attention: composed, no fused Function": ((fisher_rao, "fused_attention", composed_attention),),
+    "fused attention: one block of rows": ((fisher_rao, "FUSED_BLOCK_ROWS", 1 << 30),),
+    "TopoFilter: composed soft-min": ((qtg_model, "soft_min_distance", composed_soft_min),),
 }
-# every previous implementation at once (previous_scores includes the Function without grad)
+# every previous implementation at once (previous_scores includes the Function without grad; the composed
+# attention has no blocks of rows)
 VARIANTS["all of them off"] = tuple(r for v in list(VARIANTS.values())[1:] for r in v
-                                    if r[2] is not scores_with_function)
+                                    if r[2] is not scores_with_function and r[1] != "FUSED_BLOCK_ROWS")
 
 
 def ablate(args) -> None:
@@ -296,12 +316,12 @@ def ablate(args) -> None:
     print(f"QTG ({args.tier}) with one optimisation off at a time; training step B={args.batch}, N={args.n}, "
           f"{args.train_rounds} interleaved rounds;\ncached decoding step over {args.new_tokens} alternating steps; "
           f"{torch.get_num_threads()} threads, malloc {args.malloc}")
-    print(f"{'variant':<36} {'train ms':>9} {'(best)':>8} {'x all on':>9} "
+    print(f"{'variant':<40} {'train ms':>9} {'(best)':>8} {'x all on':>9} "
           f"{'decode ms':>10} {'(best)':>7} {'x all on':>9}")
     t_on, d_on = res["all on"][0], times["all on"]
     for v in VARIANTS:
         t, d = res[v][0], times[v]
-        print(f"{v:<36} {1e3 * statistics.median(t):>9.1f} {1e3 * low(t):>8.1f} "
+        print(f"{v:<40} {1e3 * statistics.median(t):>9.1f} {1e3 * low(t):>8.1f} "
               f"{statistics.median(t) / statistics.median(t_on):>9.2f} {1e3 * statistics.median(d):>10.3f} "
               f"{1e3 * low(d):>7.3f} {statistics.median(d) / statistics.median(d_on):>9.2f}")
 

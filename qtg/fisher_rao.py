@@ -16,6 +16,10 @@ Two interchangeable implementations of the same function:
   above as a ``score_mod`` and a causal block mask: fused, O(N) memory. In
   torch 2.13 it has no backward on CPU.
 
+With gradients, :func:`attention_reference` runs :func:`fused_attention`: the
+same arithmetic as one autograd Function with a hand-written backward, in
+blocks of query rows (the training step's kernel on CPU).
+
 Numerics (docs/model.md §8): BC is always computed in float32, also under
 bf16 autocast (bf16 cannot resolve distances below ~0.09 near BC = 1); and
 d_FR^2 uses :func:`fr_sq`, whose gradient stays finite at BC = 1 (where
@@ -243,10 +247,118 @@ def attention_reference(
     Returns:
         ``[B, H, Nq, d_h]`` in v's dtype.
     """
+    if torch.is_grad_enabled():  # training: the fused Function, blocks of query rows (:func:`fused_attention`)
+        dtype = compute_dtype(sp)
+        if bias is None:
+            bias = build_bias(slopes, q_offset, sp.shape[-2], sk.shape[-2], sp.device, dtype)
+        with no_autocast(sp):
+            out = fused_attention(as_dtype(sp, dtype), as_dtype(sk, dtype), as_dtype(v, dtype),
+                                  as_dtype(gamma, dtype), as_dtype(bias, dtype), q_offset)
+        return as_dtype(out, v.dtype)
     scores, _ = _scores(sp, sk, gamma, slopes, q_offset, bias)
     attn = torch.softmax(scores, dim=-1)
     with no_autocast(attn):
         return as_dtype(attn @ as_dtype(v, attn.dtype), v.dtype)
+
+
+# Query rows per block of :func:`fused_attention`; measured by benchmarks/bench_speed.py --ablate.
+FUSED_BLOCK_ROWS = 32
+# a = arccos(BC) is floored here so that a / sin(a) is never 0/0 (BC = 1): the floor's square underflows to 0,
+# so the scores are unchanged, and ds * a / sin(a) = ds exactly for |ds| > 2^-46 (float32; 2^-422 float64).
+_ACOS_FLOOR = {torch.float32: 2.0**-80, torch.float64: 2.0**-600}
+
+
+class _FusedAttention(torch.autograd.Function):
+    """softmax(-gamma arccos(BC)^2 + bias) V with BC = sp sk^T, one Function with a hand-written backward.
+
+    The composition in :func:`_scores` walks the ``[B, H, Nq, Nk]`` maps about
+    twenty times in a training step (each op, its autograd node, fresh
+    temporaries). Here, per block of query rows, the forward runs in place on
+    its own BC and saves only a = arccos(BC) and A; the backward reuses them in
+    place. With s = -gamma a^2 + bias, A = softmax(s), out = A V:
+
+        dV = A^T dout,   dA = dout V^T,   ds = A * (dA - rowsum(dA * A))
+        dgamma_h = -sum ds a^2,   dBC = ds * (-gamma)(-2a / sin a) = 2 gamma (ds a) / sin a
+        dsp = dBC sk,   dsk = dBC^T sp          (2 gamma_h is applied to the small products)
+
+    Blocks of query rows skip the keys after their last query, which the
+    causal bias masks anyway (44 % of the maps at N = 256 in blocks of 32), and keep the
+    maps of one block in cache between its passes. ``bias`` must therefore be
+    -inf above the causal diagonal (:func:`score_bias`, :func:`build_bias`).
+    Not twice differentiable, and its backward runs once (it reuses the saved maps).
+    """
+
+    @staticmethod
+    def forward(ctx, sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, bias: Tensor, q_offset: int) -> Tensor:
+        (B, H, nq, _), nk = sp.shape, sk.shape[-2]
+        # [B*H, N, d]: a block's key slice [:, :k1] is then a strided view bmm takes as it is (4D slices are copied)
+        sp3, sk3, v3 = (t.reshape(B * H, *t.shape[-2:]) for t in (sp, sk, v))
+        neg_gamma = -gamma.view(1, -1, 1, 1)
+        floor = _ACOS_FLOOR[sp.dtype]
+        outs, maps = [], []
+        for q0, q1, k1 in _row_blocks(nq, nk, q_offset):
+            a = torch.bmm(sp3[:, q0:q1], sk3[:, :k1].transpose(1, 2)).clamp_(max=1.0).acos_().clamp_(min=floor)
+            s = (a * a).view(B, H, q1 - q0, k1).mul_(neg_gamma).add_(bias[:, q0:q1, :k1])  # as in _scores
+            attn = torch._softmax(s, -1, False, out=s).view(B * H, q1 - q0, k1)  # in place: A overwrites s
+            outs.append(torch.bmm(attn, v3[:, :k1]))
+            maps += [a, attn]
+        ctx.save_for_backward(sp3, sk3, v3, gamma, *maps)
+        ctx.q_offset = q_offset
+        ctx.done = False
+        return torch.cat(outs, dim=1).view(B, H, nq, v.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor):
+        if ctx.done:
+            raise RuntimeError("fused Fisher-Rao attention: backward ran twice (retain_graph is not supported)")
+        ctx.done = True
+        sp3, sk3, v3, gamma, *maps = ctx.saved_tensors
+        B, H, nq, _ = dout.shape
+        dout3 = dout.reshape(B * H, nq, -1)
+        dsp, dsk3, dv3 = [], torch.zeros_like(sk3), torch.zeros_like(v3)
+        dgamma = torch.zeros_like(gamma) if ctx.needs_input_grad[3] else None
+        for (q0, q1, k1), a, attn in zip(_row_blocks(nq, sk3.shape[1], ctx.q_offset), maps[0::2], maps[1::2],
+                                         strict=True):
+            g = dout3[:, q0:q1]
+            dv3[:, :k1].add_(torch.bmm(attn.transpose(1, 2), g))  # (baddbmm_ into a slice loops)
+            da = torch.bmm(g, v3[:, :k1].transpose(1, 2))
+            ds = torch._softmax_backward_data(da, attn, -1, attn.dtype, grad_input=da)  # in place
+            t = ds.mul_(a)  # ds * a
+            sin_a = torch.sin(a)
+            if dgamma is not None:  # -sum ds a^2 (a is not needed any more)
+                dgamma.sub_(a.mul_(t).view(B, H, q1 - q0, k1).sum(dim=(0, 2, 3)))
+            dbc = t.div_(sin_a)  # dBC / (2 gamma)
+            dsp.append(torch.bmm(dbc, sk3[:, :k1]))
+            dsk3[:, :k1].add_(torch.bmm(dbc.transpose(1, 2), sp3[:, q0:q1]))
+        two_gamma = (2.0 * gamma).view(1, -1, 1, 1)
+        dsp = torch.cat(dsp, dim=1).view(B, H, nq, -1).mul_(two_gamma)
+        return dsp, dsk3.view(B, H, *sk3.shape[1:]).mul_(two_gamma), dv3.view(B, H, *v3.shape[1:]), dgamma, None, None
+
+
+def _row_blocks(nq: int, nk: int, q_offset: int):
+    """(first row, end row, keys seen) of each block of FUSED_BLOCK_ROWS query rows.
+
+    Query i sees keys j <= q_offset + i, so a block needs none after its last query's position.
+    """
+    for q0 in range(0, nq, FUSED_BLOCK_ROWS):
+        q1 = min(q0 + FUSED_BLOCK_ROWS, nq)
+        yield q0, q1, min(nk, q_offset + q1)
+
+
+def fused_attention(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, bias: Tensor, q_offset: int = 0) -> Tensor:
+    """Causal Fisher-Rao attention as one autograd Function (:class:`_FusedAttention`), for training.
+
+    Args:
+        sp, sk: sqrt-simplex queries ``[B, H, Nq, d_h]`` and keys ``[B, H, Nk, d_h]``.
+        v: values ``[B, H, Nk, d_v]``; gamma ``[H]``; all of one dtype (float32 or float64).
+        bias: ``[H or 1, Nq, Nk]`` from :func:`score_bias` (-inf above the causal diagonal).
+        q_offset: absolute position of the first query.
+    Returns:
+        ``[B, H, Nq, d_v]``, equal to :func:`attention_reference`'s composition up to the
+        summation order (tests/test_speed_exactness.py).
+    """
+    return _FusedAttention.apply(sp, sk, v, gamma, bias, q_offset)
 
 
 @torch.no_grad()

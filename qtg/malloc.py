@@ -12,10 +12,11 @@ peak heap instead of returning it to the system.
 
 The same settings from the shell, for any process (glibc reads them at start-up)::
 
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 python ...
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_MMAP_MAX_=0 python ...
 
-Blocks above 32 MiB (glibc's largest mmap threshold on 64-bit) are still mapped
-and unmapped each time.
+Blocks above 32 MiB (glibc's largest mmap threshold on 64-bit) would still be
+mapped and unmapped each time; ``M_MMAP_MAX = 0`` (no mmapped blocks at all)
+serves them from the heap as well.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit
 MMAP_THRESHOLD_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 4 * 2**30
@@ -54,5 +56,8 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt takes an int: the trim threshold saturates at 2 GiB - 1 there
     trim = min(TRIM_THRESHOLD_BYTES, 2**31 - 1)
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    # Blocks of 32 MiB and more (nano's [16, 256, 2048] logits) stay mmapped whatever the threshold;
+    # M_MMAP_MAX = 0 serves them from the kept heap too (16,400 -> 1 fault per nano step, measured).
+    _applied = (bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+                and bool(mallopt(M_MMAP_MAX, 0)))
     return _applied

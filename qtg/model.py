@@ -211,6 +211,58 @@ def _distances_by_ids(x: Tensor, y: Tensor, x_ids: Tensor, y_ids: Tensor) -> Ten
     return torch.sqrt(sq.clamp(min=_DIST_SQ_FLOOR)).masked_fill(same, 0.0)
 
 
+class _SoftMinDistance(torch.autograd.Function):
+    """s~_i = -T log sum_{j<i} exp(-delta_ij / T) of N points among themselves, with a hand-written backward.
+
+    The forward is :meth:`TopoFilter.forward`'s arithmetic (float32 distances by
+    ids, :func:`_distances_by_ids`); it keeps W_ij = p_ij / delta_ij, p the
+    soft-min's softmax weights (0 where j >= i), W = 0 where delta has no
+    gradient (equal ids, squared distance below the floor) and on the first row.
+    With sq_ij = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j> and g = dL/ds~:
+
+        dL/dsq_ij = g_i p_ij / (2 delta_ij) = g_i W_ij / 2 =: G_ij
+        dL/dx_k   = 2 x_k (sum_j G_kj + sum_i G_ik) - 2 (G x + G^T x)_k
+
+    one pass over ``[B, N, N]`` and two matmuls, where autograd through the
+    composition (logsumexp, division, mask, sqrt, clamp, Gram form) takes about a dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ids: Tensor, temperature: float) -> Tensor:
+        n = x.shape[1]
+        delta = _distances_by_ids(x, x, ids, ids)  # [B, N, N], float32
+        i = torch.arange(n, device=x.device).view(-1, 1)
+        j = torch.arange(n, device=x.device).view(1, -1)
+        keep = (j < i) | ((i == 0) & (j == 0))  # the first row's dummy entry, as in TopoFilter.forward
+        logits = (delta / -temperature).masked_fill_(~keep, float("-inf"))
+        # torch.logsumexp's own steps (bit for bit), keeping its exp(l - max) for the weights p
+        top = logits.amax(dim=-1, keepdim=True)  # [B, N, 1], finite: every row keeps an entry
+        e = logits.sub_(top).exp_()
+        total = e.sum(dim=-1, keepdim=True)
+        lse = total.log().add_(top).squeeze(-1)  # [B, N]
+        soft = (-temperature * lse).masked_fill_((i == 0).view(1, -1), 0.0)
+        w = e.div_(total).div_(delta)  # p / delta
+        clamped = math.sqrt(_DIST_SQ_FLOOR)  # float32 sqrt(1e-12) rounds to float32(1e-6), the comparison's value
+        no_grad = delta <= clamped  # equal ids (0) or clamped: no gradient, as in the composition
+        no_grad[:, 0] = True  # the first token: s~_1 = 0
+        ctx.save_for_backward(x, w.masked_fill_(no_grad, 0.0))
+        return soft
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        g = w * (0.5 * grad).unsqueeze(-1)  # dL/dsq [B, N, N]
+        sums = (g.sum(-1) + g.sum(-2)).unsqueeze(-1)  # [B, N, 1]
+        gx = torch.baddbmm(torch.bmm(g, x), g.transpose(-1, -2), x)  # (G + G^T) x
+        return (x * sums).sub_(gx).mul_(2.0), None, None
+
+
+def soft_min_distance(x: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    """s~ ``[B, N]`` of points ``x`` ``[B, N, 2d]`` with token ids ``[B, N]``, float32 (:class:`_SoftMinDistance`)."""
+    return _SoftMinDistance.apply(x.float(), ids, temperature)
+
+
 @dataclass
 class TopoScores:
     """What the TopoFilter computes for N tokens: all ``[B, N]``, float32 (float64 in a float64 model)."""
@@ -266,6 +318,9 @@ class TopoFilter(nn.Module):
         if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
             soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, want_exact or mode == "exact")
             return self.result(soft, hard, mode, theta, tau)
+        if (past is None and ids is not None and lengths is None and psi.dtype != torch.float64
+                and not (want_exact or mode == "exact") and torch.is_grad_enabled()):  # training
+            return self.result(soft_min_distance(psi, ids, temperature), None, mode, theta, tau)
         offset = 0 if past is None else past.shape[1]
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
         if past is None or ids is None:

@@ -6,7 +6,10 @@
 * without gradients attention runs without the autograd Function, bit-identical to the autograd path;
 * TopoFilter distances in float32 with exact zeros between equal ids: |dw| <= 1e-6 against float64 on
   thousands of tokens of text, and a cache keeps the ids beside the points;
-* qtg.malloc.keep_freed_memory stops the page faults of repeated large temporaries.
+* qtg.malloc.keep_freed_memory stops the page faults of repeated large temporaries;
+* the fused attention Function (training) equals the composition it replaces: forward and gradients wrt
+  queries, keys, values and gamma within 1e-6 relative in float32 (1e-12 in float64); so does the
+  TopoFilter's soft-min Function (same forward bit for bit, gradient within 1e-6).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import pytest
 import torch
 
 import qtg
+from qtg import fisher_rao
 from qtg.fisher_rao import (
     _SERIES_BELOW,
+    _scores,
     alibi_slopes,
     attention_maps,
     attention_reference,
     build_bias,
     fr_sq,
+    fused_attention,
     score_bias,
     sqrt_simplex,
 )
@@ -109,6 +115,96 @@ def test_no_grad_attention_is_bit_identical_to_the_autograd_path(nq, nk):
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, nq))
 
 
+
+def _composed_attention(sp, sk, v, gamma, bias, q_offset=0):
+    """What fused_attention replaces: _scores (fr_sq's Function, times -gamma, plus the bias), softmax, A V."""
+    scores, _ = _scores(sp, sk, gamma, None, q_offset, bias)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("nq, nk, heads", [(70, 70, 4), (64, 64, None), (1, 37, 4), (9, 40, 4)])
+def test_fused_attention_matches_the_composition(dtype, tol, nq, nk, heads):
+    # 70 rows: blocks of 32, 32 and 6; (1, 37) a decoding row; (9, 40) a chunk after a prefix; None: NoPE
+    g = torch.Generator().manual_seed(nq + nk)
+    offset = nk - nq
+    sp = sqrt_simplex(torch.randn(2, 4, nq, 16, generator=g, dtype=dtype))
+    sk = sqrt_simplex(torch.randn(2, 4, nk, 16, generator=g, dtype=dtype))
+    sk[:, :, offset] = sp[:, :, 0]  # BC = 1 on the first query's diagonal (for nq = nk the first token's only key)
+    v = torch.randn(2, 4, nk, 8, generator=g, dtype=dtype)
+    gamma = torch.rand(4, generator=g, dtype=dtype) + 0.5
+    bias = build_bias(alibi_slopes(heads) if heads else None, offset, nq, nk, "cpu", dtype)
+    dout = torch.randn(2, 4, nq, 8, generator=g, dtype=dtype)
+    if nq > 1:
+        dout[:, :, -1] = 0  # a row whose gradient is zero
+    results = []
+    for fn in (_composed_attention, fused_attention):
+        inputs = [t.clone().requires_grad_(True) for t in (sp, sk, v, gamma)]
+        out = fn(*inputs, bias, offset)
+        out.backward(dout)
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for name, want, got in zip(("out", "queries", "keys", "values", "gamma"), *results, strict=True):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        assert _rel_err(got, want) <= tol, (name, _rel_err(got, want))
+    out, _, dsk, dv, _ = results[1]
+    if nq == nk:  # the first token sees only itself: its output is its value, bit for bit
+        assert torch.equal(out[:, :, 0], v[:, :, 0])
+    assert dv.abs().sum() > 0 and dsk[:, :, offset].abs().sum() > 0  # the BC = 1 key got a gradient
+
+
+def test_fused_attention_backward_runs_once():
+    sp, sk, v, gamma = (t.requires_grad_(True) for t in _attention_inputs(24, 24))
+    bias = score_bias(4, 0, 24, 24, torch.device("cpu"), torch.float32)
+    out = fused_attention(sp, sk, v, gamma, bias).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.backward()
+
+
+def test_model_gradients_with_the_fused_attention(micro, ids, monkeypatch):
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        model = qtg.build(micro.cfg, seed=0).to(dtype).train()
+        for name, attention in (("composed", _composed_attention), ("fused", fused_attention)):
+            monkeypatch.setattr(fisher_rao, "fused_attention", attention)
+            model.zero_grad(set_to_none=True)
+            model(ids, targets=ids).loss.backward()
+            grads[name, dtype] = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    truth = grads["composed", torch.float64]
+    assert any("log_gamma" in n for n in truth) and all(g.keys() == truth.keys() for g in grads.values())
+    for name, want in truth.items():
+        assert _rel_err(grads["fused", torch.float64][name], want) <= 1e-12, name
+        # float32: a summation order of its own; as close to the float64 gradient as the composition is
+        # (log_gamma's sums cancel: both are ~2e-5 from it, and 1e-6 from each other)
+        err_fused, err_composed = (_rel_err(grads[k, torch.float32][name], want) for k in ("fused", "composed"))
+        assert err_fused <= 1.5 * err_composed + 1e-7, (name, err_fused, err_composed)
+        assert _rel_err(grads["fused", torch.float32][name], grads["composed", torch.float32][name]) <= 3e-6, name
+
+
+@pytest.mark.parametrize("n", [1, 2, 80])
+def test_topofilter_soft_min_function_matches_the_composition(micro, n):
+    # want_exact=True takes the composed path (it needs the distances); without it training uses the Function
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 40, (3, n), generator=g)  # 40 ids for 80 tokens: many repeats (zero distances)
+    ids[:, -1] = ids[:, 0] if n > 2 else ids[:, -1]
+    upstream = torch.randn(3, n, generator=g)
+    results = []
+    for composed in (True, False):
+        psi = micro.embed(ids).detach().requires_grad_(True)
+        scores = micro.topo(psi, ids=ids, want_exact=composed)
+        assert (scores.exact is not None) == composed
+        (scores.weights * upstream + scores.soft * upstream.flip(-1)).sum().backward()
+        results.append((scores.soft.detach(), scores.weights.detach(), psi.grad))
+    (soft_c, w_c, grad_c), (soft_f, w_f, grad_f) = results
+    assert torch.equal(soft_f, soft_c) and torch.equal(w_f, w_c)  # the same forward arithmetic
+    assert torch.isfinite(grad_f).all() and torch.equal(grad_f[:, 0] == 0, grad_c[:, 0] == 0)
+    if n > 1:
+        assert grad_c.abs().max() > 0 and _rel_err(grad_f, grad_c) <= 1e-6
+
 def test_model_no_grad_forward_is_bit_identical(micro, ids):
     with torch.enable_grad():
         micro.zero_grad(set_to_none=True)
@@ -165,6 +261,7 @@ _FAULTS_SCRIPT = textwrap.dedent("""
         assert keep_freed_memory()
     def one_round():
         ts = [torch.ones(3 * 2**20) for _ in range(4)]  # 4 x 12 MiB temporaries, freed together
+        ts.append(torch.ones(10 * 2**20))  # and one of 40 MiB, above glibc's largest mmap threshold (32 MiB)
         del ts
     for _ in range(3):
         one_round()
