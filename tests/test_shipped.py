@@ -65,3 +65,29 @@ def test_shipped_nano_generates_the_same_greedy_text_with_and_without_cache(nano
     b = generate(nano, ids, 30, temperature=0, use_cache=False)
     assert torch.equal(a, b)
     assert len(set(a[0, ids.shape[1]:].tolist())) > 3  # a trained model does not repeat one token
+
+
+ABLATIONS = {  # name: what differs from nano's config (docs: the model card's ablation table)
+    "nano-seed": dict(pos="none", learn_gamma=False, gamma_init=1.0),
+    "nano-notopo": dict(topo_filter="off", lambda_topo=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_the_ablation_checkpoints_ship_and_differ_from_nano_only_where_named(nano, name):
+    model = qtg.load(name)
+    assert model.random_weights is False and model.checkpoint_dir == SHIPPED_DIR / name
+    assert model.cfg == qtg.get_tier("nano").replace(name=name, **ABLATIONS[name])
+    assert model.tokenizer.to_str() == nano.tokenizer.to_str()  # same tokens: windows pair up
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # stored in bf16, computed in float32
+    assert (SHIPPED_DIR / name / "model.safetensors").stat().st_size < 4 * 2**20
+
+
+def test_nano_notopo_weights_every_token_one(nano):
+    """nano-notopo's own TopoFilter weight is 1 everywhere; topo=exact still applies the exact filter to it."""
+    model = qtg.load("nano-notopo")
+    ids = torch.tensor([[5, 6, 7, 5, 9, 10, 6]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).topo_weights, torch.ones(1, 7))
+        exact = model(ids, intervene=qtg.Intervention(topo="exact")).topo_weights
+    assert exact[0, 3] == 1.0 and bool((exact < 1).any())  # a repeat keeps w = 1, novel tokens are filtered
