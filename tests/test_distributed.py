@@ -24,7 +24,7 @@ import qtg
 from qtg.checkpoint import read_full_model
 from qtg.distributed import split_sizes
 from qtg.distributed.plan import plan, shard_numel, shard_params
-from qtg.errors import CheckpointError, ConfigError
+from qtg.errors import ConfigError
 from qtg.evaluate import score_windows, windows
 from qtg.generate import generate
 from qtg.intervention import Intervention
