@@ -113,12 +113,6 @@ EXPECTED = {
     ]),
 }
 
-# Shipped checkpoints a notebook loads beyond nano and nano-baseline; while one is still being trained the
-# notebook's run is skipped, with the reason shown (the notebook itself fails loudly on a missing checkpoint).
-NEEDS = {  # checkpoints still in training (the model card says which): the notebook skips, saying so
-    "03_fisher_rao_attention.ipynb": ["nano-baseline-alibi"],
-}
-
 # Patterns a notebook must never print: trivial agreement reported as a result, or numbers printed wrongly.
 FORBIDDEN = {
     "*": [r"\d\.\d+e-3\d\d",  # a denormal such as 1.34e-308 where a distance is exactly 0
@@ -194,10 +188,6 @@ def test_notebook_kernel_is_this_interpreter():
 def test_notebook_runs_top_to_bottom(name, monkeypatch):
     budget, figures, patterns = EXPECTED[name]
     pytest.importorskip("ipykernel")
-    shipped = ROOT / "assets" / "checkpoints"
-    missing = [n for n in NEEDS.get(name, []) if not (shipped / n / "model.safetensors").is_file()]
-    if missing:
-        pytest.skip(f"{name} loads {', '.join(missing)}, not in assets/checkpoints/ yet (being trained)")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits the environment
     nb = _read(NOTEBOOKS / name)
     before = _repo_files()

@@ -70,6 +70,7 @@ def test_shipped_nano_generates_the_same_greedy_text_with_and_without_cache(nano
 ABLATIONS = {  # name: what differs from nano's config (docs: the model card's ablation table)
     "nano-seed": dict(pos="none", learn_gamma=False, gamma_init=1.0),
     "nano-notopo": dict(topo_filter="off", lambda_topo=0.0),
+    "nano-baseline-alibi": dict(arch="baseline", baseline_pos="alibi"),
 }
 
 
