@@ -277,7 +277,14 @@ def test_keep_freed_memory_stops_the_page_faults():
     # glibc's default mmap threshold adapts (run to run, 0 to 20,000 faults here); fixed at 128 KiB, every
     # temporary is mapped and unmapped, as on a step's first steps: keep_freed_memory must override it
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                                       env=env, check=True).stdout) for mode in ("default", "keep")}
-    assert faults["default"] > 100_000  # 10 rounds x 4 x 3072 pages
-    assert faults["keep"] < 300
+
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                                  env=env, check=True).stdout)
+
+    default = faults("default")
+    assert default > 100_000  # 10 rounds x 4 x 3072 pages
+    # A shared CI machine adds faults of its own (one run counted 7,168 where this machine counts 0), so the
+    # best of three runs is compared with the default: keeping freed memory removes all but a few percent.
+    keep = min(faults("keep") for _ in range(3))
+    assert keep < default / 20
