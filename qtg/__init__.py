@@ -14,7 +14,7 @@ from qtg.builder import build
 from qtg.checkpoint import load, load_checkpoint, save_checkpoint
 from qtg.config import QTGConfig
 from qtg.errors import CheckpointError, ConfigError, GenerationError, QTGError, TierTooLargeError
-from qtg.intervention import Intervention, InterventionError
+from qtg.intervention import Intervention, InterventionError, TopoWeight
 from qtg.memory import count_params, memory_estimate
 from qtg.model import QTG, QTGCache, QTGOutput
 from qtg.tiers import TIERS, baseline_of, get_tier, seed_faithful
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Intervention", "InterventionError", "QTG", "QTGCache", "QTGConfig", "QTGOutput", "TIERS", "ConfigError",
-    "QTGError", "TierTooLargeError",
+    "QTGError", "TierTooLargeError", "TopoWeight",
     "CheckpointError", "GenerationError", "build", "count_params", "generate", "get_tier", "load", "load_checkpoint",
     "memory_estimate", "save_checkpoint", "seed_faithful", "baseline_of",
 ]

@@ -23,6 +23,9 @@ What each field does (``docs/model.md`` §6 has the formulas):
   contribute nothing to their block's output (their slice of the attention
   output is zero before the output projection).
 * ``positions`` - ``"none"`` removes the ALiBi term from every block's scores.
+* ``topo_weight`` - a :class:`TopoWeight` rule that replaces the filter's w
+  (a one-bit "seen earlier" gate, a weight by position, or both): a control
+  that asks whether the graded score is needed at all.
 
 The baseline decoder (:mod:`qtg.baseline`) takes head ablation and refuses
 every other field by name.
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from numbers import Real
 from typing import Any
 
 import torch
@@ -42,10 +46,76 @@ from qtg.errors import QTGError
 
 TOPO_MODES = ("approx", "exact", "off")
 POSITION_MODES = ("model", "none")
+# s_i below this is a repeat: QEmbed states are unit vectors, equal ids give s = 0 and distinct ones sit ~0.5+ apart
+REPEAT_TOLERANCE = 1e-4
 
 
 class InterventionError(QTGError, ValueError):
     """An intervention that does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class TopoWeight:
+    """A rule that replaces the TopoFilter's weight for one call (docs/model.md §6).
+
+    Token i (0-based) *repeats* when its state equals an earlier token's, i.e.
+    its exact causal score s_i = min_{j<i} delta_ij is 0; otherwise it is a
+    first occurrence. The rule's weight is
+
+        w_0 = 1                                  (no earlier token, as the filter has it)
+        w_i = repeat                             for a repeat, when ``repeat`` is a number
+        w_i = novel, or novel[i] for a profile   otherwise
+
+    ``TopoWeight(novel=c)`` is the filter reduced to one bit ("seen earlier in
+    this context"); ``TopoWeight(novel=profile, repeat=None)`` to where a token
+    sits, whatever it is; ``TopoWeight(novel=profile)`` to the bit and the
+    position, without the distances. Weights lie in [0, 1], as the filter's own.
+    """
+
+    novel: float | tuple[float, ...]
+    repeat: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        novel = self.novel
+        if not isinstance(novel, Real):
+            try:
+                novel = tuple(float(v) for v in novel)
+            except (TypeError, ValueError):
+                raise InterventionError(f"topo_weight: novel must be a number or a sequence of numbers (a weight per "
+                                        f"position), got {self.novel!r}") from None
+            if not novel:
+                raise InterventionError("topo_weight: the position profile is empty")
+            object.__setattr__(self, "novel", novel)  # a tuple: hashable, and equal rules compare equal
+        values = (*(novel if isinstance(novel, tuple) else (novel,)), *(() if self.repeat is None else (self.repeat,)))
+        if not all(isinstance(v, Real) and _finite_number(float(v)) and 0.0 <= v <= 1.0 for v in values):
+            raise InterventionError("topo_weight: every weight must lie in [0, 1], as the filter's own w does")
+
+    def __str__(self) -> str:
+        """``gate:0.45`` (the form :meth:`Intervention.parse` reads), ``position:256``, ``gate+position:256``."""
+        if not isinstance(self.novel, tuple):
+            return f"gate:{self.novel:g}" if self.repeat == 1.0 else f"novel:{self.novel:g},repeat:{self.repeat}"
+        kind = "position" if self.repeat is None else "gate+position" if self.repeat == 1.0 else "position,repeat"
+        return f"{kind}:{len(self.novel)}"
+
+    def weights(self, exact: Tensor, position: Tensor) -> Tensor:
+        """w ``[B, N]`` from the exact causal scores s ``[B, N]`` and the 0-based positions (broadcastable).
+
+        Raises:
+            InterventionError: a profile shorter than the positions it is asked for.
+        """
+        position = position.expand_as(exact)
+        if isinstance(self.novel, tuple):
+            reach = int(position.max())
+            if reach >= len(self.novel):
+                raise InterventionError(f"topo_weight: the position profile covers {len(self.novel)} positions, the "
+                                        f"input reaches position {reach}")
+            w = torch.tensor(self.novel, dtype=exact.dtype, device=exact.device)[position]
+        else:
+            w = torch.full_like(exact, float(self.novel))
+        if self.repeat is not None:
+            repeat = (exact < REPEAT_TOLERANCE) & (position > 0)
+            w = torch.where(repeat, torch.full_like(w, float(self.repeat)), w)
+        return torch.where(position == 0, torch.ones_like(w), w)
 
 
 @dataclass(frozen=True)
@@ -60,6 +130,7 @@ class Intervention:
     gamma_scale: float = 1.0
     ablate_heads: Mapping[int, Sequence[int]] = field(default_factory=dict)
     positions: str = "model"
+    topo_weight: TopoWeight | None = None
 
     def __post_init__(self) -> None:
         if self.topo not in TOPO_MODES:
@@ -80,6 +151,13 @@ class Intervention:
             raise InterventionError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
         if not isinstance(self.ablate_heads, Mapping):
             raise InterventionError(f"ablate_heads must be a mapping {{block: [heads]}}, got {self.ablate_heads!r}")
+        if self.topo_weight is not None:
+            if not isinstance(self.topo_weight, TopoWeight):
+                raise InterventionError(f"topo_weight must be a qtg.TopoWeight, got {type(self.topo_weight).__name__}")
+            clash = [name for name in ("topo", "theta", "tau") if name in self.changed()]
+            if clash:
+                raise InterventionError(f"topo_weight replaces the filter's w, so {', '.join(clash)} would do nothing: "
+                                        "give one or the other")
 
     # --- what the model asks -----------------------------------------------------
     @property
@@ -135,6 +213,10 @@ class Intervention:
             bad = [h for h in heads if not (isinstance(h, int) and 0 <= h < cfg.n_heads)]
             if bad:
                 raise InterventionError(f"ablate_heads[{block}]: head(s) {bad} out of range 0..{cfg.n_heads - 1}")
+        rule = self.topo_weight
+        if rule is not None and isinstance(rule.novel, tuple) and len(rule.novel) < cfg.max_seq_len:
+            raise InterventionError(f"topo_weight: the position profile covers {len(rule.novel)} positions, the "
+                                    f"model reads {cfg.max_seq_len}")
         if isinstance(self.gamma, Mapping):
             for block, value in self.gamma.items():
                 _check_block(block, cfg.n_layers, "gamma")
@@ -148,7 +230,8 @@ class Intervention:
     def parse(cls, spec: str) -> Intervention:
         """``"topo=exact"``, ``"gamma=1"``, ``"gamma=0:1,1,2,2;3:0.5,0.5,0.5,0.5"`` (per block, one value
         per head), ``"gamma_scale=0.5"``, ``"positions=none"``,
-        ``"ablate=0:1,2;3:0"`` (block:heads), ``"theta=0.2,tau=0.5"`` -> an Intervention."""
+        ``"ablate=0:1,2;3:0"`` (block:heads), ``"theta=0.2,tau=0.5"``, ``"topo_weight=gate:0.45"`` (a one-bit
+        gate: w = 1 for repeats, 0.45 for first occurrences; profiles by position need Python) -> an Intervention."""
         kwargs: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in _split_top(spec))):
             key, sep, value = part.partition("=")
@@ -163,9 +246,15 @@ class Intervention:
                 kwargs[key] = _number(key, value)
             elif key in ("ablate", "ablate_heads"):
                 kwargs["ablate_heads"] = _parse_heads(value)
+            elif key == "topo_weight":
+                kind, _, c = value.partition(":")
+                if kind.strip() != "gate":
+                    raise InterventionError(f"topo_weight={value!r}: expected gate:C, a weight C in [0, 1] for first "
+                                            "occurrences (repeats get 1)")
+                kwargs[key] = TopoWeight(novel=_number(key, c.strip()))
             else:
                 raise InterventionError(f"intervention {spec!r}: unknown key {key!r}; keys: topo, theta, tau, "
-                                        "temperature, gamma, gamma_scale, ablate, positions")
+                                        "temperature, gamma, gamma_scale, ablate, positions, topo_weight")
         return cls(**kwargs)
 
     @property

@@ -284,7 +284,8 @@ class TopoFilter(nn.Module):
 
     An :class:`~qtg.intervention.Intervention` may weight by s instead of s~
     (``topo="exact"``; no gradient flows through s), switch the filter off
-    (``"off"``: w = 1), or override theta, tau and T for one call. A model
+    (``"off"``: w = 1), override theta, tau and T for one call, or replace w
+    by a coarser rule of s and the position (``topo_weight``). A model
     configured with ``topo_filter="off"`` (nano-notopo) has w = 1 as its own
     weight; ``topo="exact"`` still applies the exact filter to it.
     """
@@ -313,15 +314,16 @@ class TopoFilter(nn.Module):
                 float32 with exact zeros between equal ids (:func:`pairwise_distances`);
                 without them, in float64.
         """
-        theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
-        mode = self.own_mode if intervene.topo == "approx" else intervene.topo
-        if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
-            soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, want_exact or mode == "exact")
-            return self.result(soft, hard, mode, theta, tau)
-        if (past is None and ids is not None and lengths is None and psi.dtype != torch.float64
-                and not (want_exact or mode == "exact") and torch.is_grad_enabled()):  # training
-            return self.result(soft_min_distance(psi, ids, temperature), None, mode, theta, tau)
+        temperature = intervene.topo_values(self.theta, self.tau, self.temperature)[2]
+        need_exact = want_exact or intervene.topo == "exact" or intervene.topo_weight is not None
         offset = 0 if past is None else past.shape[1]
+        if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
+            soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, need_exact)
+            position = None if intervene.topo_weight is None else torch.tensor([offset], device=psi.device)
+            return self.result(soft, hard, intervene, position)
+        if (past is None and ids is not None and lengths is None and psi.dtype != torch.float64
+                and not need_exact and torch.is_grad_enabled()):  # training
+            return self.result(soft_min_distance(psi, ids, temperature), None, intervene, None)
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
         if past is None or ids is None:
             point_ids = ids
@@ -343,11 +345,11 @@ class TopoFilter(nn.Module):
         soft = -temperature * torch.logsumexp(logits, dim=-1)  # [B, N]
         soft = torch.where(first[..., 0], torch.zeros_like(soft), soft)
         hard = None
-        if want_exact or mode == "exact":
+        if need_exact:
             inf = torch.full_like(delta, float("inf"))
             hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
             hard = torch.where(first[..., 0], torch.zeros_like(hard), hard)
-        return self.result(soft, hard, mode, theta, tau)
+        return self.result(soft, hard, intervene, i[..., 0])  # positions [N] or, ragged, [B, N]
 
     @staticmethod
     def step_scores(psi: Tensor, past: Tensor, ids: Tensor | None, past_ids: Tensor | None, temperature: float,
@@ -365,9 +367,15 @@ class TopoFilter(nn.Module):
         soft = -temperature * torch.logsumexp(delta / -temperature, dim=-1)  # [B, 1]
         return soft, delta.amin(dim=-1).detach() if exact else None
 
-    def result(self, soft: Tensor, hard: Tensor | None, mode: str, theta: float, tau: float) -> TopoScores:
-        """The weights from s~ (or s for ``mode="exact"``; 1 for ``"off"``), with both scores."""
-        if mode == "off":
+    def result(self, soft: Tensor, hard: Tensor | None, intervene: Intervention,
+               position: Tensor | None) -> TopoScores:
+        """The weights, with both scores ``[B, N]``: from s~ (s for ``topo="exact"``; 1 for ``"off"``),
+        or the intervention's ``topo_weight`` rule of s and the 0-based ``position`` (given whenever s is)."""
+        theta, tau, _ = intervene.topo_values(self.theta, self.tau, self.temperature)
+        mode = self.own_mode if intervene.topo == "approx" else intervene.topo
+        if intervene.topo_weight is not None:
+            w = intervene.topo_weight.weights(hard, position)
+        elif mode == "off":
             w = torch.ones_like(soft)
         else:
             w = self.weights(hard if mode == "exact" else soft, theta, tau)

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--intervene", metavar="SPEC", default=None,
                    help="score under an intervention: topo=exact|off, theta=, tau=, temperature=, gamma=, "
-                        "gamma_scale=, positions=none, ablate=BLOCK:HEADS (see qtg.Intervention)")
+                        "gamma_scale=, positions=none, ablate=BLOCK:HEADS, topo_weight=gate:C (see qtg.Intervention)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

@@ -40,8 +40,9 @@ cost; --baseline NAME ranks a second model's heads beside them.
 Interventions (keys of qtg.Intervention): topo=exact|off (the exact H0 death
 or no TopoFilter), theta=, tau=, temperature= (the TopoFilter's knobs), gamma=
 (every head's gamma), gamma_scale=, positions=none (no ALiBi), ablate=B:H,H
-(0-based block:heads). Several keys in one condition: topo=exact,gamma=1. A
-baseline model takes only ablate=."""
+(0-based block:heads), topo_weight=gate:C (a control: w = 1 for a repeated
+token, C for a first occurrence). Several keys in one condition:
+topo=exact,gamma=1. A baseline model takes only ablate=."""
 
 EXAMPLES = """examples:
   qtg experiment --model nano --data assets/corpus --split test \
