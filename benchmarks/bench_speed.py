@@ -46,7 +46,7 @@ import torch
 
 import qtg
 import qtg.model as qtg_model
-from qtg import fisher_rao
+from qtg import fisher_rao, topo_kernels
 from qtg.generate import generate
 from qtg.malloc import keep_freed_memory
 from qtg.optim import build_optimizer
@@ -241,7 +241,7 @@ def composed_attention(sp, sk, v, gamma, bias, q_offset=0):
 
 def composed_soft_min(x, ids, temperature):
     """TopoFilter's training soft-min as it was: its composition, through autograd (TopoFilter.forward's other path)."""
-    delta = qtg_model.pairwise_distances(x, x, ids, ids)
+    delta = topo_kernels.pairwise_distances(x, x, ids, ids)
     i = torch.arange(x.shape[1]).view(-1, 1)
     j = torch.arange(x.shape[1]).view(1, -1)
     keep = (j < i) | ((i == 0) & (j == 0))
@@ -251,7 +251,7 @@ def composed_soft_min(x, ids, temperature):
 
 def float64_distances(x, y, x_ids, y_ids):
     """The TopoFilter distances as they were: float64, without the ids."""
-    return qtg_model.pairwise_distances(x, y)
+    return topo_kernels.pairwise_distances(x, y)
 
 
 @contextlib.contextmanager
@@ -272,7 +272,7 @@ VARIANTS: dict[str, tuple[tuple[object, str, object], ...]] = {
     "fr_sq: previous backward": ((fisher_rao, "fr_sq", previous_fr_sq), (qtg_model, "fr_sq", previous_fr_sq)),
     "scores: previous (bias per call)": ((fisher_rao, "_scores", previous_scores),),
     "scores: Function without grad too": ((fisher_rao, "_scores", scores_with_function),),
-    "TopoFilter: float64 distances": ((qtg_model, "_distances_by_ids", float64_distances),),
+    "TopoFilter: float64 distances": ((topo_kernels, "_distances_by_ids", float64_distances),),
     "attention: composed, no fused Function": ((fisher_rao, "fused_attention", composed_attention),),
     "fused attention: one block of rows": ((fisher_rao, "FUSED_BLOCK_ROWS", 1 << 30),),
     "TopoFilter: composed soft-min": ((qtg_model, "soft_min_distance", composed_soft_min),),

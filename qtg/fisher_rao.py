@@ -431,3 +431,48 @@ def attention_flex(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Ten
         block_mask=mask, scale=1.0,
     )
     return out.to(v.dtype)
+
+
+# --- ragged decoding steps: one query per row, each at its own position (qtg.serve) ---
+
+
+def attention_rows(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None,
+                   q_pos: Tensor) -> Tensor:
+    """Fisher-Rao attention of one query per row, each at its own position (a ragged decoding step).
+
+    The same score as :func:`attention_reference`,
+    -gamma_h d_FR^2 - m_h (i - j), with i = ``q_pos[b]`` for row b and keys
+    after it (that row's padding) masked.
+
+    Args:
+        sp: float32 sqrt-simplex queries ``[B, H, 1, d_h]``.
+        sk: keys ``[B, H, K, d_h]``, row b's real ones in slots 0..q_pos[b].
+        v: values ``[B, H, K, d_h]``.
+        gamma: ``[H]``; slopes: ``[H]`` or None (no ALiBi).
+        q_pos: ``[B]`` int64, each row's query position.
+    Returns:
+        ``[B, H, 1, d_h]`` in v's dtype.
+    """
+    dtype = compute_dtype(sp)
+    with no_autocast(sp):
+        bc = sp.to(dtype) @ sk.to(dtype).transpose(-1, -2)  # [B, H, 1, K]
+    scores = -gamma.to(dtype).view(1, -1, 1, 1) * fr_sq(bc)
+    dist = q_pos.view(-1, 1, 1, 1) - torch.arange(sk.shape[-2], device=sk.device)  # [B, 1, 1, K]: i - j
+    if slopes is not None:
+        scores = scores - slopes.to(dtype).view(1, -1, 1, 1) * dist.clamp(min=0).to(dtype)
+    attn = torch.softmax(scores.masked_fill(dist < 0, float("-inf")), dim=-1)
+    with no_autocast(attn):
+        return (attn @ v.to(attn.dtype)).to(v.dtype)
+
+
+def ragged_bias(slopes: Tensor | None, q_pos: Tensor, nk: int, dtype: torch.dtype) -> Tensor:
+    """The score bias of one query per row at its own position: -m_h (i - j) for keys j <= i, -inf after.
+
+    Args: slopes ``[H]`` or None (no ALiBi); q_pos ``[B]`` int64, row b's query position i; nk keys.
+    Returns ``[B, H or 1, 1, K]``, the bias :func:`attention_rows` applies (for the maps of a ragged step).
+    """
+    dist = q_pos.view(-1, 1, 1, 1) - torch.arange(nk, device=q_pos.device)  # [B, 1, 1, K]: i - j
+    bias = torch.zeros(dist.shape, dtype=dtype, device=q_pos.device)
+    if slopes is not None:
+        bias = -slopes.to(dtype).view(1, -1, 1, 1) * dist.clamp(min=0).to(dtype)
+    return bias.masked_fill(dist < 0, float("-inf"))

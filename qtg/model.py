@@ -11,13 +11,9 @@ Notable choices (where the definition is silent; docs/model.md §8 says why):
   2d-wide views, so the tied head is ``F.linear(h, embedding_table)``.
 * Linear layers have no bias (Llama convention); QEmbed keeps the seed's
   bias (its ``Linear(vocab, d)`` on one-hot input is a lookup plus a bias).
-* TopoFilter distances use the Gram form ``|x|^2 + |y|^2 - 2<x, y>`` (no
-  ``[N, N, 2d]`` tensor) in float32, and exactly 0 (gradient 0: sqrt has an
-  infinite derivative at 0) where the token ids are equal: its cancellation
-  error is ~1e-6 in the *squared* distance, which alone would leave repeated
-  tokens 1e-3 apart instead of 0 (elsewhere it moves w by < 1e-6). Given
-  points without ids, they are computed in float64, where squared distances
-  below 1e-12 read as 0.
+* TopoFilter distances use the Gram form in float32, exactly 0 where the
+  token ids are equal (float64 without ids); kernels in :mod:`qtg.topo_kernels`.
+  GeoAttention's kernels are in :mod:`qtg.fisher_rao`.
 * Residual output projections are initialised with std / sqrt(2 n_layers)
   (GPT-2); the model is built on the ``meta`` device and initialised by
   :meth:`QTG.init_weights`, so a tier is never half-allocated.
@@ -46,21 +42,21 @@ from qtg.fisher_rao import (
     attention_flex,
     attention_maps,
     attention_reference,
+    attention_rows,
     compute_dtype,
     fr_sq,
-    no_autocast,
+    ragged_bias,
     score_bias,
     sqrt_simplex,
 )
 from qtg.intervention import NO_INTERVENTION, Intervention
+from qtg.topo_kernels import pairwise_distances, soft_min_distance
 
 log = logging.getLogger("qtg")
 
 # On CPU, "auto" uses flex only from this length on: below it the matmul form
 # is as fast and needs no compilation (benchmarks/bench_attention.py).
 FLEX_MIN_LEN_CPU = 1024
-# Distances whose square is below this read as 0 (float64 Gram-form resolution).
-_DIST_SQ_FLOOR = 1e-12
 IGNORE_INDEX = -100
 _warned_flex_fallback: set[str] = set()  # devices for which the CPU-training fallback was logged
 
@@ -173,94 +169,6 @@ class QEmbed(nn.Module):
 
 
 # --- TopoFilter ----------------------------------------------------------------
-
-
-def pairwise_distances(x: Tensor, y: Tensor, x_ids: Tensor | None = None, y_ids: Tensor | None = None) -> Tensor:
-    """delta_ij = ||x_i - y_j||_2 by the Gram form, float32 (float64 for float64 x).
-
-    Args: x ``[B, Nq, D]``, y ``[B, Nk, D]``; optionally the token ids ``[B, Nq]``,
-    ``[B, Nk]`` the points are embeddings of. Returns ``[B, Nq, Nk]``.
-
-    With ids (and x not float64) it is computed in float32 and reads exactly 0
-    where the ids are equal (equal ids are equal points; the Gram form's
-    cancellation alone would leave them ~1e-3 apart); elsewhere its rounding
-    moves a distance by ~5e-7 (QEmbed points are unit vectors; in the shipped
-    nano no two distinct tokens are closer than 0.5), w by < 1e-6
-    (tests/test_speed_exactness.py). Without ids it is computed in float64, where squared distances
-    below 1e-12 read as 0. Both give those zeros a zero gradient (sqrt has an
-    infinite derivative at 0).
-    """
-    if x_ids is not None and y_ids is not None and x.dtype != torch.float64:
-        return _distances_by_ids(x, y, x_ids, y_ids)
-    out_dtype = compute_dtype(x)
-    x, y = x.double(), y.double()
-    with no_autocast(x):
-        sq = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
-        far = sq > _DIST_SQ_FLOOR
-        dist = torch.where(far, torch.sqrt(torch.where(far, sq, torch.ones_like(sq))), torch.zeros_like(sq))
-    return dist.to(out_dtype)
-
-
-def _distances_by_ids(x: Tensor, y: Tensor, x_ids: Tensor, y_ids: Tensor) -> Tensor:
-    """:func:`pairwise_distances` in float32, exactly 0 where ``x_ids[b, i] == y_ids[b, j]``."""
-    x, y = x.float(), y.float()
-    with no_autocast(x):
-        norms = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2)  # [B, Nq, Nk]
-        sq = torch.baddbmm(norms, x, y.transpose(-1, -2), alpha=-2.0)  # |x|^2 + |y|^2 - 2<x, y>
-    same = x_ids.unsqueeze(-1) == y_ids.unsqueeze(-2)  # [B, Nq, Nk]
-    return torch.sqrt(sq.clamp(min=_DIST_SQ_FLOOR)).masked_fill(same, 0.0)
-
-
-class _SoftMinDistance(torch.autograd.Function):
-    """s~_i = -T log sum_{j<i} exp(-delta_ij / T) of N points among themselves, with a hand-written backward.
-
-    The forward is :meth:`TopoFilter.forward`'s arithmetic (float32 distances by
-    ids, :func:`_distances_by_ids`); it keeps W_ij = p_ij / delta_ij, p the
-    soft-min's softmax weights (0 where j >= i), W = 0 where delta has no
-    gradient (equal ids, squared distance below the floor) and on the first row.
-    With sq_ij = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j> and g = dL/ds~:
-
-        dL/dsq_ij = g_i p_ij / (2 delta_ij) = g_i W_ij / 2 =: G_ij
-        dL/dx_k   = 2 x_k (sum_j G_kj + sum_i G_ik) - 2 (G x + G^T x)_k
-
-    one pass over ``[B, N, N]`` and two matmuls, where autograd through the
-    composition (logsumexp, division, mask, sqrt, clamp, Gram form) takes about a dozen.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, ids: Tensor, temperature: float) -> Tensor:
-        n = x.shape[1]
-        delta = _distances_by_ids(x, x, ids, ids)  # [B, N, N], float32
-        i = torch.arange(n, device=x.device).view(-1, 1)
-        j = torch.arange(n, device=x.device).view(1, -1)
-        keep = (j < i) | ((i == 0) & (j == 0))  # the first row's dummy entry, as in TopoFilter.forward
-        logits = (delta / -temperature).masked_fill_(~keep, float("-inf"))
-        # torch.logsumexp's own steps (bit for bit), keeping its exp(l - max) for the weights p
-        top = logits.amax(dim=-1, keepdim=True)  # [B, N, 1], finite: every row keeps an entry
-        e = logits.sub_(top).exp_()
-        total = e.sum(dim=-1, keepdim=True)
-        lse = total.log().add_(top).squeeze(-1)  # [B, N]
-        soft = (-temperature * lse).masked_fill_((i == 0).view(1, -1), 0.0)
-        w = e.div_(total).div_(delta)  # p / delta
-        clamped = math.sqrt(_DIST_SQ_FLOOR)  # float32 sqrt(1e-12) rounds to float32(1e-6), the comparison's value
-        no_grad = delta <= clamped  # equal ids (0) or clamped: no gradient, as in the composition
-        no_grad[:, 0] = True  # the first token: s~_1 = 0
-        ctx.save_for_backward(x, w.masked_fill_(no_grad, 0.0))
-        return soft
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        g = w * (0.5 * grad).unsqueeze(-1)  # dL/dsq [B, N, N]
-        sums = (g.sum(-1) + g.sum(-2)).unsqueeze(-1)  # [B, N, 1]
-        gx = torch.baddbmm(torch.bmm(g, x), g.transpose(-1, -2), x)  # (G + G^T) x
-        return (x * sums).sub_(gx).mul_(2.0), None, None
-
-
-def soft_min_distance(x: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    """s~ ``[B, N]`` of points ``x`` ``[B, N, 2d]`` with token ids ``[B, N]``, float32 (:class:`_SoftMinDistance`)."""
-    return _SoftMinDistance.apply(x.float(), ids, temperature)
 
 
 @dataclass
@@ -388,48 +296,6 @@ class TopoFilter(nn.Module):
 
 
 # --- GeoAttention ----------------------------------------------------------------
-
-
-def attention_rows(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, slopes: Tensor | None,
-                   q_pos: Tensor) -> Tensor:
-    """Fisher-Rao attention of one query per row, each at its own position (a ragged decoding step).
-
-    The same score as :func:`qtg.fisher_rao.attention_reference`,
-    -gamma_h d_FR^2 - m_h (i - j), with i = ``q_pos[b]`` for row b and keys
-    after it (that row's padding) masked.
-
-    Args:
-        sp: float32 sqrt-simplex queries ``[B, H, 1, d_h]``.
-        sk: keys ``[B, H, K, d_h]``, row b's real ones in slots 0..q_pos[b].
-        v: values ``[B, H, K, d_h]``.
-        gamma: ``[H]``; slopes: ``[H]`` or None (no ALiBi).
-        q_pos: ``[B]`` int64, each row's query position.
-    Returns:
-        ``[B, H, 1, d_h]`` in v's dtype.
-    """
-    dtype = compute_dtype(sp)
-    with no_autocast(sp):
-        bc = sp.to(dtype) @ sk.to(dtype).transpose(-1, -2)  # [B, H, 1, K]
-    scores = -gamma.to(dtype).view(1, -1, 1, 1) * fr_sq(bc)
-    dist = q_pos.view(-1, 1, 1, 1) - torch.arange(sk.shape[-2], device=sk.device)  # [B, 1, 1, K]: i - j
-    if slopes is not None:
-        scores = scores - slopes.to(dtype).view(1, -1, 1, 1) * dist.clamp(min=0).to(dtype)
-    attn = torch.softmax(scores.masked_fill(dist < 0, float("-inf")), dim=-1)
-    with no_autocast(attn):
-        return (attn @ v.to(attn.dtype)).to(v.dtype)
-
-
-def ragged_bias(slopes: Tensor | None, q_pos: Tensor, nk: int, dtype: torch.dtype) -> Tensor:
-    """The score bias of one query per row at its own position: -m_h (i - j) for keys j <= i, -inf after.
-
-    Args: slopes ``[H]`` or None (no ALiBi); q_pos ``[B]`` int64, row b's query position i; nk keys.
-    Returns ``[B, H or 1, 1, K]``, the bias :func:`attention_rows` applies (for the maps of a ragged step).
-    """
-    dist = q_pos.view(-1, 1, 1, 1) - torch.arange(nk, device=q_pos.device)  # [B, 1, 1, K]: i - j
-    bias = torch.zeros(dist.shape, dtype=dtype, device=q_pos.device)
-    if slopes is not None:
-        bias = -slopes.to(dtype).view(1, -1, 1, 1) * dist.clamp(min=0).to(dtype)
-    return bias.masked_fill(dist < 0, float("-inf"))
 
 
 class GeoAttention(nn.Module):

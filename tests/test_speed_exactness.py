@@ -38,7 +38,7 @@ from qtg.fisher_rao import (
     score_bias,
     sqrt_simplex,
 )
-from qtg.model import pairwise_distances
+from qtg.topo_kernels import pairwise_distances
 
 CORPUS = Path(__file__).resolve().parent.parent / "assets" / "corpus" / "hamlet.txt.gz"
 
