@@ -5,7 +5,8 @@ it is given::
 
     logits_to_probs -> sample -> prefill -> decode_one_token -> decode_n_tokens -> generate / stream
 
-(:func:`sample_rows` samples rows that each have their own settings: ``qtg.serve``'s batches.)
+(:func:`sample_rows` samples rows that each have their own settings: ``qtg.serve``'s batches;
+:func:`inference`, :func:`stop_strings` and :class:`Stopper` are shared with its engine too.)
 
 Design choices:
 
@@ -87,7 +88,7 @@ class _Decode:
     intervene: Intervention
     sampling: Sampling
     generator: torch.Generator | None
-    stopper: _Stopper
+    stopper: Stopper
     pad_id: int
 
 
@@ -224,9 +225,20 @@ def decode_one_token(model: DecoderLM, seq: Tensor, cache: QTGCache | None,
     return logits[:, -1]
 
 
+# --- inference mode and stopping (shared with qtg.serve's engine) --------------------
+
+
 @contextlib.contextmanager
-def _inference(model: DecoderLM) -> Iterator[None]:
-    """Eval mode and inference mode for one step; the caller's mode is restored after."""
+def inference(model: DecoderLM) -> Iterator[None]:
+    """Run the ``with`` body in eval mode and under ``torch.inference_mode``.
+
+    The model's train/eval mode is restored on exit (also on an exception), so
+    code between two steps runs in the caller's own modes. Tensors made inside
+    are inference tensors: clone one after the block to use it in autograd.
+
+    Args:
+        model: the model whose mode is switched (and restored).
+    """
     was_training = model.training
     if was_training:  # model.train(mode) walks every submodule: skip it when nothing changes
         model.eval()
@@ -238,15 +250,50 @@ def _inference(model: DecoderLM) -> Iterator[None]:
             model.train(True)
 
 
-class _Stopper:
-    """Which rows have finished: EOS emitted, or a stop string in the generated text."""
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A request's ``stop`` argument as a tuple of stop strings.
+
+    Args:
+        stop: None (no stop strings), one string, or a sequence of them.
+
+    Returns:
+        The stop strings, in order (``()`` for None).
+
+    Raises:
+        GenerationError: a stop string that is empty or not a string.
+    """
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+class Stopper:
+    """Which rows of a batch have finished: EOS emitted, or a stop string in the generated text.
+
+    A finished row stays finished. ``finished`` is ``[B]`` bool on ``device``.
+
+    Args:
+        batch: B, the number of rows.
+        device: where ``finished`` lives (the device of the tokens given to :meth:`update`).
+        eos_id: the token that finishes a row (None: none).
+        stop: stop strings, as :func:`stop_strings` gives them (``()``: none).
+        tokenizer: decodes a row's generated ids for ``stop`` (unused when ``stop`` is empty).
+    """
 
     def __init__(self, batch: int, device: torch.device, eos_id: int | None, stop: tuple[str, ...], tokenizer: Any):
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
         self.eos_id, self.stop, self.tokenizer = eos_id, stop, tokenizer
 
     def update(self, new: Tensor, generated: Tensor) -> None:
-        """Args: new ``[B]`` this step's tokens; generated ``[B, t]`` every generated token so far."""
+        """Mark the rows this step finished.
+
+        Args:
+            new: ``[B]`` this step's tokens.
+            generated: ``[B, t]`` every generated token so far, ``new`` last (the prompt excluded).
+        """
         done = self.finished.clone()
         if self.eos_id is not None:
             done |= new == self.eos_id
@@ -258,7 +305,11 @@ class _Stopper:
 
     @property
     def all(self) -> bool:
+        """True once every row has finished."""
         return bool(self.finished.all())
+
+
+# --- the decoding loop -------------------------------------------------------------
 
 
 def decode_n_tokens(run: _Decode, buf: Tensor, prompt_len: int, logits: Tensor, n: int) -> Iterator[Tensor]:
@@ -281,7 +332,7 @@ def decode_n_tokens(run: _Decode, buf: Tensor, prompt_len: int, logits: Tensor, 
     assert logits.shape == (B, run.model.cfg.vocab_size), f"logits {tuple(logits.shape)}"
     for step in range(n):
         t = prompt_len + step
-        with _inference(run.model):
+        with inference(run.model):
             new = sample(logits, run.sampling, run.generator)  # [B]
             new = torch.where(run.stopper.finished, torch.full_like(new, run.pad_id), new)
             buf[:, t] = new
@@ -351,7 +402,7 @@ def check_request(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, samplin
                               f"exceeds the max_seq_len of {cfg.name} ({cfg.max_seq_len}); {fix}")
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.vocab_size):
         raise GenerationError(f"eos_id must be a token id in 0..{cfg.vocab_size - 1}, got {eos_id!r}")
-    stops = _stop_strings(stop)
+    stops = stop_strings(stop)
     if stops and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer to decode the text: pass tokenizer= or load a "
                               "model that has one")
@@ -376,9 +427,9 @@ def stream(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature: f
     ids = check_request(model, ids, max_new_tokens, sampling=sampling, eos_id=eos_id, stop=stop,
                         tokenizer=tokenizer, intervene=intervene)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    stopper = Stopper(ids.shape[0], ids.device, eos_id, stop_strings(stop), tokenizer)
     run = _Decode(model, QTGCache() if use_cache else None, intervene or NO_INTERVENTION, sampling,
-                  sampling.generator(ids.device), _Stopper(ids.shape[0], ids.device, eos_id, _stop_strings(stop),
-                                                           tokenizer), pad)
+                  sampling.generator(ids.device), stopper, pad)
     return _steps(run, ids, max_new_tokens)
 
 
@@ -423,18 +474,9 @@ def _steps(run: _Decode, ids: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
     B, N = ids.shape
     buf = torch.full((B, N + max_new_tokens), run.pad_id, dtype=torch.long, device=ids.device)  # prompt, then new
     buf[:, :N] = ids
-    with _inference(run.model):
+    with inference(run.model):
         logits = prefill(run.model, ids, run.cache, run.intervene)  # [B, V]
     yield from decode_n_tokens(run, buf, N, logits, max_new_tokens)
-
-
-def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) and s for s in stops):
-        raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    return stops
 
 
 def _device(model: DecoderLM) -> torch.device:

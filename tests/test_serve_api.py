@@ -25,8 +25,9 @@ import uvicorn  # noqa: E402
 import qtg  # noqa: E402
 from qtg.cli import build_parser  # noqa: E402
 from qtg.generate import generate  # noqa: E402
-from qtg.serve.api import MAX_BODY, Served, create_api  # noqa: E402
+from qtg.serve.api import MAX_BODY, create_api  # noqa: E402
 from qtg.serve.engine import Engine  # noqa: E402
+from qtg.serve.params import Served  # noqa: E402
 from qtg.serve.text import TextStream, chat_prompt  # noqa: E402
 from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
 

@@ -402,7 +402,8 @@ def build(ex: Explorer, session: gr.State) -> None:
                 "over windows. An interval that excludes 0 is larger than this corpus's window-to-window noise.")
     with gr.Row():
         lines = gr.Textbox(value=DEFAULT_CONDITIONS, lines=4, label="more conditions, one a line (as `qtg "
-                           "experiment --intervene`)", elem_id="sweep-conditions", scale=2)
+                           "experiment --intervene`; topo_weight=gate:0.45 is the TopoFilter reduced to one "
+                           "bit: w = 1 for a repeat, 0.45 otherwise)", elem_id="sweep-conditions", scale=2)
         with gr.Column(scale=1):
             windows = Number(value=lim.sweep_windows, precision=0, elem_id="sweep-windows",
                              label=f"windows (up to {lim.max_sweep_windows}; more: narrower CIs, longer)")

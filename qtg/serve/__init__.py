@@ -1,5 +1,6 @@
 """Serving many clients at once: a continuous-batching engine (:mod:`qtg.serve.engine`) and an
-OpenAI-compatible HTTP API over it (:mod:`qtg.serve.api`, needs the ``app`` extra: fastapi, uvicorn)."""
+OpenAI-compatible HTTP API over it (:mod:`qtg.serve.api`, needs the ``app`` extra: fastapi, uvicorn),
+whose requests are checked by :mod:`qtg.serve.params`."""
 
 from qtg.serve.engine import Engine, Event, Request, TopoScore
 

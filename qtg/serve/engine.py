@@ -10,7 +10,7 @@ and the model positions and masks every row by its own length.
 
 Each request keeps everything that makes it its own: sampling (temperature,
 top-k, top-p and a seeded ``torch.Generator``, chosen by
-:func:`qtg.generate.sample`), stop strings and EOS (the library's stopper),
+:func:`qtg.generate.sample`), stop strings and EOS (:class:`qtg.generate.Stopper`),
 its :class:`~qtg.intervention.Intervention` and its stream of events. Rows
 with different interventions run as separate groups, one forward pass per
 group and step (an intervention is per call). A request's tokens are those
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from qtg.errors import GenerationError
-from qtg.generate import Sampling, _inference, _stop_strings, _Stopper, check_request, sample_rows
+from qtg.generate import Sampling, Stopper, check_request, inference, sample_rows, stop_strings
 from qtg.intervention import NO_INTERVENTION, Intervention
 from qtg.model import DecoderLM, QTGCache
 
@@ -93,7 +93,7 @@ class Request:
     max_new_tokens: int
     sampling: Sampling
     intervene: Intervention
-    stopper: _Stopper
+    stopper: Stopper
     want_topo: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k most likely
     attention_block: int | None = None  # None: no attention rows; else the block (0-based) whose rows are sent
@@ -228,7 +228,7 @@ class Engine:
             raise GenerationError(f"logprobs must be an integer in 0..{self.model.cfg.vocab_size}, got {logprobs!r}")
         attention_block = self._check_block(attention_block)
         req = Request(ids, max_new_tokens, sampling, intervene or NO_INTERVENTION,
-                      _Stopper(1, ids.device, eos_id, _stop_strings(stop), self.tokenizer),
+                      Stopper(1, ids.device, eos_id, stop_strings(stop), self.tokenizer),
                       want_topo=bool(topo) and self.model.has_topofilter, logprobs=logprobs,
                       attention_block=attention_block,
                       _queue=asyncio.Queue() if loop is not None else queue.Queue(), _loop=loop,
@@ -339,7 +339,7 @@ class Engine:
         for b, req in enumerate(reqs):
             ids[b, :req.ids.shape[1]] = req.ids[0]
         cache, intervene = QTGCache(), reqs[0].intervene
-        with _inference(self.model):
+        with inference(self.model):
             logits = self.model(ids, cache=cache, intervene=intervene).logits  # [B, W, V]
             last = logits[torch.arange(len(reqs), device=ids.device), lengths - 1]  # [B, V]: after each prompt
             cache.lengths = lengths
@@ -367,7 +367,7 @@ class Engine:
         last = torch.tensor([[req.generated[-1]] for req in rows], device=group.cache.lengths.device)
         blocks = sorted({r.attention_block for r in rows if r.attention_block is not None})
         maps = dict(return_internals=True, map_blocks=blocks) if blocks else {}  # none asks: no maps at all
-        with _inference(self.model):
+        with inference(self.model):
             out = self.model(last, cache=group.cache, intervene=group.intervene, **maps)
             logits = out.logits[:, -1]  # [B, V]
             n = len(rows)
