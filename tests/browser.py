@@ -2,7 +2,7 @@
 
 One ``python -m app`` server and one headless Chromium page per test session (fixtures ``app_url``,
 ``page``, ``shots``, registered in ``tests/conftest.py``), and helpers to drive the page: ``tab``,
-``plot_rendered``, ``fits``, ``set_number``. See ``tests/test_app_browser.py`` for what is tested.
+``plot_rendered``, ``fits``, ``set_number``, ``start_then_stop``. See ``tests/test_app_browser.py`` for what is tested.
 """
 
 from __future__ import annotations
@@ -126,3 +126,15 @@ def set_number(page, elem_id: str, value: str) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(value)
     box.press("Enter")
+
+
+def start_then_stop(page, go: str, stop: str, status: str, running: str, stopped: str) -> None:
+    """Press ``#go``; once ``#status`` starts with ``running``, press ``#stop``; wait until it starts with ``stopped``.
+
+    The ids are elements' ids (no ``#``); ``running`` and ``stopped`` are the status texts' beginnings.
+    """
+    starts = "document.querySelector('#{}')?.innerText.trim().startsWith({!r})".format
+    page.click(f"#{go}")
+    page.wait_for_function(starts(status, running), timeout=60_000)
+    page.click(f"#{stop}")
+    page.wait_for_function(starts(status, stopped), timeout=30_000)

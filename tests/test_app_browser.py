@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.browser import STARTUP, fits, plot_rendered, set_number, tab
+from tests.browser import STARTUP, fits, plot_rendered, set_number, start_then_stop, tab
 
 pytestmark = pytest.mark.slow
 
@@ -155,12 +155,7 @@ def test_stop_says_stopped_with_the_count(page):
     tab(page, "Generate")
     set_number(page, "max-new", "240")
     page.fill("#prompt textarea", "ROMEO:")
-    page.click("#generate-btn")
-    page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('generating: ')",
-                           timeout=60_000)
-    page.click("#stop-btn")
-    page.wait_for_function("document.querySelector('#generate-stats')?.innerText.includes('stopped')",
-                           timeout=30_000)
+    start_then_stop(page, "generate-btn", "stop-btn", "generate-stats", "generating: ", "stopped after ")
     time.sleep(1.0)  # nothing overwrites it afterwards
     stats = page.inner_text("#generate-stats")
     n = int(re.search(r"stopped after (\d+) new tokens", stats).group(1))

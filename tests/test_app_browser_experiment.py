@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser import fits, plot_rendered, set_number, tab
+from tests.browser import fits, plot_rendered, set_number, start_then_stop, tab
 
 pytestmark = pytest.mark.slow
 
@@ -73,12 +73,7 @@ def test_sweep_over_the_held_out_works(page, shots):
 def test_stop_cancels_a_long_sweep(page):
     tab(page, "Experiment")
     set_number(page, "sweep-windows", "400")
-    page.click("#sweep-btn")
-    page.wait_for_function("document.querySelector('#sweep-status')?.innerText.startsWith('running: ')",
-                           timeout=60_000)
-    page.click("#sweep-stop")
-    page.wait_for_function("document.querySelector('#sweep-status')?.innerText.startsWith('stopped after')",
-                           timeout=30_000)
+    start_then_stop(page, "sweep-btn", "sweep-stop", "sweep-status", "running: ", "stopped after")
     status = _text(page, "sweep-status")
     assert "of 2000 window passes" in status, status  # 400 windows x 5 conditions, far from done
     set_number(page, "sweep-windows", "16")

@@ -22,8 +22,7 @@ pytest.importorskip("gradio", reason="the app extra is not installed: pip instal
 import gradio as gr  # noqa: E402
 
 import qtg  # noqa: E402
-from app.config import AppConfig  # noqa: E402
-from app.core import Explorer, Session  # noqa: E402
+from app.core import Session  # noqa: E402
 from app.errors import user_facing  # noqa: E402
 from app.tabs import experiment as tab  # noqa: E402
 from qtg.data import split_documents  # noqa: E402
@@ -34,6 +33,7 @@ from qtg.experiments.corpus import read_documents  # noqa: E402
 from qtg.experiments.heldout import SHIPPED_SPLIT, heldout_documents, next_token, recorded_split  # noqa: E402
 from qtg.tokenizer import encode, eos_id  # noqa: E402
 from qtg.views import view_memory  # noqa: E402
+from tests.app_fixtures import count_after_cancel, ex_fixture, nano_fixture  # noqa: E402, F401
 from tests.test_app_handlers import TEXT  # noqa: E402
 from tests.test_app_server import client, server  # noqa: E402, F401
 
@@ -41,16 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 KNOBS = dict(topo="approx", theta=None, tau=None, temperature=None, gamma="", gamma_scale=1.0, ablate="",
              positions="model")
-
-
-@pytest.fixture(scope="module")
-def ex(tmp_path_factory) -> Explorer:
-    return Explorer(AppConfig(export_dir=tmp_path_factory.mktemp("exports"), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def nano(ex):
-    return ex.current(None)
 
 
 def knobs(**changed) -> dict:
@@ -301,13 +291,7 @@ def test_stop_cancels_the_sweep_on_the_server(server):  # noqa: F811
     c = client(url)
     before = ex.counters.forwards
     job = c.submit(*HTTP_KNOBS, "topo=off\ngamma=1", 400, 0, 0, api_name="/sweep")
-    deadline = time.time() + 60
-    while ex.counters.forwards == before and time.time() < deadline:
-        time.sleep(0.05)
-    job.cancel()
-    time.sleep(1.5)
-    at_stop = ex.counters.forwards
-    time.sleep(1.5)
-    assert ex.counters.forwards == at_stop, "the sweep kept running after Stop"
+    at_stop = count_after_cancel(job, lambda: ex.counters.forwards != before, lambda: ex.counters.forwards,
+                                 "the sweep")
     assert 0 < at_stop - before < 50  # forward passes of 8 windows: 150 had it run to the end
     assert not [t for t in threading.enumerate() if t.name == "experiment-sweep"]

@@ -37,22 +37,13 @@ from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
 from qtg.topology import approx_view, attention_graph, exact_diagrams, prompt_distance  # noqa: E402
 from qtg.topology import compare as topo_compare  # noqa: E402
 from qtg.views import view_memory  # noqa: E402
+from tests.app_fixtures import ex_fixture, nano_fixture  # noqa: E402, F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # micro/nano gain nothing from a second thread
 
 PROMPT = "ROMEO:"
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer."
 HAS_CHROMIUM = bool(shutil.which("chromium")) or os.environ.get("CI", "").lower() == "true"
-
-
-@pytest.fixture(scope="module")
-def ex(tmp_path_factory) -> Explorer:
-    return Explorer(AppConfig(export_dir=tmp_path_factory.mktemp("exports"), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def nano(ex):
-    return ex.current(None)
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +91,25 @@ def test_generate_streams_several_updates(ex, monkeypatch):
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # the text only grows
 
 
-def test_token_colours_are_the_model_own_scores(ex, nano):
-    """The incremental scorer (one token at a time against the past) equals the full forward pass."""
-    outs, last = _last(generate.generate(ex, None, PROMPT, 30, 0.9, 0, 1, 7))
+@pytest.mark.parametrize("decoder", ["engine", "uncached"])
+def test_token_colours_are_the_model_own_scores(ex, nano, monkeypatch, decoder):
+    """The colours' s~, s, w are the forward pass's own (``model(ids, return_internals=True)``), whether the
+    shared engine scores them or, for a model sharded across ranks (no engine), the tab's :class:`Scorer`:
+    the prompt's bit for bit (the same float32 distances by token ids), each new token's (one step against
+    the past) to float32 rounding."""
+    if decoder == "uncached":  # what a model sharded across ranks decodes through
+        monkeypatch.setattr(ex, "engine", lambda loaded: None)
+    outs, last = _last(generate.generate(ex, None, TEXT, 30, 0.9, 0, 1, 7))
     numbers = last[5].numbers
-    ids = torch.tensor([encode(nano.tokenizer, PROMPT) + numbers["token_ids"]])
+    prompt = encode(nano.tokenizer, TEXT)
+    ids = torch.tensor([prompt + numbers["token_ids"]])
     with torch.inference_mode():
         out = nano.model(ids, return_internals=True)
-    np.testing.assert_allclose(numbers["soft"], out.topo_scores[0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(numbers["exact"], out.topo_exact_scores[0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(numbers["weights"], out.topo_weights[0].numpy(), atol=1e-5)
+    n = len(prompt)
+    for key, ref in (("soft", out.topo_scores), ("exact", out.topo_exact_scores), ("weights", out.topo_weights)):
+        shown, ref = np.array(numbers[key], dtype=np.float32), ref[0].numpy()
+        np.testing.assert_array_equal(shown[:n], ref[:n], err_msg=key)  # no ids (float64): off by ulps
+        np.testing.assert_allclose(shown, ref, rtol=0, atol=2e-6, err_msg=key)
     assert 'title="s~ = ' in last[0] and last[0].count('class="qtg-tok"') == ids.shape[1]
 
 

@@ -5,11 +5,11 @@ Decoding is the app's shared continuous-batching engine (:class:`qtg.serve.engin
 loaded model, also behind the ``/v1`` API): a request joins the batch other sessions are decoding and
 gets the tokens :func:`qtg.generate.stream` would give it alone; Stop cancels just its row. The colours
 need s~, s and w of each new token; the TopoFilter looks only backwards, so the engine computes them
-for the new token alone against the earlier QEmbed states (``model.topo(psi, past)``, O(N) per token)
-rather than by re-running the sequence. A model sharded across ranks keeps no cache and decodes
-through :func:`qtg.generate.stream`, scored here by :class:`Scorer` the same way. The live diagram is exact
-(``qtg.topology.exact_diagrams``) on the last ``live_points`` tokens, recomputed at most every
-``live_every_s`` seconds, so it never slows the stream to a crawl.
+for the new token alone against the earlier QEmbed states and their ids (``model.topo(psi, past, ids=,
+past_ids=)``, O(N) per token) rather than by re-running the sequence. A model sharded across ranks keeps
+no cache and decodes through :func:`qtg.generate.stream`, scored here by :class:`Scorer` the same way. The
+live diagram is exact (``qtg.topology.exact_diagrams``) on the last ``live_points`` tokens, recomputed at
+most every ``live_every_s`` seconds, so it never slows the stream to a crawl.
 
 Below it, a strip: per head, the prompt distance (``qtg.topology.prompt_distance``: the spanning forest
 joining the continuation to the prompt in the attention graph of one block, the last by default) after each
@@ -57,11 +57,17 @@ class TokenScores:
 
 
 class Scorer:
-    """s~, s, w of each token as it arrives, from the QEmbed states of the tokens before it."""
+    """s~, s, w of each token as it arrives, by the model's own TopoFilter against the tokens before it.
+
+    It keeps what a decoding cache keeps for the TopoFilter (the QEmbed states and their token ids) and
+    passes the ids, so the scores are the forward pass's own: float32 distances, exactly 0 between equal
+    ids (``model.topo`` without ids would take the slower float64 path).
+    """
 
     def __init__(self, model: Any):
         self.model = model
         self.points: torch.Tensor | None = None  # [1, N, 2d] QEmbed states so far
+        self.ids: torch.Tensor | None = None  # [1, N] their token ids
 
     @torch.inference_mode()
     def add(self, ids: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
@@ -70,8 +76,9 @@ class Scorer:
             nan = [float("nan")] * ids.shape[1]
             return nan, nan, nan
         psi = self.model.embed(ids)  # [1, n, 2d]
-        scores = self.model.topo(psi, self.points, want_exact=True)  # s~, s, w: [1, n] each
+        scores = self.model.topo(psi, self.points, want_exact=True, ids=ids, past_ids=self.ids)  # [1, n] each
         self.points = psi if self.points is None else torch.cat([self.points, psi], dim=1)
+        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
         return scores.soft[0].tolist(), scores.exact[0].tolist(), scores.weights[0].tolist()
 
 
