@@ -222,16 +222,16 @@ class TopoFilter(nn.Module):
                 float32 with exact zeros between equal ids (:func:`pairwise_distances`);
                 without them, in float64.
         """
-        temperature = intervene.topo_values(self.theta, self.tau, self.temperature)[2]
+        theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
         need_exact = want_exact or intervene.topo == "exact" or intervene.topo_weight is not None
         offset = 0 if past is None else past.shape[1]
         if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
             soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, need_exact)
             position = None if intervene.topo_weight is None else torch.tensor([offset], device=psi.device)
-            return self.result(soft, hard, intervene, position)
+            return self.result(soft, hard, intervene, position, theta, tau)
         if (past is None and ids is not None and lengths is None and psi.dtype != torch.float64
                 and not need_exact and torch.is_grad_enabled()):  # training
-            return self.result(soft_min_distance(psi, ids, temperature), None, intervene, None)
+            return self.result(soft_min_distance(psi, ids, temperature), None, intervene, None, theta, tau)
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
         if past is None or ids is None:
             point_ids = ids
@@ -257,7 +257,7 @@ class TopoFilter(nn.Module):
             inf = torch.full_like(delta, float("inf"))
             hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
             hard = torch.where(first[..., 0], torch.zeros_like(hard), hard)
-        return self.result(soft, hard, intervene, i[..., 0])  # positions [N] or, ragged, [B, N]
+        return self.result(soft, hard, intervene, i[..., 0], theta, tau)  # positions [N] or, ragged, [B, N]
 
     @staticmethod
     def step_scores(psi: Tensor, past: Tensor, ids: Tensor | None, past_ids: Tensor | None, temperature: float,
@@ -275,11 +275,11 @@ class TopoFilter(nn.Module):
         soft = -temperature * torch.logsumexp(delta / -temperature, dim=-1)  # [B, 1]
         return soft, delta.amin(dim=-1).detach() if exact else None
 
-    def result(self, soft: Tensor, hard: Tensor | None, intervene: Intervention,
-               position: Tensor | None) -> TopoScores:
-        """The weights, with both scores ``[B, N]``: from s~ (s for ``topo="exact"``; 1 for ``"off"``),
-        or the intervention's ``topo_weight`` rule of s and the 0-based ``position`` (given whenever s is)."""
-        theta, tau, _ = intervene.topo_values(self.theta, self.tau, self.temperature)
+    def result(self, soft: Tensor, hard: Tensor | None, intervene: Intervention, position: Tensor | None,
+               theta: float, tau: float) -> TopoScores:
+        """The weights, with both scores ``[B, N]``: from s~ (s for ``topo="exact"``; 1 for ``"off"``) at the
+        call's ``theta`` and ``tau``, or the intervention's ``topo_weight`` rule of s and the 0-based
+        ``position`` (given whenever the rule is)."""
         mode = self.own_mode if intervene.topo == "approx" else intervene.topo
         if intervene.topo_weight is not None:
             w = intervene.topo_weight.weights(hard, position)
