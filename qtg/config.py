@@ -21,7 +21,7 @@ from qtg.errors import ConfigError
 
 ATTN_IMPLS = ("auto", "reference", "flex")
 POSITIONS = ("alibi", "none")
-TOPO_FILTERS = ("approx", "off")
+TOPO_FILTERS = ("approx", "exact", "gate", "off")
 BASELINE_POSITIONS = ("rope", "alibi")
 ARCHS = ("qtg", "baseline")
 
@@ -51,9 +51,12 @@ class QTGConfig:
     # while leaving gradients to more than the single nearest neighbour
     # (docs/model.md §8).
     topo_temperature: float = 0.1
-    # The model's own weight: "approx" (w from the soft-min s~), or "off"
-    # (w = 1 for every token: the nano-notopo ablation). s~ is still computed
-    # either way, so the explorer can show what the filter would have done.
+    # The model's own weight (docs/model.md §2): "approx" (w from the soft-min
+    # s~), "exact" (w from the exact causal distance s, gradient through the
+    # min: nano-exact), "gate" (w = 1 for a token seen earlier in the context, a
+    # learnt constant otherwise: nano-gate) or "off" (w = 1 for every token:
+    # nano-notopo). s~ is still computed in every mode, so the explorer can show
+    # what the filter would have done.
     topo_filter: str = "approx"
 
     # --- GeoAttention (docs/model.md §3) ----------------------------------

@@ -49,7 +49,7 @@ from qtg.fisher_rao import (
     score_bias,
     sqrt_simplex,
 )
-from qtg.intervention import NO_INTERVENTION, Intervention
+from qtg.intervention import NO_INTERVENTION, REPEAT_TOLERANCE, Intervention
 from qtg.topo_kernels import pairwise_distances, soft_min_distance
 
 log = logging.getLogger("qtg")
@@ -193,9 +193,14 @@ class TopoFilter(nn.Module):
     An :class:`~qtg.intervention.Intervention` may weight by s instead of s~
     (``topo="exact"``; no gradient flows through s), switch the filter off
     (``"off"``: w = 1), override theta, tau and T for one call, or replace w
-    by a coarser rule of s and the position (``topo_weight``). A model
-    configured with ``topo_filter="off"`` (nano-notopo) has w = 1 as its own
-    weight; ``topo="exact"`` still applies the exact filter to it.
+    by a coarser rule of s and the position (``topo_weight``).
+
+    The config's ``topo_filter`` sets the model's own weight, what
+    ``topo="approx"`` means: s~ (the default), s with its gradient through the
+    min (``"exact"``, nano-exact), the one-bit gate ``w_i = 1`` if ``s_i = 0``
+    else ``sigmoid(gate_logit)``, a learnt constant (``"gate"``, nano-gate), or
+    w = 1 (``"off"``, nano-notopo). ``topo="exact"`` still applies the exact
+    filter to any of them.
     """
 
     def __init__(self, cfg: QTGConfig):
@@ -204,6 +209,14 @@ class TopoFilter(nn.Module):
         self.tau = cfg.topo_tau
         self.temperature = cfg.topo_temperature
         self.own_mode = cfg.topo_filter  # what topo="approx" (the model's own) means
+        # nano-gate's one learnt number: the weight of a first occurrence, sigmoid(0) = 0.5 at initialisation
+        self.gate_logit = nn.Parameter(torch.zeros(())) if cfg.topo_filter == "gate" else None
+
+    def own_needs_exact(self, intervene: Intervention) -> bool:
+        """True when this call's weight comes from the exact score s (the model's own, or an intervention's)."""
+        own = intervene.topo == "approx" and intervene.topo_weight is None
+        return intervene.topo == "exact" or intervene.topo_weight is not None or (
+            own and self.own_mode in ("exact", "gate"))
 
     def forward(self, psi: Tensor, past: Tensor | None = None, intervene: Intervention = NO_INTERVENTION,
                 want_exact: bool = False, lengths: Tensor | None = None, ids: Tensor | None = None,
@@ -223,7 +236,9 @@ class TopoFilter(nn.Module):
                 without them, in float64.
         """
         theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
-        need_exact = want_exact or intervene.topo == "exact" or intervene.topo_weight is not None
+        need_exact = want_exact or self.own_needs_exact(intervene)
+        # s is a constant of the inputs except when it is the model's own trained weight (nano-exact)
+        exact_grad = self.own_mode == "exact" and intervene.topo == "approx" and intervene.topo_weight is None
         offset = 0 if past is None else past.shape[1]
         if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
             soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, need_exact)
@@ -255,7 +270,8 @@ class TopoFilter(nn.Module):
         hard = None
         if need_exact:
             inf = torch.full_like(delta, float("inf"))
-            hard = torch.where(earlier, delta, inf).amin(dim=-1).detach()
+            hard = torch.where(earlier, delta, inf).amin(dim=-1)  # its gradient reaches the nearest earlier point
+            hard = hard if exact_grad else hard.detach()
             hard = torch.where(first[..., 0], torch.zeros_like(hard), hard)
         return self.result(soft, hard, intervene, i[..., 0], theta, tau)  # positions [N] or, ragged, [B, N]
 
@@ -285,6 +301,9 @@ class TopoFilter(nn.Module):
             w = intervene.topo_weight.weights(hard, position)
         elif mode == "off":
             w = torch.ones_like(soft)
+        elif mode == "gate":  # the first token has s = 0, so it keeps w = 1 as under the filter
+            novel = torch.sigmoid(self.gate_logit.float()).to(hard.dtype)
+            w = torch.where(hard < REPEAT_TOLERANCE, torch.ones_like(hard), novel.expand_as(hard))
         else:
             w = self.weights(hard if mode == "exact" else soft, theta, tau)
         return TopoScores(soft, hard, w)
@@ -500,6 +519,8 @@ class QTG(DecoderLM):
         for name, p in self.named_parameters():
             if name.endswith("log_gamma"):
                 p.fill_(math.log(self.cfg.gamma_init))
+            elif name.endswith("gate_logit"):
+                p.zero_()
             elif name.endswith("embed.bias"):
                 p.zero_()
             elif "norm" in name:

@@ -40,6 +40,7 @@ single file. Rank 0 writes metrics.jsonl and prints."""
 EXAMPLES = """examples:
   qtg train --config configs/nano.yaml --out runs/nano
   qtg train --config configs/nano.yaml --out runs/nano --steps 3000 --resume
+  qtg train --config configs/nano-notopo.yaml --seed 1 --out runs/nano-notopo-s1   (a second draw of the same recipe)
   qtg train --config configs/nano.yaml --arch baseline --tokenizer runs/nano/tokenizer.json --out runs/base
   qtg train --tier micro --data my_texts/ --out runs/micro --steps 200 --device cpu
   qtg train --tier micro --out runs/micro-snaps --steps 120 --seq-len 64 --snapshot-every 20
@@ -62,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--init", metavar="WEIGHTS_DIR", help="start from these weights (checkpoint or run directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's (auto)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="training seed: initialisation and data order (default: the config's; the split keeps "
+                        "data.split_seed, so runs with different seeds see the same works)")
     p.add_argument("--seq-len", type=int, metavar="N", help="training window in tokens (default: the config's, "
                    "else the model's context)")
     p.add_argument("--snapshot-every", type=int, metavar="K",
@@ -82,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = [(cfg.model, "tier", args.tier), (cfg.data, "path", args.data),
                  (cfg.data, "tokenizer", args.tokenizer), (cfg.checkpoint, "dir", args.out),
                  (cfg.training, "steps", args.steps), (cfg.training, "init", args.init),
-                 (cfg.training, "device", args.device), (cfg.data, "seq_len", args.seq_len),
+                 (cfg.training, "device", args.device), (cfg.training, "seed", args.seed),
+                 (cfg.data, "seq_len", args.seq_len),
                  (cfg.checkpoint, "snapshot_every", args.snapshot_every),
                  (cfg.checkpoint, "snapshot_dtype", args.snapshot_dtype)]
     for section, name, value in overrides:
