@@ -7,9 +7,12 @@
     qtg.save_checkpoint(model, "ckpt/"); model = qtg.load("ckpt/")   # safetensors + JSON, never a pickle
     qtg.generate.generate(model, ids, 50, temperature=0.8, top_p=0.9, seed=0)
     model(ids, intervene=qtg.Intervention(topo="exact", ablate_heads={0: [1]}))  # per call, weights untouched
+    out, cache = model.run_with_cache(ids, ["topo.w", "blocks.0.attn.pattern"])  # named activations
+    model(ids, intervene=qtg.Intervention(patch={"topo.w": cache["topo.w"]}))     # replace one, keep the rest
 """
 
 from qtg import generate
+from qtg.activations import ActivationError, activation_names
 from qtg.builder import build
 from qtg.checkpoint import load, load_checkpoint, save_checkpoint
 from qtg.config import QTGConfig
@@ -22,6 +25,7 @@ from qtg.tiers import TIERS, baseline_of, get_tier, seed_faithful
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationError", "activation_names",
     "Intervention", "InterventionError", "QTG", "QTGCache", "QTGConfig", "QTGOutput", "TIERS", "ConfigError",
     "QTGError", "TierTooLargeError", "TopoWeight",
     "CheckpointError", "GenerationError", "build", "count_params", "generate", "get_tier", "load", "load_checkpoint",

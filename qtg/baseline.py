@@ -29,10 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtg.activations import NO_SITES, Sites
 from qtg.config import QTGConfig
 from qtg.fisher_rao import alibi_slopes
 from qtg.intervention import NO_INTERVENTION, Intervention
-from qtg.model import IGNORE_INDEX, Block, DecoderLM, QTGCache, QTGOutput, check_ids
+from qtg.model import IGNORE_INDEX, Block, DecoderLM, QTGCache, QTGOutput, check_ids, merge_heads
 
 ROPE_BASE = 10_000.0
 
@@ -84,9 +85,10 @@ class DotProductAttention(nn.Module):
         return t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, N, d_h]
 
     def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False,
-                intervene: Intervention = NO_INTERVENTION):
-        """Args: x ``[B, N, 2d]``; ``intervene`` may ablate heads (nothing else applies here).
-        Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa"."""
+                intervene: Intervention = NO_INTERVENTION, sites: Sites = NO_SITES):
+        """Args: x ``[B, N, 2d]``; ``intervene`` may ablate heads and patch sites (nothing else applies here);
+        touching ``blocks.{layer}.attn.pattern`` runs softmax(scores) V explicitly instead of SDPA.
+        Returns out ``[B, N, 2d]``, the maps ``[B, H, N, P+N]`` or None, "sdpa" (or "explicit")."""
         offset = 0 if cache is None else cache.length
         if cache is not None and cache.lengths is not None:  # a ragged batch: each row at its own position
             offset = cache.lengths
@@ -100,23 +102,27 @@ class DotProductAttention(nn.Module):
         i = torch.arange(n_q, device=x.device).view(-1, 1)
         i = i + (offset.view(-1, 1, 1, 1) if isinstance(offset, Tensor) else offset)
         allowed = torch.arange(n_k, device=x.device).view(1, -1) <= i  # [Nq, Nk] (ragged [B, 1, Nq, Nk])
-        if self.alibi:
-            bias = alibi_bias(alibi_slopes(self.n_heads, x.device), offset, n_q, n_k)  # [H, Nq, Nk]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        bias = alibi_bias(alibi_slopes(self.n_heads, x.device), offset, n_q, n_k) if self.alibi else None
+        pattern, impl = f"blocks.{layer}.attn.pattern", "sdpa"
+        if sites and sites.wants(pattern):
+            impl = "explicit"
+            attn = sites(pattern, self.pattern(q, k, bias, allowed))
+            out = (attn @ v.float()).to(v.dtype)
+        elif self.alibi:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # [H, Nq, Nk] bias
         else:
             start = not isinstance(offset, Tensor) and offset == 0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if start else allowed, is_causal=start)
-        maps = None
-        if want_maps:
-            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if self.alibi:
-                scores = scores + bias
-            maps = scores.masked_fill(~allowed, float("-inf")).softmax(-1).detach()
+        maps = self.pattern(q, k, bias, allowed).detach() if want_maps else None
         keep = intervene.head_mask(layer, self.n_heads, out.device)
-        if keep is not None:  # an ablated head's slice of the output is zero before W_o
-            out = out * keep.view(1, -1, 1, 1).to(out.dtype)
-        B, _, N, _ = out.shape
-        return self.wo(out.transpose(1, 2).reshape(B, N, -1)), maps, "sdpa"
+        return self.wo(merge_heads(out, keep, layer, sites)), maps, impl
+
+    def pattern(self, q: Tensor, k: Tensor, bias: Tensor | None, allowed: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d_h) [+ ALiBi]) ``[B, H, Nq, Nk]`` in float32, causal."""
+        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if bias is not None:
+            scores = scores + bias
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
 class Baseline(DecoderLM):
@@ -145,21 +151,25 @@ class Baseline(DecoderLM):
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, return_internals: bool = False,
                 cache: QTGCache | None = None, *, intervene: Intervention | None = None,
-                map_blocks: Collection[int] | None = None) -> QTGOutput:
+                map_blocks: Collection[int] | None = None, sites: Sites | None = None) -> QTGOutput:
         """Same contract as :meth:`qtg.model.QTG.forward` (topology fields stay None; of an
-        intervention only ``ablate_heads`` applies, the rest is refused by name)."""
+        intervention only ``ablate_heads`` and ``patch`` apply, the rest is refused by name)."""
         check_ids(ids, self.cfg.vocab_size)
         intervene = self.check_forward_args(intervene, map_blocks)
+        sites = self.call_sites(intervene, sites)
         x = self.embed(ids)  # [B, N, 2d]
+        if sites:
+            x = sites("embed", x)
         states, maps_all = [x], []
         for layer, block in enumerate(self.blocks):
             want_maps = return_internals and (map_blocks is None or layer in map_blocks)
-            x, maps, _ = block(x, cache=cache, layer=layer, want_maps=want_maps, intervene=intervene)
+            x, maps, _ = block(x, cache=cache, layer=layer, want_maps=want_maps, intervene=intervene, sites=sites)
             states.append(x)
             maps_all.append(maps)
         if cache is not None:
             cache.advance(ids.shape[1])
-        logits = F.linear(self.norm(x), self.embed.weight)  # [B, N, V]
+        h = self.norm(x)  # [B, N, 2d]
+        logits = F.linear(sites("final_norm", h) if sites else h, self.embed.weight)  # [B, N, V]
         out = QTGOutput(logits=logits)
         if targets is not None:
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,22 +120,14 @@ def fr_sq(bc: Tensor) -> Tensor:
     return _FrSq.apply(bc)
 
 
-_slopes_cache: dict[tuple[int, torch.device], Tensor] = {}
-
-
 def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> Tensor:
     """ALiBi slopes m_h = 2^(-8h/H), h = 1..H (docs/model.md §3), float32 ``[H]``.
 
-    Built once per (H, device) and shared: do not modify the result in place.
+    Built once per (H, device) and shared (:data:`TABLES`): do not modify the result in place.
     """
     if torch.compiler.is_compiling():
         return _alibi_slopes(n_heads, device)
-    key = (n_heads, torch.device(device or "cpu"))
-    slopes = _slopes_cache.get(key)
-    if slopes is None:
-        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
-            slopes = _slopes_cache[key] = _alibi_slopes(n_heads, device)
-    return slopes
+    return TABLES.slopes(n_heads, device)
 
 
 def _alibi_slopes(n_heads: int, device: torch.device | str | None) -> Tensor:
@@ -157,7 +151,45 @@ def no_autocast(t: Tensor):
 # instead of per layer and token (5 ops each, 13 % of a decoding step). Above
 # this size it is built per call instead (long contexts with many heads).
 _BIAS_CACHE_BYTES = 64 * 2**20
-_bias_cache: dict[tuple[int | None, torch.device, torch.dtype], Tensor] = {}
+
+
+class SharedTables:
+    """The ALiBi slopes and the square score-bias matrices, built once per key and shared by every layer and call.
+
+    Forward passes run in several threads at once (the app's request threads beside the decoding engine's
+    loop), so one lock guards looking a table up, building it and growing it: each is built once however
+    many threads ask together, and a grown matrix never gives way to a smaller one. The tables are plain
+    tensors (built outside inference mode, so usable in and out of it): callers must not modify them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # bias() takes slopes() under it
+        self._slopes: dict[tuple[int, torch.device], Tensor] = {}
+        self._bias: dict[tuple[int | None, torch.device, torch.dtype], Tensor] = {}
+
+    def slopes(self, n_heads: int, device: torch.device | str | None) -> Tensor:
+        """:func:`alibi_slopes`'s ``[H]``, built on first use."""
+        key = (n_heads, torch.device(device or "cpu"))
+        with self._lock:
+            if key not in self._slopes:
+                with torch.inference_mode(False), torch.no_grad():
+                    self._slopes[key] = _alibi_slopes(n_heads, device)
+            return self._slopes[key]
+
+    def bias(self, n_heads: int | None, device: torch.device, dtype: torch.dtype, size: int) -> Tensor:
+        """The ``[H or 1, S, S]`` bias of :func:`build_bias` from position 0, S >= ``size``: the one kept,
+        or, when none is or it is smaller, one of exactly ``size`` built and kept instead."""
+        key = (n_heads, torch.device(device), dtype)
+        with self._lock:
+            full = self._bias.get(key)
+            if full is None or full.shape[-1] < size:
+                with torch.inference_mode(False), torch.no_grad():
+                    slopes = self.slopes(n_heads, device) if n_heads else None
+                    full = self._bias[key] = build_bias(slopes, 0, size, size, device, dtype)
+            return full
+
+
+TABLES = SharedTables()  # the process's one set: every model of a shape shares its tables
 
 
 def build_bias(slopes: Tensor | None, q_offset: int, nq: int, nk: int,
@@ -188,14 +220,7 @@ def score_bias(n_heads: int | None, q_offset: int, nq: int, nk: int,
     if torch.compiler.is_compiling() or (n_heads or 1) * size * size * dtype.itemsize > _BIAS_CACHE_BYTES:
         slopes = alibi_slopes(n_heads, device) if n_heads else None
         return build_bias(slopes, q_offset, nq, nk, device, dtype)
-    key = (n_heads, torch.device(device), dtype)
-    full = _bias_cache.get(key)
-    if full is None or full.shape[-1] < need:
-        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
-            slopes = alibi_slopes(n_heads, device) if n_heads else None
-            full = build_bias(slopes, 0, size, size, device, dtype)
-        _bias_cache[key] = full
-    return full[:, q_offset:q_offset + nq, :nk]
+    return TABLES.bias(n_heads, device, dtype, size)[:, q_offset:q_offset + nq, :nk]
 
 
 def _scores(sp: Tensor, sk: Tensor, gamma: Tensor, slopes: Tensor | None, q_offset: int,
@@ -359,6 +384,29 @@ def fused_attention(sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, bias: Tens
         summation order (tests/test_speed_exactness.py).
     """
     return _FusedAttention.apply(sp, sk, v, gamma, bias, q_offset)
+
+
+def attention_explicit(
+    sp: Tensor, sk: Tensor, v: Tensor, gamma: Tensor, bias: Tensor,
+    on_distance: Callable[[Tensor], Tensor], on_pattern: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """:func:`attention_reference`'s matmul form with both maps materialised and open to replacement.
+
+    ``on_distance`` sees d_FR ``[B, H, Nq, Nk]`` and returns the distances the
+    scores then use (the same object: the scores are left as computed); ``on_pattern``
+    sees A and returns the A that weights V. Without gradients, returning what
+    they are given reproduces :func:`attention_reference` bit for bit. Used by
+    the named sites ``blocks.{i}.attn.distance`` and ``.pattern`` (qtg.activations).
+    """
+    dtype = compute_dtype(sp)
+    scores, bc = _scores(sp, sk, gamma, None, 0, bias)
+    distance = torch.acos(bc.clamp(0.0, 1.0))
+    new = on_distance(distance)
+    if new is not distance:  # the same arithmetic as _scores, on the replaced distances
+        scores = (new * new) * -as_dtype(gamma, dtype).view(1, -1, 1, 1) + as_dtype(bias, dtype)
+    attn = on_pattern(torch.softmax(scores, dim=-1))
+    with no_autocast(attn):
+        return as_dtype(attn @ as_dtype(v, attn.dtype), v.dtype)
 
 
 @torch.no_grad()

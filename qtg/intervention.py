@@ -26,9 +26,12 @@ What each field does (``docs/model.md`` §6 has the formulas):
 * ``topo_weight`` - a :class:`TopoWeight` rule that replaces the filter's w
   (a one-bit "seen earlier" gate, a weight by position, or both): a control
   that asks whether the graded score is needed at all.
+* ``patch`` - ``{site name: tensor or function}`` replaces named activations
+  (:mod:`qtg.activations`): a tensor of the site's shape (batch 1 broadcasts),
+  or a function of the clean value. Applied after every other field.
 
-The baseline decoder (:mod:`qtg.baseline`) takes head ablation and refuses
-every other field by name.
+The baseline decoder (:mod:`qtg.baseline`) takes head ablation and patches,
+and refuses every other field by name.
 """
 
 from __future__ import annotations
@@ -42,12 +45,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qtg.activations import check_names
 from qtg.errors import QTGError
 
 TOPO_MODES = ("approx", "exact", "off")
 POSITION_MODES = ("model", "none")
 # s_i below this is a repeat: QEmbed states are unit vectors, equal ids give s = 0 and distinct ones sit ~0.5+ apart
 REPEAT_TOLERANCE = 1e-4
+# The largest magnitude of a number an intervention sets, and the smallest tau and T: the forward pass runs in float32
+# (largest value 3.4e38), multiplies gamma by gamma_scale and by squared distances of at most pi^2 / 4, and divides
+# distances of order 1 by tau and T; within [1e-30, 1e30] all of it stays finite (gamma = 3e38 or tau = 1e-300 did not).
+VALUE_LIMIT = 1e30
 
 
 class InterventionError(QTGError, ValueError):
@@ -131,6 +139,9 @@ class Intervention:
     ablate_heads: Mapping[int, Sequence[int]] = field(default_factory=dict)
     positions: str = "model"
     topo_weight: TopoWeight | None = None
+    # compared by identity (tensors have no truth value): two interventions with patches are equal only when
+    # they share one patch mapping; is_default and the engine's batching read it explicitly
+    patch: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.topo not in TOPO_MODES:
@@ -139,16 +150,21 @@ class Intervention:
             raise InterventionError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         for name in ("theta", "tau", "temperature"):
             value = getattr(self, name)
-            if value is not None and not _finite_number(value):
-                raise InterventionError(f"{name} must be a finite number, got {value!r}")
+            if value is not None and not (_finite_number(value) and abs(value) <= VALUE_LIMIT):
+                raise InterventionError(f"{name} must be a finite number within ±{VALUE_LIMIT:g}, got {value!r}")
         for name in ("tau", "temperature"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InterventionError(f"{name} must be > 0, got {value!r}")
-        if not _finite_number(self.gamma_scale) or self.gamma_scale < 0:
-            raise InterventionError(f"gamma_scale must be a finite number >= 0, got {self.gamma_scale!r}")
-        if isinstance(self.gamma, (int, float)) and (not _finite_number(self.gamma) or self.gamma < 0):
-            raise InterventionError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
+            if value is not None and value < 1 / VALUE_LIMIT:
+                raise InterventionError(f"{name} must be > 0, at least {1 / VALUE_LIMIT:g}, got {value!r}")
+        if not (_finite_number(self.gamma_scale) and 0 <= self.gamma_scale <= VALUE_LIMIT):
+            raise InterventionError(f"gamma_scale must be a finite number in [0, {VALUE_LIMIT:g}], got "
+                                    f"{self.gamma_scale!r}")
+        gamma = self.gamma
+        if isinstance(gamma, (int, float)) and not (_finite_number(gamma) and 0 <= gamma <= self.gamma_limit):
+            raise InterventionError(f"gamma must be a finite number in [0, {self.gamma_limit:g}] (times gamma_scale, "
+                                    f"at most {VALUE_LIMIT:g}), got {self.gamma!r}")
+        if not isinstance(self.patch, Mapping) or not all(isinstance(k, str) for k in self.patch):
+            raise InterventionError(f"patch must be a mapping {{site name: tensor or function}}, got {self.patch!r}")
         if not isinstance(self.ablate_heads, Mapping):
             raise InterventionError(f"ablate_heads must be a mapping {{block: [heads]}}, got {self.ablate_heads!r}")
         if self.topo_weight is not None:
@@ -159,11 +175,16 @@ class Intervention:
                 raise InterventionError(f"topo_weight replaces the filter's w, so {', '.join(clash)} would do nothing: "
                                         "give one or the other")
 
+    @property
+    def gamma_limit(self) -> float:
+        """The largest gamma this intervention may set: gamma x gamma_scale stays within VALUE_LIMIT."""
+        return VALUE_LIMIT / max(1.0, self.gamma_scale)
+
     # --- what the model asks -----------------------------------------------------
     @property
     def is_default(self) -> bool:
         """True when this intervention changes nothing."""
-        return self == Intervention()
+        return self == Intervention() and not self.patch
 
     def changed(self) -> list[str]:
         """Names of the fields that differ from the default."""
@@ -202,8 +223,10 @@ class Intervention:
             InterventionError: one line naming the field.
         """
         cfg = model.cfg
+        if self.patch:
+            check_names(cfg, self.patch, "patch")
         if not getattr(model, "has_topofilter", False):
-            unsupported = [name for name in self.changed() if name != "ablate_heads"]
+            unsupported = [name for name in self.changed() if name not in ("ablate_heads", "patch")]
             if unsupported:
                 raise InterventionError(
                     f"the {cfg.arch} model ({cfg.name}) has no TopoFilter and no GeoAttention: it takes only "
@@ -221,9 +244,11 @@ class Intervention:
             for block, value in self.gamma.items():
                 _check_block(block, cfg.n_layers, "gamma")
                 t = torch.as_tensor(value)
-                if t.shape != (cfg.n_heads,) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                    raise InterventionError(f"gamma[{block}] must be {cfg.n_heads} finite values >= 0 (one per "
-                                            f"head), got shape {tuple(t.shape)}")
+                limit = float(torch.tensor(self.gamma_limit, dtype=torch.float32))  # as a float32 gamma rounds
+                if (t.shape != (cfg.n_heads,) or not bool(torch.isfinite(t).all()) or bool((t < 0).any())
+                        or float(t.max()) > limit):
+                    raise InterventionError(f"gamma[{block}] must be {cfg.n_heads} finite values in [0, "
+                                            f"{self.gamma_limit:g}] (one per head), got shape {tuple(t.shape)}")
 
     # --- text form, for the command line -----------------------------------------
     @classmethod
@@ -267,7 +292,7 @@ class Intervention:
                 value = ";".join(f"{b}:{','.join(map(str, hs))}" for b, hs in sorted(value.items()))
                 key = "ablate"
             elif isinstance(value, Mapping):
-                value = "{" + ",".join(str(b) for b in sorted(value)) + "}"
+                value = "{" + ",".join(str(b) for b in sorted(value, key=str)) + "}"
             parts.append(f"{key}={value}")
         return " ".join(parts) or "plain"
 

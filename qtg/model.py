@@ -24,6 +24,7 @@ d_h = d / H.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Collection
@@ -36,9 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtg.activations import NO_SITES, Names, Sites, select_names
 from qtg.config import QTGConfig
 from qtg.fisher_rao import (
     alibi_slopes,
+    attention_explicit,
     attention_flex,
     attention_maps,
     attention_reference,
@@ -58,7 +61,12 @@ log = logging.getLogger("qtg")
 # is as fast and needs no compilation (benchmarks/bench_attention.py).
 FLEX_MIN_LEN_CPU = 1024
 IGNORE_INDEX = -100
-_warned_flex_fallback: set[str] = set()  # devices for which the CPU-training fallback was logged
+
+
+@functools.cache  # once per device type, not once per layer and step (hashable key: nothing to guard)
+def _say_flex_falls_back(device_type: str) -> None:
+    log.warning("flex_attention has no backward on %s in torch %s: training uses the reference path",
+                device_type, torch.__version__)
 
 
 # --- outputs and cache ---------------------------------------------------------
@@ -220,7 +228,7 @@ class TopoFilter(nn.Module):
 
     def forward(self, psi: Tensor, past: Tensor | None = None, intervene: Intervention = NO_INTERVENTION,
                 want_exact: bool = False, lengths: Tensor | None = None, ids: Tensor | None = None,
-                past_ids: Tensor | None = None) -> TopoScores:
+                past_ids: Tensor | None = None, sites: Sites = NO_SITES) -> TopoScores:
         """Scores and weights of the tokens of ``psi``, which follow ``past``.
 
         Args:
@@ -234,6 +242,7 @@ class TopoFilter(nn.Module):
                 (None when there is no past). Given, the distances are computed in
                 float32 with exact zeros between equal ids (:func:`pairwise_distances`);
                 without them, in float64.
+            sites: the call's named sites ``topo.scores`` and ``topo.w`` (:mod:`qtg.activations`).
         """
         theta, tau, temperature = intervene.topo_values(self.theta, self.tau, self.temperature)
         need_exact = want_exact or self.own_needs_exact(intervene)
@@ -243,10 +252,10 @@ class TopoFilter(nn.Module):
         if past is not None and past.shape[1] > 0 and psi.shape[1] == 1 and lengths is None:
             soft, hard = self.step_scores(psi, past, ids, past_ids, temperature, need_exact)
             position = None if intervene.topo_weight is None else torch.tensor([offset], device=psi.device)
-            return self.result(soft, hard, intervene, position, theta, tau)
+            return self.result(soft, hard, intervene, position, theta, tau, sites)
         if (past is None and ids is not None and lengths is None and psi.dtype != torch.float64
                 and not need_exact and torch.is_grad_enabled()):  # training
-            return self.result(soft_min_distance(psi, ids, temperature), None, intervene, None, theta, tau)
+            return self.result(soft_min_distance(psi, ids, temperature), None, intervene, None, theta, tau, sites)
         points = psi if past is None else torch.cat([past, psi], dim=1)  # [B, P+N, 2d]
         if past is None or ids is None:
             point_ids = ids
@@ -273,7 +282,7 @@ class TopoFilter(nn.Module):
             hard = torch.where(earlier, delta, inf).amin(dim=-1)  # its gradient reaches the nearest earlier point
             hard = hard if exact_grad else hard.detach()
             hard = torch.where(first[..., 0], torch.zeros_like(hard), hard)
-        return self.result(soft, hard, intervene, i[..., 0], theta, tau)  # positions [N] or, ragged, [B, N]
+        return self.result(soft, hard, intervene, i[..., 0], theta, tau, sites)  # positions [N] or, ragged, [B, N]
 
     @staticmethod
     def step_scores(psi: Tensor, past: Tensor, ids: Tensor | None, past_ids: Tensor | None, temperature: float,
@@ -292,10 +301,13 @@ class TopoFilter(nn.Module):
         return soft, delta.amin(dim=-1).detach() if exact else None
 
     def result(self, soft: Tensor, hard: Tensor | None, intervene: Intervention, position: Tensor | None,
-               theta: float, tau: float) -> TopoScores:
+               theta: float, tau: float, sites: Sites = NO_SITES) -> TopoScores:
         """The weights, with both scores ``[B, N]``: from s~ (s for ``topo="exact"``; 1 for ``"off"``) at the
         call's ``theta`` and ``tau``, or the intervention's ``topo_weight`` rule of s and the 0-based
-        ``position`` (given whenever the rule is)."""
+        ``position`` (given whenever the rule is). The sites ``topo.scores`` (s~, before w reads it) and
+        ``topo.w`` (after) may record or replace them."""
+        if sites:
+            soft = sites("topo.scores", soft)
         mode = self.own_mode if intervene.topo == "approx" else intervene.topo
         if intervene.topo_weight is not None:
             w = intervene.topo_weight.weights(hard, position)
@@ -306,6 +318,8 @@ class TopoFilter(nn.Module):
             w = torch.where(hard < REPEAT_TOLERANCE, torch.ones_like(hard), novel.expand_as(hard))
         else:
             w = self.weights(hard if mode == "exact" else soft, theta, tau)
+        if sites:
+            w = sites("topo.w", w)
         return TopoScores(soft, hard, w)
 
     @staticmethod
@@ -352,10 +366,7 @@ class GeoAttention(nn.Module):
         cpu_training = training and x.device.type != "cuda"
         if impl == "flex":
             if cpu_training:
-                if x.device.type not in _warned_flex_fallback:  # say it once, not once per layer and step
-                    log.warning("flex_attention has no backward on %s in torch %s: training uses the "
-                                "reference path", x.device.type, torch.__version__)
-                    _warned_flex_fallback.add(x.device.type)
+                _say_flex_falls_back(x.device.type)
                 return "reference"
             return "flex"
         if x.device.type == "cuda":
@@ -364,7 +375,7 @@ class GeoAttention(nn.Module):
 
     def forward(
         self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False,
-        intervene: Intervention = NO_INTERVENTION,
+        intervene: Intervention = NO_INTERVENTION, sites: Sites = NO_SITES,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None, str]:
         """Args:
             x: ``[B, N, 2d]`` (normed).
@@ -372,6 +383,8 @@ class GeoAttention(nn.Module):
             layer: this block's index (its cache slot and its key in ``intervene``).
             want_maps: also return (A, d_FR, gamma ``[H]`` as applied).
             intervene: gamma replacement/scale, ablated heads, positions off.
+            sites: the call's named sites ``blocks.{layer}.attn.(pattern|distance|head_out)``; touching
+                the pattern or the distance runs the matmul form with both maps materialised.
 
         Returns:
             out ``[B, N, 2d]``, the maps or None, the name of the kernel that ran.
@@ -387,7 +400,16 @@ class GeoAttention(nn.Module):
         alibi = self.cfg.pos == "alibi" and intervene.positions != "none"
         slopes = alibi_slopes(self.n_heads, x.device) if alibi else None
         impl = self.choose_impl(x, offset)
-        if cache is not None and cache.lengths is not None:  # a ragged batch: each row at its own position
+        ragged = cache is not None and cache.lengths is not None
+        pattern, distance = f"blocks.{layer}.attn.pattern", f"blocks.{layer}.attn.distance"
+        if sites and (sites.wants(pattern) or sites.wants(distance)):
+            impl = "explicit"
+            bias = (ragged_bias(slopes, cache.lengths, sk.shape[2], compute_dtype(sp)) if ragged else
+                    score_bias(self.n_heads if alibi else None, offset, sp.shape[2], sk.shape[2], sp.device,
+                               compute_dtype(sp)))
+            out = attention_explicit(sp, sk, v, gamma, bias, lambda d: sites(distance, d),
+                                     lambda a: sites(pattern, a))
+        elif ragged:  # a ragged batch: each row at its own position
             out = attention_rows(sp, sk, v, gamma, slopes, cache.lengths)  # [B, H, 1, d_h]
         elif impl == "flex":
             out = attention_flex(sp, sk, v, gamma, slopes)
@@ -398,15 +420,21 @@ class GeoAttention(nn.Module):
         # gamma rides with the maps: read here, where FSDP has gathered the parameters, it is a plain tensor
         maps = None
         if want_maps:  # a ragged row's query sits at its own length, its padding masked (qtg.serve asks these)
-            ragged = cache is not None and cache.lengths is not None
             bias = ragged_bias(slopes, cache.lengths, sk.shape[2], compute_dtype(sp)) if ragged else None
             maps = (*attention_maps(sp, sk, gamma, slopes, q_offset=offset, bias=bias), gamma.detach())
-        keep = intervene.head_mask(layer, self.n_heads, out.device)
-        if keep is not None:  # an ablated head's slice of the output is zero before W_o
-            out = out * keep.view(1, -1, 1, 1).to(out.dtype)
-        B, _, N, _ = out.shape
-        out = out.transpose(1, 2).reshape(B, N, -1)  # [B, N, d]
-        return self.wo(out), maps, impl
+        return self.wo(merge_heads(out, intervene.head_mask(layer, self.n_heads, out.device), layer, sites)), maps, impl
+
+
+def merge_heads(out: Tensor, keep: Tensor | None, layer: int, sites: Sites) -> Tensor:
+    """Heads ``[B, H, N, d_h]`` side by side ``[B, N, d]``, W_o's input: ablated heads (``keep`` ``[H]`` of 0/1)
+    zeroed first, then the site ``blocks.{layer}.attn.head_out`` ``[B, N, H, d_h]`` (shared with the baseline)."""
+    if keep is not None:  # an ablated head's slice of the output is zero before W_o
+        out = out * keep.view(1, -1, 1, 1).to(out.dtype)
+    B, _, N, _ = out.shape
+    out = out.transpose(1, 2)  # [B, N, H, d_h]
+    if sites:
+        out = sites(f"blocks.{layer}.attn.head_out", out)
+    return out.reshape(B, N, -1)  # [B, N, d]
 
 
 # --- feed-forward and block --------------------------------------------------------
@@ -441,12 +469,19 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg) if cfg.ffn_hidden else None
 
     def forward(self, x: Tensor, cache: QTGCache | None = None, layer: int = 0, want_maps: bool = False,
-                intervene: Intervention = NO_INTERVENTION):
+                intervene: Intervention = NO_INTERVENTION, sites: Sites = NO_SITES):
+        if sites:
+            x = sites(f"blocks.{layer}.resid_pre", x)
         a, maps, impl = self.attn(self.attn_norm(x), cache=cache, layer=layer, want_maps=want_maps,
-                                  intervene=intervene)
+                                  intervene=intervene, sites=sites)
+        if sites:
+            a = sites(f"blocks.{layer}.attn.out", a)
         x = x + a
         if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x))
+            m = self.ffn(self.ffn_norm(x))
+            x = x + (sites(f"blocks.{layer}.mlp.out", m) if sites else m)
+        if sites:
+            x = sites(f"blocks.{layer}.resid_post", x)
         return x, maps, impl
 
 
@@ -492,6 +527,50 @@ class DecoderLM(nn.Module):
             if bad:
                 raise ValueError(f"map_blocks {bad} out of range 0..{self.cfg.n_layers - 1}")
         return intervene
+
+    # --- what readers of the residual stream need (direct logit attribution, the lens) ---------------
+    def unembedding(self) -> Tensor:
+        """The tied output head ``[V, 2d]``: logits = final_norm(x) @ unembedding().T."""
+        return self.embed.weight if isinstance(self.embed, nn.Embedding) else self.embed.table.weight
+
+    def head_writers(self, layer: int) -> Tensor:
+        """Block ``layer``'s W_o cut by head ``[H, 2d, d_h]``: head h writes ``W_o[h] @ head_out[..., h, :]``."""
+        wo = self.blocks[layer].attn.wo.weight  # [2d, d]
+        return wo.view(wo.shape[0], self.cfg.n_heads, self.cfg.head_dim).permute(1, 0, 2)
+
+    def final_scale(self, x: Tensor) -> Tensor:
+        """The final RMSNorm as a per-token linear map: ``g / rms(x)`` ``[..., 2d]`` (final_norm = x * this)."""
+        norm = self.norm
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        return norm.weight * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    @staticmethod
+    def call_sites(intervene: Intervention, sites: Sites | None) -> Sites:
+        """The named sites of one call: ``sites`` as given (run_with_cache's), else the intervention's patches."""
+        if sites is not None:
+            return sites
+        return Sites(patch=intervene.patch) if intervene.patch else NO_SITES
+
+    def run_with_cache(self, ids: Tensor, names: Names = None, *, intervene: Intervention | None = None,
+                       retain_grad: bool = False, **kwargs: Any) -> tuple[QTGOutput, dict[str, Tensor]]:
+        """One forward pass that also returns its named activations (:mod:`qtg.activations`).
+
+        Args:
+            ids: token ids ``[B, N]``.
+            names: the sites to keep: None (all), a list of names, or a predicate of a name.
+                Only what is named is kept, so one name costs about what a plain forward does.
+            intervene: the call's intervention (its ``patch`` applies before a site is recorded).
+            retain_grad: keep each recorded tensor's gradient after ``backward`` (attribution).
+            kwargs: the rest of :meth:`forward`'s arguments (``targets``, ``cache``, ...).
+
+        Returns:
+            ``(output, cache)``: the forward's output and ``{name: tensor}`` in the order the pass reached them.
+        """
+        record = select_names(self.cfg, names)
+        intervene = NO_INTERVENTION if intervene is None else intervene
+        sites = Sites(patch=intervene.patch, record=record, retain_grad=retain_grad)
+        out = self(ids, intervene=intervene, sites=sites, **kwargs)
+        return out, sites.cache
 
 
 class QTG(DecoderLM):
@@ -540,6 +619,7 @@ class QTG(DecoderLM):
         *,
         intervene: Intervention | None = None,
         map_blocks: Collection[int] | None = None,
+        sites: Sites | None = None,
     ) -> QTGOutput:
         """Args:
             ids: token ids ``[B, N]``.
@@ -553,16 +633,26 @@ class QTG(DecoderLM):
                 step of a cached decode.
             map_blocks: with ``return_internals``, the blocks whose ``[B, H, N, N]``
                 maps are kept (None: all); the others' entries are None.
+            sites: what to record at the named activations (:meth:`run_with_cache` builds it); None: only
+                ``intervene.patch``'s replacements.
         """
         check_ids(ids, self.cfg.vocab_size)
         intervene = self.check_forward_args(intervene, map_blocks)
+        sites = self.call_sites(intervene, sites)
         past = None if cache is None else cache.points
         psi = self.embed(ids)  # [B, N, 2d], unit norm
+        ids_for_topo = ids
+        if sites and sites.wants("embed"):
+            psi = sites("embed", psi)
+            if sites.patches("embed"):  # the ids no longer name the points: the TopoFilter measures them (float64)
+                ids_for_topo = None
         lengths = None if cache is None else cache.lengths  # ragged rows: each its own length
         past_ids = None if cache is None else cache.ids
         topo = self.topo(psi, past, intervene, want_exact=return_internals, lengths=lengths,
-                         ids=ids, past_ids=past_ids)  # [B, N] each
+                         ids=ids_for_topo, past_ids=past_ids, sites=sites)  # [B, N] each
         filtered = psi * topo.weights.unsqueeze(-1).to(psi.dtype)  # [B, N, 2d]
+        if sites:
+            filtered = sites("topo.out", filtered)
         if cache is not None:
             cache_points = cache.append(past, psi, dim=1)
             cache_ids = cache.append(past_ids, ids, dim=1) if past is None or past_ids is not None else None
@@ -571,7 +661,8 @@ class QTG(DecoderLM):
         states, attention, distances, gammas, impls = [psi, filtered], [], [], [], []
         for layer, block in enumerate(self.blocks):
             want_maps = return_internals and (map_blocks is None or layer in map_blocks)
-            x, maps, impl = block(x, cache=cache, layer=layer, want_maps=want_maps, intervene=intervene)
+            x, maps, impl = block(x, cache=cache, layer=layer, want_maps=want_maps, intervene=intervene,
+                                  sites=sites)
             impls.append(impl)
             if return_internals:
                 states.append(x)
@@ -581,7 +672,8 @@ class QTG(DecoderLM):
         if cache is not None:
             cache.points, cache.ids = cache_points, cache_ids  # after the blocks: they read the old length
             cache.advance(ids.shape[1])
-        logits = F.linear(self.norm(x), self.embed.table.weight)  # [B, N, V]: Re<e_v, h>
+        h = self.norm(x)  # [B, N, 2d]
+        logits = F.linear(sites("final_norm", h) if sites else h, self.embed.table.weight)  # [B, N, V]: Re<e_v, h>
 
         out = QTGOutput(logits=logits, topo_weights=topo.weights)
         if targets is not None:
