@@ -14,12 +14,14 @@ class Limits:
     max_new_tokens: int = 512  # generate: also bounded by the model's context (the slider follows it)
     max_text_chars: int = 20_000  # topology / attention / compare: before tokenizing; the context bounds tokens
     max_topology_points: int = 1_024  # exact H0/H1: distinct points kept (farthest-point sampling above)
-    topology_time_budget: float = 30.0  # seconds before gudhi/ripser are stopped
+    topology_time_budget: float = 30.0  # seconds for all of a request's topology work (every engine, H0 included)
+    max_topology_time_budget: float = 600.0  # ...the most a request may set (Topology tab's "time budget (s)")
     max_attention_tokens: int = 160  # heatmaps draw H x N x N cells; longer texts are cut, and the page says so
     heads_per_page: int = 8  # attention heatmaps: heads drawn at once (a 24-head tier shows 3 pages)
     live_points: int = 160  # the live diagram during generation: the last this-many tokens' points
     live_every_s: float = 0.75  # ...recomputed at most this often, so the stream never waits long on it
     max_lens_tokens: int = 32  # logit lens: positions drawn (states x positions cells, each with its text)
+    max_patching_tokens: int = 64  # patching: each block x position is one patched row (nano + baseline: ~8 s)
     sweep_windows: int = 16  # experiment sweep: windows of the held-out works by default (nano, 2 CPU cores: ~10 s)
     max_sweep_windows: int = 2_000  # ...and at most (nano's test split is a few hundred windows)
     max_sweep_conditions: int = 8  # interventions in one sweep, the unmodified model not counted

@@ -23,12 +23,14 @@ import torch
 from app.config import AppConfig
 from app.exports import private_dir
 from app.models import AppInputError, Loaded, ModelRegistry
+from app.runs import TrainingRuns
 from qtg.builder import resolve_device
 from qtg.memory import available_memory, human_bytes
 from qtg.serve.api import Served
 from qtg.serve.engine import Engine
 from qtg.tokenizer import decode, encode, token_strings
-from qtg.views import max_view_tokens, view_memory
+from qtg.topology.budget import Budget
+from qtg.views import most_tokens, view_memory
 
 
 @dataclass
@@ -54,14 +56,15 @@ class Counters:
 
 
 class Explorer:
-    """The app's state outside any session: config, shared models, counters, this launch's export folder."""
+    """The app's state outside any session: config, shared models and their decoding engines, counters, this
+    launch's export folder, the training runs. It owns all of them (nothing is kept in a module)."""
 
     def __init__(self, cfg: AppConfig, model: Any = None):
         """``model``: serve this one only (under torchrun, a sharded model's rank-0 handle)."""
         self.cfg = cfg
         self.limits = cfg.limits
         self.export_dir: Path = private_dir(cfg.export_dir)
-        self.registry = ModelRegistry(cfg.checkpoint_dirs, cfg.max_cached_models)
+        self.registry = ModelRegistry(cfg.checkpoint_dirs, cfg.max_cached_models, on_drop=self._drop_engine)
         self.counters = Counters()
         if model is not None:
             self.device = str(next(model.parameters()).device)
@@ -71,6 +74,7 @@ class Explorer:
         self.default_key = self.registry.default_key(cfg.model)
         self._engines: dict[tuple[str, str], Engine] = {}  # (model key, device) -> its batching engine
         self._engines_lock = threading.Lock()
+        self.training_runs = TrainingRuns(cfg.export_dir, self.registry.checkpoint_dirs)  # the Training tab's
 
     def new_session(self) -> Session:
         return Session(model=self.default_key, device=self.device)
@@ -89,12 +93,20 @@ class Explorer:
         with self._engines_lock:
             engine = self._engines.get(slot)
             if engine is None or engine.model is not loaded.model:
-                for key, other in list(self._engines.items()):  # engines of models no longer loaded let
-                    if other.idle and (key == slot or not self.registry.is_loaded(*key)):  # their weights go
-                        other.close()
-                        del self._engines[key]
+                if engine is not None:  # the model was reloaded: the old one's engine lets it go
+                    engine.close_when_idle()
                 engine = self._engines[slot] = Engine(loaded.model, tokenizer=loaded.tokenizer)
             return engine
+
+    def _drop_engine(self, key: str, device: str) -> None:
+        """A model left the registry (unloaded, evicted): its engine, whose thread holds the model, finishes the
+        requests it runs and ends, so the weights are freed (issue 23: Unload after Generate kept them)."""
+        with self._engines_lock:
+            engine = self._engines.pop((key, device), None)
+        if engine is not None and engine.idle:
+            engine.close()  # now, so the weights are freed before Unload answers
+        elif engine is not None:
+            engine.close_when_idle()
 
     def api_models(self) -> dict[str, Any]:
         """What the ``/v1`` API serves beside the page: the default model, through its engine (none when sharded)."""
@@ -161,23 +173,40 @@ class Explorer:
         return available_memory(device) // max(1, self.cfg.concurrency)
 
     def check_memory(self, loaded: Loaded, n_tokens: int, view: str, map_blocks: int = 0,
-                     kind: str = "internals") -> None:
-        """Refuse, before any work, a view whose memory (``qtg.views.view_memory``) exceeds the budget.
+                     kind: str = "internals", max_points: int = 1024, beside: Loaded | None = None) -> None:
+        """Refuse, before any work, a request whose memory (``qtg.views.view_memory``) exceeds the budget.
+
+        ``beside``: a second model whose view of the same text the request holds at the same time (the
+        same-size baseline beside the model's own maps): both count.
 
         Raises:
             AppInputError: needed against available, and the most tokens that fit.
         """
-        model = loaded.model
-        dtype = next(model.parameters()).dtype
-        need = view_memory(model.cfg, n_tokens, dtype, map_blocks, kind, loaded.device)
+        models = [loaded] if beside is None else [loaded, beside]
+
+        def need(n: int) -> int:
+            return sum(view_memory(m.model.cfg, n, next(m.model.parameters()).dtype, map_blocks, kind, m.device,
+                                   max_points).request for m in models)
+
         budget = self.memory_budget(loaded.device)
-        if need.request <= budget:
+        needed = need(n_tokens)
+        if needed <= budget:
             return
-        fits = max_view_tokens(model.cfg, budget, dtype, map_blocks, kind, loaded.device)
+        fits = most_tokens(lambda n: need(n) <= budget, loaded.model.cfg.max_seq_len)
         fix = (f"at most {fits:,} tokens fit: shorten the text" if fits else
                "no text fits: free memory or use a smaller model")
-        raise AppInputError(f"{view}: {n_tokens:,} tokens on {loaded.source.name} need {human_bytes(need.request)} "
-                            f"beyond the weights, {human_bytes(budget)} is available; {fix}")
+        both = f" and {beside.source.name}" if beside is not None else ""
+        raise AppInputError(f"{view}: {n_tokens:,} tokens on {loaded.source.name}{both} need "
+                            f"{human_bytes(needed)} beyond the weights, {human_bytes(budget)} is available; {fix}")
+
+    def topology_budget(self, seconds: float | None = None, cancel: threading.Event | None = None,
+                        **knobs: str | None) -> Budget:
+        """One request's time budget for all its topology work (``seconds``, else the app's limit), with the
+        cancel event Stop sets. Its refusals name the request's controls: ``knobs`` maps ``time_budget``,
+        ``max_points``, ``max_edge``, ``maxdim`` and ``text`` to a control's label, or leaves them out
+        where the tab has no such control (the command line's flags are never named)."""
+        named = {name: knobs.get(name) for name in ("time_budget", "max_points", "maxdim", "max_edge", "text")}
+        return Budget(self.limits.topology_time_budget if seconds is None else seconds, cancel, named)
 
 
 # --- form fields --------------------------------------------------------------------------

@@ -2,17 +2,21 @@
 
 A tab's last result is an :class:`Exportable` kept in the session. ``export`` writes
 ``<export folder>/<tab>-<id>/`` holding ``figures.html`` (all figures, plotly.js inlined, so
-it opens offline), one ``<name>.png`` per figure, and ``numbers.json``. PNG needs plotly's
+it opens offline), one ``<name>.png`` per figure, ``numbers.json`` and, for a tab with tables (Patching),
+one ``<name>.csv`` per table. PNG needs plotly's
 kaleido and a Chromium; without them the HTML and JSON are still written and the message
 says why the PNGs are missing (the camera icon on each figure also saves a PNG).
 
 The export folder is private to one launch (:func:`private_dir`: a fresh name, mode 0700,
 created atomically, so nothing planted beforehand is followed), every file in it is
 readable by its owner only, and :func:`prune` keeps it under a size and an age, oldest first.
+What the page and API clients get names a file under ``exports/`` (:func:`public_path`), never by the
+folder's path; the server maps the name back (:func:`real_path`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -34,6 +38,7 @@ from qtg.plots import save_html
 
 log = logging.getLogger(__name__)
 
+SERVED_AS = "exports"  # the export folder's name in served files' URLs
 PNG_SIZE = (1200, 600)  # width, height of a PNG whose figure sizes itself to the page
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # C0 controls (but tab and newline) and DEL: Chromium drops a figure holding one (a NUL in a token label)
@@ -45,6 +50,7 @@ class Exportable:
     tab: str
     figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly Figure, or a function making one
     numbers: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)  # name -> {"headers": [...], "data": [[...]]}: <name>.csv
 
 
 def private_dir(parent: Path | None = None) -> Path:
@@ -63,6 +69,21 @@ def private_dir(parent: Path | None = None) -> Path:
     if not stat.S_ISDIR(os.lstat(parent).st_mode):
         raise AppInputError(f"export dir {parent} is not a folder")
     return Path(tempfile.mkdtemp(prefix="qtg-explorer-", dir=parent))
+
+
+def public_path(path: str | Path, folder: Path) -> str:
+    """``exports/<path relative to folder>``: how a file in the export folder is named to the page."""
+    return f"{SERVED_AS}/{Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()}"
+
+
+def real_path(public: str, folder: Path) -> Path | None:
+    """The file in ``folder`` that :func:`public_path` named; None for a name that is not one (an empty,
+    ``.`` or ``..`` part: nothing outside the folder is named)."""
+    head, _, rest = public.partition("/")
+    parts = rest.split("/")
+    if head != SERVED_AS or any(p in ("", ".", "..") for p in parts):
+        return None
+    return Path(folder).joinpath(*parts)
 
 
 def prune(folder: Path, max_bytes: int, max_age_s: float, keep: Path | None = None) -> int:
@@ -151,6 +172,15 @@ def write_pngs(figures: list[go.Figure], paths: list[Path]) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+def write_csv(table: dict[str, Any], path: Path) -> Path:
+    """``{"headers", "data"}`` as a CSV file (non-finite numbers as empty cells, as in the JSON's nulls)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(table["headers"])
+        writer.writerows(to_json(table["data"]))
+    return path
+
+
 def _is_png(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
@@ -177,6 +207,7 @@ def export(item: Exportable | None, export_dir: Path, png: bool = True,
     numbers = out / "numbers.json"
     numbers.write_text(json.dumps(to_json(item.numbers), indent=2, allow_nan=False), encoding="utf-8")
     paths.append(numbers)
+    paths += [write_csv(table, out / f"{_safe(name)}.csv") for name, table in item.tables.items()]
     why_not = None
     if png and figures:
         targets = [out / f"{_safe(name)}.png" for name in figures]

@@ -15,11 +15,13 @@ tier that does not fit the device before allocating anything.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from qtg.builder import resolve_device
 from qtg.checkpoint import SHIPPED_DIR, read_config, shipped_models
 from qtg.documents import default_corpus_path, load_documents
 from qtg.errors import QTGError
+from qtg.malloc import release_freed_memory
 from qtg.memory import available_memory, count_params, human_bytes, human_count, memory_estimate
 from qtg.tokenizer import load_tokenizer, train_tokenizer
 
@@ -76,8 +79,12 @@ class Loaded:
 
     @property
     def state_names(self) -> list[str]:
-        """The names of ``out.states``, in order: QEmbed, TopoFilter, block 1, ... (or embedding, block 1, ...)."""
-        return list(self.model.state_names)
+        """The names of ``out.states``, in order: QEmbed, TopoFilter, block 0, ... (or embedding, block 0, ...).
+
+        Blocks are numbered from 0 everywhere in the app, as ``Intervention(ablate_heads={block: heads})`` and
+        the attention maps number them (the library's ``state_names`` count the blocks' outputs from 1)."""
+        names, n_blocks = list(self.model.state_names), self.model.cfg.n_layers
+        return [*names[:len(names) - n_blocks], *(f"block {b}" for b in range(n_blocks))]
 
     @property
     def weight_bytes(self) -> int:
@@ -112,6 +119,35 @@ def fallback_tokenizer(vocab_size: int):
         f"tokenizer: a {vocab_size}-token BPE trained on 3 bundled works at load"
 
 
+def exploration_tier(name: str) -> tuple[Any, Any, str]:
+    """A tier as the app builds it with random weights: (config, tokenizer, note).
+
+    Its vocabulary is its tokenizer's (:func:`fallback_tokenizer`) when the tier's own is larger: 7b's 30,000
+    ids against the shipped tokenizer's 2,048 would make nearly every sampled token one that decodes to nothing
+    (issue 23). The note says so, with both sizes."""
+    cfg = qtg.get_tier(name)
+    tokenizer, note = fallback_tokenizer(cfg.vocab_size)
+    size = tokenizer.get_vocab_size()
+    if size < cfg.vocab_size:
+        note += (f"; vocabulary {size:,}, the tokenizer's (the tier's own {cfg.vocab_size:,} would sample ids "
+                 "that decode to nothing)")
+        cfg = cfg.replace(vocab_size=size)
+    return cfg, tokenizer, note
+
+
+def tokenizer_for(model: Any) -> tuple[Any, str]:
+    """A loaded model's tokenizer and a note: its own, or :func:`fallback_tokenizer`'s; the note says when some of
+    the model's ids have no token there (its weights fix its vocabulary, so it cannot be made to fit)."""
+    if model.tokenizer is not None:
+        return model.tokenizer, ""
+    tokenizer, note = fallback_tokenizer(model.cfg.vocab_size)
+    size = tokenizer.get_vocab_size()
+    if size < model.cfg.vocab_size:
+        note += (f"; only ids below {size:,} of its {model.cfg.vocab_size:,} decode to text (the tokenizer's "
+                 "vocabulary): the others show as nothing")
+    return tokenizer, note
+
+
 def allocated_bytes(device: str) -> int:
     """What this process holds on ``device`` now: CUDA memory allocated by torch, or resident memory on CPU."""
     dev = resolve_device(device)
@@ -127,9 +163,13 @@ def allocated_bytes(device: str) -> int:
 class ModelRegistry:
     """Loaded models keyed by (source key, device), shared by all sessions, LRU-evicted or unloaded."""
 
-    def __init__(self, checkpoint_dirs: tuple[Path, ...] = (), max_models: int = 4):
+    def __init__(self, checkpoint_dirs: tuple[Path, ...] = (), max_models: int = 4,
+                 on_drop: Callable[[str, str], None] | None = None):
+        """``on_drop(key, device)``: called once a model leaves the cache (unloaded or evicted), so what holds
+        it beside the cache (a decoding engine) lets it go too."""
         self.checkpoint_dirs = tuple(Path(p).resolve() for p in checkpoint_dirs)
         self.max_models = max_models
+        self.on_drop = on_drop
         self._models: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
@@ -138,9 +178,7 @@ class ModelRegistry:
 
     def pin(self, name: str, model: Any, device: str) -> Loaded:
         """Serve ``model`` (already loaded, e.g. sharded across ranks) as the only model."""
-        tokenizer, note = model.tokenizer, ""
-        if tokenizer is None:
-            tokenizer, note = fallback_tokenizer(model.cfg.vocab_size)
+        tokenizer, note = tokenizer_for(model)
         src = Source(f"{SHARDED}:{name}", SHARDED, name, _label(SHARDED, name))
         self.pinned = Loaded(src, device, model, tokenizer, note, 0.0)
         return self.pinned
@@ -174,7 +212,7 @@ class ModelRegistry:
         if src.kind == SHARDED and self.pinned is not None:
             return self.pinned.model.cfg
         if src.kind == TIER:
-            return qtg.get_tier(src.name)
+            return exploration_tier(src.name)[0]
         return read_config(SHIPPED_DIR / src.name if src.kind == SHIPPED else Path(src.key.split(":", 1)[1]))
 
     def weights_needed(self, key: str, device: str) -> tuple[int, int]:
@@ -209,23 +247,37 @@ class ModelRegistry:
                 if slot in self._models:
                     return self._models[slot]
             loaded = self._load(src, dev)
+            evicted = []
             with self._lock:
                 self._models[slot] = loaded
                 while len(self._models) > self.max_models:
                     old, _ = self._models.popitem(last=False)
+                    evicted.append(old)
                     log.info("evicted %s on %s (more than %d models loaded)", *old, self.max_models)
                 self._loading.pop(slot, None)
+        for old in evicted:
+            self._dropped(*old)
         return loaded
 
     def unload(self, key: str, device: str) -> bool:
         """Drop ``key``'s weights on ``device`` from the shared cache (a session that asks again reloads them).
         Returns whether they were loaded."""
         self.source(key)
+        dev = str(resolve_device(device))
         with self._lock:
-            gone = self._models.pop((key, str(resolve_device(device))), None)
+            gone = self._models.pop((key, dev), None)
         if gone is not None:
             log.info("unloaded %s on %s", key, device)
+            self._dropped(key, dev)
         return gone is not None
+
+    def _dropped(self, key: str, device: str) -> None:
+        """After a model left the cache: its other holders let go (``on_drop``), then its memory goes back to the
+        system (a heap keeps freed blocks otherwise: the process would stay at its size with the model)."""
+        if self.on_drop is not None:
+            self.on_drop(key, device)
+        gc.collect()
+        release_freed_memory()
 
     def _load(self, src: Source, device: str) -> Loaded:
         t0 = time.perf_counter()
@@ -234,12 +286,12 @@ class ModelRegistry:
         elif src.kind == DIR:  # a checkpoint, a training run's latest, or a sharded run read whole
             model = qtg.load(src.key.split(":", 1)[1], device=device)
         else:  # random weights (model.random_weights); qtg.build refuses a tier that does not fit first
-            model = qtg.build(src.name, device=device, seed=0)
+            cfg, tokenizer, note = exploration_tier(src.name)
+            model = qtg.build(cfg, device=device, seed=0)
         model.eval()
         self.loads += 1
-        tokenizer, note = model.tokenizer, ""
-        if tokenizer is None:
-            tokenizer, note = fallback_tokenizer(model.cfg.vocab_size)
+        if src.kind != TIER:
+            tokenizer, note = tokenizer_for(model)
         log.info("loaded %s on %s in %.2f s", src.key, device, time.perf_counter() - t0)
         return Loaded(src, device, model, tokenizer, note, time.perf_counter() - t0)
 

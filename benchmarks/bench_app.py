@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "ROMEO:"
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds"
+PATCHING = ("The good king and his son rode out to the town at night, and the king and his",  # 21 tokens
+            "replacing a word", "", "son", "daughter", " son", " daughter")
 
 
 def free_port() -> int:
@@ -148,6 +150,7 @@ def main() -> None:
         "compare (nano vs nano-baseline)": lambda: client.predict(TEXT, "shipped:nano", "cpu", "approximate",
                                                                   "shipped:nano-baseline", "cpu", "approximate", -1,
                                                                   api_name="/compare"),
+        "patching (nano + baseline, 21-token pair)": lambda: client.predict(*PATCHING, api_name="/patching"),
         "tiers table": lambda: client.predict("cpu", api_name="/tiers"),
         "load micro (random)": lambda: (client.predict("tier:micro", "cpu", api_name="/load"),
                                         client.predict("shipped:nano", "cpu", api_name="/load")),

@@ -119,7 +119,8 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None 
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V] each
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]: mass of more likely tokens
-        drop_sorted = mass_before >= top_p  # the top token has mass_before 0 < top_p: always kept
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False  # the top token always stays: a top_p under float32's least value compares as 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(dim=-1)

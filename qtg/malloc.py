@@ -1,4 +1,4 @@
-"""Keep freed memory in the process: glibc malloc settings for training steps.
+"""Keep freed memory in the process (glibc malloc settings for training steps), or give it back at once.
 
 A QTG training step allocates and frees many ``[B, H, N, N]`` temporaries of
 several MiB. glibc serves blocks that large with ``mmap`` and returns them with
@@ -17,6 +17,9 @@ The same settings from the shell, for any process (glibc reads them at start-up)
 Blocks above 32 MiB (glibc's largest mmap threshold on 64-bit) would still be
 mapped and unmapped each time; ``M_MMAP_MAX = 0`` (no mmapped blocks at all)
 serves them from the heap as well.
+
+The other way round, :func:`release_freed_memory` returns what was freed to the
+system now (``malloc_trim``): the app calls it once a model is unloaded.
 """
 
 from __future__ import annotations
@@ -36,6 +39,34 @@ TRIM_THRESHOLD_BYTES = 4 * 2**30
 _applied = False
 
 
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory this process has freed back to the system now (glibc ``malloc_trim(0)``).
+
+    Freed blocks below glibc's mmap threshold stay in the heap of the thread's arena that allocated them,
+    and a heap is trimmed only from its top: after a model is dropped, the process would keep its size.
+    ``malloc_trim`` returns every free page of every arena (glibc 2.8+). For after a model is unloaded.
+
+    Returns:
+        True where glibc's ``malloc_trim`` ran (False on macOS, Windows, musl).
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (once; later calls do nothing).
 
@@ -46,12 +77,8 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt takes an int: the trim threshold saturates at 2 GiB - 1 there

@@ -3,7 +3,9 @@
 A *view* is one forward pass kept for inspection (``return_internals=True``):
 the states of every layer, the TopoFilter's scores and, for the blocks named
 in ``map_blocks``, the ``[B, H, N, N]`` attention and Fisher-Rao distance maps;
-or a generation (a decoding cache, no maps). Its memory grows as ``N^2`` per
+a generation (a decoding cache, no maps); or a topology view (the states, then
+exact diagrams of one layer's cloud and the TopoFilter's view of it, while the
+forward's output is held). Its memory grows as ``N^2`` per
 map, so a caller (the web app) estimates it with :func:`view_memory` and
 refuses, or bounds the tokens with :func:`max_view_tokens`, *before* any work
 starts, instead of meeting the allocator's out-of-memory error half-way.
@@ -18,6 +20,7 @@ can show (a row of 90 keys is nearly white on a linear scale).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,7 +31,7 @@ from qtg.memory import count_params, dtype_bytes
 from qtg.model import FLEX_MIN_LEN_CPU
 from qtg.tiers import resolve_config
 
-KINDS = ("internals", "generate")
+KINDS = ("internals", "generate", "topology")
 SCALES = ("linear", "log", "row")
 LOG_FLOOR = 1e-6  # log scale: weights below this are drawn at it (log10 -> -6)
 
@@ -38,6 +41,10 @@ LOG_FLOOR = 1e-6  # log scale: weights below this are drawn at it (log10 -> -6)
 _ATTENTION_TRANSIENTS = 4
 # The TopoFilter's pairwise distances [B, N, N] and the masked logits of its soft-min.
 _TOPO_TRANSIENTS = 3
+# A topology view's float64 copies of the cloud [N, W]: the array read, its distinct rows, the centred points.
+_CLOUD_COPIES = 3
+# ...and of the kept points' [P, P] matrices: the distances, the ranks the float32 engines get, the engine's copy.
+_KEPT_MATRICES = 3
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,11 @@ class ViewMemory:
     maps: int  # the kept attention and distance maps
     working: int  # the largest transient: one block's scores, the TopoFilter's distances or the logits
     cache: int  # the decoding cache (generate only)
+    topology: int = 0  # a topology view: what its exact diagrams and comparison hold beside the states
 
     @property
     def request(self) -> int:
-        return self.states + self.maps + self.working + self.cache
+        return self.states + self.maps + self.working + self.cache + self.topology
 
     @property
     def total(self) -> int:
@@ -80,7 +88,8 @@ def _uses_flex(cfg: QTGConfig, n_tokens: int, device: str) -> bool:
 
 
 def view_memory(tier: str | QTGConfig, n_tokens: int | None = None, dtype: str | torch.dtype = "fp32",
-                map_blocks: int = 1, kind: str = "internals", device: str = "cpu") -> ViewMemory:
+                map_blocks: int = 1, kind: str = "internals", device: str = "cpu",
+                max_points: int = 1024) -> ViewMemory:
     """Bytes one view of ``n_tokens`` tokens needs, before it runs.
 
     Args:
@@ -89,9 +98,12 @@ def view_memory(tier: str | QTGConfig, n_tokens: int | None = None, dtype: str |
         dtype: the weights' dtype; states are kept in it, scores and maps in float32 (float64 for fp64).
         map_blocks: how many blocks keep their ``[H, N, N]`` attention and distance maps
             (``model(..., map_blocks=[...])``); 0 for a view of the states only.
-        kind: ``"internals"`` (one forward with ``return_internals``) or ``"generate"``
-            (a prefill of N tokens into a decoding cache, no states or maps kept).
+        kind: ``"internals"`` (one forward with ``return_internals``), ``"generate"``
+            (a prefill of N tokens into a decoding cache, no states or maps kept) or ``"topology"``
+            (internals, then exact diagrams of one layer's states, at most ``max_points`` of them, and
+            the TopoFilter's view of the same tokens, with the forward's output held meanwhile).
         device: where it runs (picks the attention kernel: the fused one keeps no scores).
+        max_points: a topology view's point limit P.
 
     Returns:
         :class:`ViewMemory`. With ``H`` heads, ``W = 2d`` and float bytes ``f``::
@@ -99,6 +111,10 @@ def view_memory(tier: str | QTGConfig, n_tokens: int | None = None, dtype: str |
             states  = (layers + inputs) N W b          maps = map_blocks * 2 H N^2 f
             working = max(4 H N^2 f [matmul path], 3 N^2 f [TopoFilter], 2 N V f [logits],
                           (14 W + 3 h) N b [a block's activations])
+            topology = N V f [the logits, held] + 3 N W 8 [float64 copies of the cloud]
+                       + 3 N^2 8 [the TopoFilter's view, float64] + 3 P^2 8 [the kept points' matrices]
+
+        The Rips engine's own complex lives in a child process and is not counted.
     """
     cfg = resolve_config(tier)
     if kind not in KINDS:
@@ -109,7 +125,7 @@ def view_memory(tier: str | QTGConfig, n_tokens: int | None = None, dtype: str |
     b = dtype_bytes(dtype)
     f = 8 if b == 8 else 4
     qtg = cfg.arch == "qtg"
-    internals = kind == "internals"
+    internals = kind in ("internals", "topology")
     square = n * n * f
     scores = 0 if _uses_flex(cfg, n, device) else _ATTENTION_TRANSIENTS * cfg.n_heads * square
     maps_kept = min(map_blocks, cfg.n_layers) if internals else 0
@@ -124,17 +140,32 @@ def view_memory(tier: str | QTGConfig, n_tokens: int | None = None, dtype: str |
         maps=maps_kept * 2 * cfg.n_heads * square,
         working=working,
         cache=0 if internals else n * (cfg.d_model * cfg.n_layers * (f + b) + cfg.width * b),
+        topology=_topology_bytes(cfg, n, max_points, f) if kind == "topology" else 0,
     )
 
 
+def _topology_bytes(cfg: QTGConfig, n: int, max_points: int, f: int) -> int:
+    """What a topology view holds beside the states (see :func:`view_memory`)."""
+    kept = min(n, max_points)
+    return n * cfg.vocab_size * f + 8 * (_CLOUD_COPIES * n * cfg.width + _TOPO_TRANSIENTS * n * n
+                                         + _KEPT_MATRICES * kept * kept)
+
+
 def max_view_tokens(tier: str | QTGConfig, budget: int, dtype: str | torch.dtype = "fp32", map_blocks: int = 1,
-                    kind: str = "internals", device: str = "cpu") -> int:
+                    kind: str = "internals", device: str = "cpu", max_points: int = 1024) -> int:
     """The largest N (up to the context) whose view's ``request`` fits ``budget`` bytes; 0 if none does."""
     cfg = resolve_config(tier)
-    lo, hi = 0, cfg.max_seq_len
-    while lo < hi:  # the request grows with N (every term is non-decreasing in N)
+    return most_tokens(lambda n: view_memory(cfg, n, dtype, map_blocks, kind, device, max_points).request <= budget,
+                       cfg.max_seq_len)
+
+
+def most_tokens(fits: Callable[[int], bool], context: int) -> int:
+    """The largest N in 0..``context`` for which ``fits(N)`` holds, for a ``fits`` true up to some N and false
+    beyond (a request's memory grows with N); 0 if none does. Bisection: log2(context) calls."""
+    lo, hi = 0, context
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if view_memory(cfg, mid, dtype, map_blocks, kind, device).request <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1

@@ -1,7 +1,8 @@
 """The app in a real headless browser (Playwright driving Debian's Chromium) against ``python -m app``
 started as a user starts it: the first page, each tab's main action, plots that fit their panels with
-their legends in view, tables that neither clip nor break words, Stop, control ranges that follow the
-loaded model, no console errors, and a server log of one line per refusal.
+their legends in view, tables that neither clip nor break words, Stop (and Stop after a run, which leaves
+it), control ranges that follow the loaded model and the prompt, exported files' links that name no server
+path, no console errors, and a server log of one line per refusal.
 
 Chromium: ``make browser`` (or ``apt-get install chromium``). With ``CI=true`` these tests must run and
 fail when Chromium is missing; elsewhere they skip with that instruction. Screenshots go to a temporary
@@ -50,6 +51,37 @@ def test_generate_streams_into_the_page(page, shots):
     page.screenshot(path=str(shots / "generate.png"), full_page=True)
 
 
+def test_stop_after_a_run_has_finished_leaves_its_status(page):
+    """The run above is done: Stop has nothing to stop, and its status stays (the Stop event's answer is awaited,
+    then the page's next frame)."""
+    done = page.inner_text("#generate-stats")
+    assert done.startswith("done: ")
+    with page.expect_response(lambda r: r.url.endswith("/gradio_api/run/predict")):
+        page.click("#stop-btn")
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    assert page.inner_text("#generate-stats") == done
+
+
+def _token_count(text: str) -> int:
+    from qtg.checkpoint import SHIPPED_DIR
+    from qtg.tokenizer import encode, load_tokenizer
+
+    return len(encode(load_tokenizer(SHIPPED_DIR / "nano" / "tokenizer.json"), text))
+
+
+def test_max_new_tokens_follows_the_prompt(page):
+    """The slider offers nano's context less the prompt's tokens, as the prompt is typed; a value beyond that
+    comes down to it."""
+    tab(page, "Generate")
+    page.fill("#prompt textarea", "ROMEO: " * 40)
+    room = 256 - _token_count("ROMEO: " * 40)
+    page.wait_for_function(f"document.querySelector('#max-new input[type=range]')?.max === '{room}'", timeout=30_000)
+    assert int(page.input_value("#max-new input[type=number]")) <= room
+    page.fill("#prompt textarea", "JULIET:")
+    room = 256 - _token_count("JULIET:")
+    page.wait_for_function(f"document.querySelector('#max-new input[type=range]')?.max === '{room}'", timeout=30_000)
+
+
 def test_topology_tab(page, shots):
     tab(page, "Topology")
     page.click("#topology-btn")
@@ -66,6 +98,8 @@ def test_export_in_the_page_names_no_server_path(page):
     page.click("#export-topology")
     page.get_by_text("Wrote ").first.wait_for(timeout=90_000)
     assert "/tmp" not in page.inner_text("body") and "qtg-explorer-" not in page.inner_text("body")
+    links = page.eval_on_selector_all("a[href*='/gradio_api/file=']", "as => as.map(a => a.href)")
+    assert links and all("/gradio_api/file=exports/topology-" in h and "qtg-explorer-" not in h for h in links), links
 
 
 def test_attention_tab(page, shots):
@@ -79,7 +113,7 @@ def test_attention_tab(page, shots):
 
 def test_attention_topology_panel(page, shots):
     """The attention-graph diagrams (QTG and baseline, one row per head) draw and fit their panel; the
-    features table fills."""
+    features table fills, fits its panel (nothing in it scrolls sideways) and breaks no header inside a word."""
     tab(page, "Attention")
     page.click("#attention-topology-btn")
     plot_rendered(page, "attention-topology")
@@ -87,6 +121,10 @@ def test_attention_topology_panel(page, shots):
                            timeout=90_000)
     assert page.locator("#attention-topology .subplot").count() >= 2  # QTG and baseline side by side
     fits(page, "attention-topology")
+    assert page.evaluate(SPLIT_WORDS_JS, "#attention-topology-features th") == []  # no header broken in a word
+    wide = page.evaluate("[...document.querySelectorAll('#attention-topology-features *')]"
+                         ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className)")
+    assert wide == []  # nothing in the table scrolls sideways: it fits its panel
     page.locator("#attention-topology").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "attention_topology.png"), full_page=True)
 
@@ -138,6 +176,9 @@ def _load(page, label: str, expect: str) -> None:
 
 
 def test_control_ranges_follow_the_loaded_model(page):
+    """With an empty prompt (one token's room taken), max new tokens offers the context less one."""
+    tab(page, "Generate")
+    page.fill("#prompt textarea", "")
     _load(page, "micro tier (random weights)", "micro tier")
     tab(page, "Generate")
     page.wait_for_function("document.querySelector('#max-new input[type=range]')?.max === '127'", timeout=30_000)

@@ -28,6 +28,7 @@ from app.config import AppConfig, Limits  # noqa: E402
 from app.core import Explorer, Session, as_int  # noqa: E402
 from app.errors import user_facing  # noqa: E402
 from app.exports import Exportable, export, private_dir, prune  # noqa: E402
+from app.models import exploration_tier  # noqa: E402
 from app.server import control_ranges  # noqa: E402
 from app.tabs import attention, compare, generate, tiers, topology  # noqa: E402
 from qtg.generate import generate as generate_ids  # noqa: E402
@@ -132,7 +133,6 @@ def test_tiny_temperatures_are_greedy_not_a_crash(ex, nano, temperature):
 @pytest.mark.parametrize("args, message", [
     (("", 10, 0.8, 0, 1, -1), "^prompt: empty"),
     (("x" * 4001, 10, 0.8, 0, 1, -1), "^prompt: 4,001 characters is above the maximum 4,000$"),
-    ((PROMPT, 1_000_000_000, 0.8, 0, 1, -1), "^max new tokens: 1000000000 is above the maximum 255$"),
     ((PROMPT, 0, 0.8, 0, 1, -1), "^max new tokens: 0 is below the minimum 1$"),
     ((PROMPT, 10, -1, 0, 1, -1), "^temperature: -1 is below the minimum 0$"),
     ((PROMPT, 10, float("nan"), 0, 1, -1), "^temperature: expected a finite number"),
@@ -144,7 +144,6 @@ def test_tiny_temperatures_are_greedy_not_a_crash(ex, nano, temperature):
     (("word " * 300, 10, 0.8, 0, 1, -1), r"^prompt: [\d,]+ tokens \(1,500 characters\) is above the 256 "
                                          r"tokens nano reads at once \(its context\); here that is the first "
                                          r"[\d,]+ characters"),
-    (("word " * 200, 100, 0.8, 0, 1, -1), "max_seq_len of nano \\(256\\)"),
     ((PROMPT, 10, 0.8, 0, 1, -1, 4), "^strip block: 4 is above the maximum 3$"),
     ((PROMPT, 10, 0.8, 0, 1, -1, -2), "^strip block: -2 is below the minimum -1$"),
 ])
@@ -153,6 +152,26 @@ def test_generate_bad_input_is_one_line_naming_the_field(ex, args, message):
         list(user_facing(generate.generate)(ex, None, *args))
     assert re.search(message, err.value.message), err.value.message
     assert "\n" not in err.value.message and "Value " not in err.value.message
+
+
+def test_max_new_tokens_is_bounded_by_the_room_the_prompt_leaves(ex, nano):
+    """The context less the prompt's tokens: the handler's bound, the slider's maximum as the prompt changes, and
+    the maximum after a model loads; a prompt that fills the context is refused as the prompt."""
+    context = nano.model.cfg.max_seq_len
+    for prompt in (PROMPT, "ROMEO: " * 40):
+        room = context - len(encode(nano.tokenizer, prompt))
+        with pytest.raises(qtg.QTGError, match=f"^max new tokens: {room + 1} is above the maximum {room}$"):
+            list(generate.generate(ex, None, prompt, room + 1, 0, 0, 1, -1))
+        kept = gr.update(maximum=room) if room >= 80 else gr.update(maximum=room, value=room)
+        assert generate.room_for(ex, None, prompt, 80) == kept
+        assert generate.room_for(ex, None, prompt, 10_000)["value"] == room  # a value beyond the room: the room
+        assert control_ranges(ex, None, prompt)[1]["maximum"] == room
+    assert generate.room_for(ex, None, "", 80) == gr.update(maximum=context - 1)  # nothing typed: one token
+    full = " ".join(f"w{i}" for i in range(400))
+    fills = decode(nano.tokenizer, encode(nano.tokenizer, full)[:context])
+    assert len(encode(nano.tokenizer, fills)) == context
+    with pytest.raises(qtg.QTGError, match=f"^prompt: {context} tokens fill the {context}-token context of nano"):
+        list(generate.generate(ex, None, fills, 1, 0, 0, 1, -1))
 
 
 def test_internal_errors_are_reported_not_raised_raw():
@@ -195,9 +214,17 @@ def test_the_strip_is_the_prompt_distance_of_the_final_map(ex, nano, block):
 
 
 def test_after_stop_the_status_says_stopped_with_the_count(ex):
-    payload = _last(generate.generate(ex, None, PROMPT, 7, 0, 0, 1, -1))[1][5]
-    assert generate.stopped(payload).startswith("stopped after 7 new tokens")
-    assert generate.stopped(None).startswith("stopped after 0 new tokens")
+    """Stop during a run: the count of the last update sent. Stop after it, or once the server has finished it
+    (its "done" update on its way), or with no run: the status is left as it is."""
+    updates = [out[5] for out in generate.generate(ex, None, PROMPT, 7, 0, 0, 1, -1)]
+    midway, final = updates[-2], updates[-1]
+    n = len(midway.numbers["token_ids"])
+    assert 0 < n < 7 and not midway.numbers["done"] and final.numbers["done"]
+    assert generate.stopped(midway, "generating: 1 new tokens").startswith(f"stopped after {n} new tokens")
+    assert generate.stopped(None, "generating: 0 new tokens").startswith("stopped after 0 new tokens")
+    assert generate.stopped(final, "generating: 6 new tokens") == gr.skip()
+    for status in ("done: 7 new tokens · first token 9 ms", "stopped after 7 new tokens", "", None):  # no run under way
+        assert generate.stopped(midway, status) == gr.skip()
 
 
 # --- topology ----------------------------------------------------------------------------
@@ -227,7 +254,7 @@ def test_topology_states_the_bounds_it_applied(ex):
     assert "20 of" in bounds and "farthest-point sampling" in bounds
     assert "max_edge = 0.5" in bounds
     assert payload.numbers["exact"]["ripser"]["bounds"]["points_kept"] == 20
-    assert payload.numbers["layer_name"] == "block 2"  # the model's own state names
+    assert payload.numbers["layer_name"] == "block 1"  # blocks from 0: layer 3 is block 1's output
 
 
 def test_the_text_or_the_last_generation(ex):
@@ -384,7 +411,7 @@ def test_long_maps_keep_labels_and_offer_log_and_row_scales(ex, nano):
     assert fig.layout.coloraxis.cmin == -6 and "log10 a_ij" in fig.data[0].hovertemplate
     row = np.asarray(attention.attention(ex, None, text, 1, 0, 1, "row")[0].data[0].z, dtype=float)
     assert np.allclose(np.nanmax(row, axis=1), 1.0)  # each query's strongest key is 1
-    with pytest.raises(qtg.QTGError, match="^scale: 'cubic' is not one of"):
+    with pytest.raises(qtg.QTGError, match="^colour scale: 'cubic' is not one of"):
         attention.attention(ex, None, text, 1, 0, 1, "cubic")
 
 
@@ -408,8 +435,11 @@ def test_attention_topology_is_the_librarys_attention_graph(ex, nano):
             assert got["betti0"] == want["betti0"] and got["betti1"] == want["betti1"]
             assert got["features"] == pytest.approx(want["features"], abs=1e-9)
             assert got["diagrams"]["dgms"] == want["diagrams"]["dgms"]
-    assert [r[:2] for r in table["data"]] == [[n, h] for n in expected for h in heads]
-    assert table["data"][1][2:] == pytest.approx(list(expected["QTG (nano)"][1].features().values()), abs=1e-4)
+    keys = list(expected["QTG (nano)"][0].features())  # a row per feature and model, a column per head
+    assert table["headers"] == ["feature", "model", *[f"head {h}" for h in heads]]
+    assert [r[:2] for r in table["data"]] == [[k, n] for k in keys for n in expected]
+    for row in table["data"]:
+        assert row[2:] == pytest.approx([g.features()[row[0]] for g in expected[row[1]]], abs=1e-4)
     # panel (head 1, baseline): its H1 points are the library's H1 diagram
     h1 = [t for t in fig.data if t.name == "H1"][2 * 1 + 1]
     want_h1 = expected["baseline (nano-baseline)"][1].diagrams.dgms[1]
@@ -509,7 +539,7 @@ def test_loading_shows_the_memory_it_takes_and_real_progress(ex, monkeypatch):
     monkeypatch.setattr(tiers, "POLL_S", 0.01)
     seen = []
     outs = list(tiers.load_model(ex, None, "tier:base", "cpu", progress=lambda f, desc: seen.append((f, desc))))
-    need = qtg.memory_estimate("base", "fp32", "inference").weights
+    need = qtg.memory_estimate(exploration_tier("base")[0], "fp32", "inference").weights  # its tokenizer's vocabulary
     assert outs[0][0].startswith(f"Loading **base tier (random weights)** on cpu: its weights take "
                                  f"{qtg.memory.human_bytes(need)}")
     assert seen and all(0 <= f < 1 for f, _ in seen) and seen[-1][0] > 0  # the bytes the load has allocated
@@ -547,7 +577,8 @@ def test_every_control_range_follows_the_loaded_model(ex, micro_session):
     assert maxima["nano"] == [255, 3, 5, 3, 3, 2]  # max new tokens, strip block, layer, block, head, heads page
     assert maxima["micro"] == [127, 1, 3, 1, 3, 2]
     assert ranges["micro"][-1]["visible"] is False
-    with pytest.raises(qtg.QTGError, match="^max new tokens: 200 is above the maximum 127$"):
+    room = 128 - len(encode(ex.current(micro_session).tokenizer, PROMPT))  # micro's context less the prompt
+    with pytest.raises(qtg.QTGError, match=f"^max new tokens: 200 is above the maximum {room}$"):
         list(generate.generate(ex, micro_session, PROMPT, 200, 0, 0, 1, -1))
 
 

@@ -269,3 +269,16 @@ def test_bad_requests_are_refused_at_submit(prompts):
     with pytest.raises(GenerationError, match="logprobs"):
         engine.submit(prompts[0], 4, logprobs=-1)
     assert engine.idle
+
+
+def test_close_when_idle_lets_running_requests_finish_then_ends_the_thread(prompts):
+    """What the app calls when a model is unloaded: the loop's thread holds the model until it ends."""
+    model = qtg.build(qtg.get_tier("micro").replace(init_std=0.3), seed=0).eval()
+    engine = Engine(model)
+    req = engine.submit(prompts[1], NEW[1], temperature=0)
+    engine.close_when_idle()
+    assert req.tokens() == alone(model, prompts[1], NEW[1], temperature=0) and req.finish == "length"
+    engine._thread.join(timeout=30)
+    assert not engine._thread.is_alive()
+    with pytest.raises(GenerationError, match="closed"):
+        engine.submit(prompts[0], 4)

@@ -6,6 +6,9 @@ Imports inside functions count too: a function-level import that closes a cycle 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +206,25 @@ def test_cycle_detector_passes_a_layered_package(tmp_path):
     (pkg / "a.py").write_text("x = 1\n")
     (pkg / "b.py").write_text("from .a import x\n\ndef f():\n    import pkg.a\n")
     assert find_cycles(import_graph(pkg)) == []
+
+
+def distribution(requirement: str) -> str:
+    """``"fastapi>=0.110"`` -> ``fastapi``; names compared as pip does (case, ``_`` and ``.`` as ``-``)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", requirement).group()).lower()
+
+
+def test_the_api_declares_what_it_imports():
+    """The OpenAI-compatible API (qtg/serve, ``qtg serve``) imports fastapi, starlette, pydantic and uvicorn:
+    the app extra that serves it declares each (they used to arrive only through gradio)."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {distribution(r) for r in project["dependencies"] + project["optional-dependencies"]["app"]}
+    providers = importlib.metadata.packages_distributions()
+    missing = set()
+    for path in [*sorted((PACKAGE / "serve").glob("*.py")), PACKAGE / "cli" / "serve.py"]:
+        for module, _ in imported_names(ast.parse(path.read_text()), module_name(path), path.name == "__init__.py"):
+            top = module.split(".")[0]
+            if top != "qtg" and top not in sys.stdlib_module_names:
+                if not {distribution(d) for d in providers.get(top, [top])} & declared:
+                    missing.add(top)
+    assert not missing, f"imported by the API, not declared by the app extra: {sorted(missing)}"

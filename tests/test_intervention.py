@@ -10,7 +10,7 @@ import torch
 
 import qtg
 from qtg.generate import generate
-from qtg.intervention import Intervention, InterventionError
+from qtg.intervention import VALUE_LIMIT, Intervention, InterventionError
 from qtg.model import QTGCache
 
 GAMMAS = {1: torch.tensor([0.5, 1.0, 2.0, 4.0])}
@@ -239,3 +239,30 @@ def test_the_text_form_reads_what_the_cli_passes():
     for typo in ("ablate=0;1", "ablate=0:"):  # a block with no heads is refused, not read as "ablate nothing"
         with pytest.raises(InterventionError, match="expected block:head"):
             Intervention.parse(typo)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ("gamma=1e300", "gamma"), ("gamma=3e38", "gamma"), ("gamma=1e30,gamma_scale=1e30", "gamma"),
+    ("gamma_scale=1e300", "gamma_scale"), ("tau=1e-300", "tau"), ("temperature=1e-300", "temperature"),
+    ("temperature=1e300", "temperature"), ("theta=-1e300", "theta"),
+])
+def test_values_that_would_overflow_float32_are_refused_by_name(spec, field):
+    """gamma = 1e300 overflowed float32; gamma = 3e38, gamma_scale = 1e300, tau = 1e-300 and T = 1e-300 or
+    1e300 gave inf/nan logits (the OpenAI API answered them 500)."""
+    with pytest.raises(InterventionError, match=f"^{field} must be"):
+        Intervention.parse(spec)
+
+
+def test_at_the_value_limits_the_forward_pass_stays_finite(alibi, ids):
+    heads = alibi.cfg.n_heads
+    with pytest.raises(InterventionError, match=r"gamma\[1\] must be 4 finite values in \[0, 1e\+29\]"):
+        alibi(ids, intervene=Intervention(gamma={1: torch.full((heads,), VALUE_LIMIT)}, gamma_scale=10.0))
+    limits = [Intervention(gamma=VALUE_LIMIT), Intervention(gamma=1.0, gamma_scale=VALUE_LIMIT),
+              Intervention(gamma={1: torch.full((heads,), VALUE_LIMIT)}),
+              Intervention(theta=-VALUE_LIMIT, tau=1 / VALUE_LIMIT, temperature=1 / VALUE_LIMIT),
+              Intervention(topo="exact", theta=VALUE_LIMIT, tau=VALUE_LIMIT, temperature=VALUE_LIMIT)]
+    with torch.no_grad():
+        for edit in limits:
+            out = alibi(ids, intervene=edit, return_internals=True)
+            assert bool(torch.isfinite(out.logits).all()), edit.name
+            assert all(bool(torch.isfinite(t).all()) for t in (out.topo_scores, out.topo_weights)), edit.name

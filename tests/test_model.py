@@ -226,7 +226,7 @@ def test_flex_compiles_once_and_reads_gamma_at_run_time(micro_cfg, micro_flex, i
 
 
 def test_flex_training_on_cpu_falls_back_to_reference_and_says_so(micro_cfg, ids, caplog, monkeypatch):
-    monkeypatch.setattr(qtg.model, "_warned_flex_fallback", set())
+    qtg.model._say_flex_falls_back.cache_clear()
     model = qtg.build(micro_cfg.replace(attn_impl="flex"), seed=0)
     with caplog.at_level("WARNING", logger="qtg"):
         out = model(ids, targets=ids.roll(-1, 1), return_internals=True)

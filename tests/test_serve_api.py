@@ -4,14 +4,19 @@ With the official ``openai`` client: models, plain and streamed completions, cha
 parameter. With plain HTTP: 413, server-sent events ending with ``[DONE]``, streamed text equal to the
 plain completion and to the library's tokens, the TopoFilter extension equal to the model's own
 scores, a disconnect cancelling its row, the server serving on after every error, 127.0.0.1 by default.
+Bounded work (issue 23): stop strings bounded, their hold-back linear and off the event loop; client
+errors (lone surrogates, overflowing interventions, a deeply nested body) 400s naming the field with no
+traceback logged; the request bodies documented field by field in /openapi.json (the fuzz from that
+schema is tests/test_serve_fuzz.py).
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import logging
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -20,52 +25,16 @@ import torch
 pytest.importorskip("fastapi", reason="the app extra is not installed: pip install -e '.[app]'")
 openai = pytest.importorskip("openai", reason="the test extra is not installed: pip install -e '.[test]'")
 
-import uvicorn  # noqa: E402
-
-import qtg  # noqa: E402
 from qtg.cli import build_parser  # noqa: E402
 from qtg.generate import generate  # noqa: E402
-from qtg.serve.api import MAX_BODY, create_api  # noqa: E402
-from qtg.serve.engine import Engine  # noqa: E402
-from qtg.serve.params import Served  # noqa: E402
+from qtg.serve.api import MAX_BODY  # noqa: E402
+from qtg.serve.schemas import MAX_STOP_CHARS, MAX_STOPS, ChatRequest, CompletionRequest  # noqa: E402
 from qtg.serve.text import TextStream, chat_prompt  # noqa: E402
 from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
+from tests.serve_fixtures import model_fixture, server_fixture  # noqa: E402, F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "First Citizen: Before we"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    """micro with a BPE tokenizer; init_std 0.3 weights so that sampled and greedy text varies."""
-    m = qtg.load(tiny_checkpoint).eval()
-    lively = qtg.build(m.cfg.replace(init_std=0.3), seed=0).eval()
-    lively.tokenizer = m.tokenizer
-    return lively
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    engine = Engine(model)
-    app = create_api({"micro": Served("micro", engine, model.tokenizer)})
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +177,154 @@ def test_text_stream_holds_back_a_partial_stop_string(model):
 def test_serve_binds_to_localhost_by_default():
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.func.__module__ == "qtg.cli.serve"
+
+
+# --- bounded work (issue 23) ---------------------------------------------------------------------------
+
+
+def raw(body: dict) -> bytes:
+    """JSON as a client may send it: ``\\ud800`` escapes included (httpx's ``json=`` cannot encode them)."""
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("stop", ["x" * (MAX_STOP_CHARS + 1), ["x" * 250_000 + str(i) for i in range(4)]],
+                         ids=["one-too-long", "four-of-250000"])
+def test_stop_strings_are_bounded(server, stop):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "stop": stop, "stream": True},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    assert r.json()["error"]["message"].startswith("stop") and str(MAX_STOP_CHARS) in r.json()["error"]["message"]
+
+
+@pytest.mark.timeout(60)  # a hang guard: trying each prefix of the stop string (the old way) takes minutes
+def test_the_hold_back_is_linear_in_the_stop_string(model):
+    tok = model.tokenizer
+    stop = "me " + "q" * 1_000_000
+    ts, shown, held = TextStream(tok, stop=[stop]), "", []
+    for i in encode(tok, "hear me speak"):
+        shown += ts.add(i)
+        text = decode(tok, ts.ids)
+        held.append(max((k for k in range(1, len(text) + 1) if text.endswith(stop[:k])), default=0))
+        assert shown == text[:len(text) - held[-1]]  # all but the tail that may still become the stop string
+    assert max(held) == len("me ") - 1 and shown + ts.flush() == "hear me speak" and not ts.stopped
+
+
+def test_the_hold_back_runs_off_the_event_loop(server, monkeypatch):
+    """While one request's streamed text is held back, the server answers others: the hold-back, which
+    grows with the stop strings, runs in a worker thread (it kept every client waiting on the event loop)."""
+    url, _ = server
+    entered, release = threading.Event(), threading.Event()
+    add = TextStream.add
+
+    def stuck_add(self, token):
+        entered.set()
+        release.wait(60)
+        return add(self, token)
+
+    monkeypatch.setattr(TextStream, "add", stuck_add)
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": "zz"}, timeout=120)))
+    slow.start()
+    try:
+        assert entered.wait(30), "the request never reached its hold-back"
+        assert httpx.get(f"{url}/v1/models", timeout=20).status_code == 200  # the old loop: stuck until release
+    finally:
+        release.set()
+        slow.join(120)
+    assert answers and answers[0].status_code == 200
+
+
+@contextmanager
+def tracebacks():
+    """The log records carrying a traceback, from every logger a server writes to (uvicorn's do not propagate)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "qtg")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    records[:] = [r for r in records if r.exc_info]
+
+
+CLIENT_ERRORS = [  # (route, body, the field its 400 names): each was a 500, or a 200 streaming an error event
+    ("completions", raw({"prompt": "\ud800", "max_tokens": 2}), "prompt"),
+    ("chat/completions", raw({"messages": [{"role": "user", "content": "Speak \ud800"}], "max_tokens": 2}),
+     "messages"),
+    ("completions", b"[" * 100_000, "body"),
+    ("completions", raw({"prompt": PROMPT, "max_tokens": 2, "n": True}), "n"),
+    *[("completions", raw({"prompt": PROMPT, "max_tokens": 2, "intervene": spec, "stream": stream}), "intervene")
+      for spec in ("gamma=1e300", "gamma=3e38", "gamma_scale=1e300", "tau=1e-300", "temperature=1e-300")
+      for stream in (False, True)],
+]
+
+
+@pytest.mark.parametrize("route, body, param", CLIENT_ERRORS,
+                         ids=["surrogate-prompt", "surrogate-content", "nested-100000", "n-true",
+                              *[f"{spec}{'-streamed' if stream else ''}" for spec in
+                                ("gamma=1e300", "gamma=3e38", "gamma_scale=1e300", "tau=1e-300", "temperature=1e-300")
+                                for stream in (False, True)]])
+def test_a_client_error_is_a_400_naming_its_field_and_logs_no_traceback(server, route, body, param):
+    url, _ = server
+    with tracebacks() as logged, httpx.Client(timeout=60) as http:
+        r = http.post(f"{url}/v1/{route}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == (param, 400, "invalid_request_error")
+        assert error["message"].startswith(param)
+        assert b"\\ud800" not in body or "lone surrogate (U+D800)" in error["message"], error["message"]
+        assert r.headers.get("connection") != "close" and http.get(f"{url}/v1/models").status_code == 200
+    assert not logged, [r.getMessage() for r in logged]
+
+
+def test_a_prompt_over_the_context_is_named_as_the_prompt(server, model):
+    url, _ = server
+    context = model.cfg.max_seq_len
+    too_long = " ".join(["speak"] * context)
+
+    def error(route: str, body: dict) -> dict:
+        r = httpx.post(f"{url}/v1/{route}", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    assert error("completions", {"prompt": too_long})["param"] == "prompt"
+    assert error("chat/completions", {"messages": [{"role": "user", "content": too_long}]})["param"] == "messages"
+    nearly = [5] * (context - 8)  # leaves room for 8 new tokens: fewer than the default max_tokens of 16
+    assert error("completions", {"prompt": nearly})["param"] == "prompt"
+    assert error("completions", {"prompt": nearly, "max_tokens": 9})["param"] == "max_tokens"  # the client's own
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": nearly, "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= context
+
+
+def schema_values(schema: object, key: str) -> set:
+    """Every value of ``key`` anywhere inside a JSON schema (through anyOf, oneOf, items)."""
+    if isinstance(schema, dict):
+        return {v for k, v in schema.items() if k == key} | {x for v in schema.values() for x in schema_values(v, key)}
+    if isinstance(schema, list):
+        return {x for v in schema for x in schema_values(v, key)}
+    return set()
+
+
+def test_openapi_documents_every_field_and_its_limits(server):
+    url, _ = server
+    schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    models = schema["components"]["schemas"]
+    for route, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatRequest)):
+        operation = schema["paths"][route]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(model.__name__)
+        assert "422" not in operation["responses"] and "400" in operation["responses"]  # answered in OpenAI's form
+        doc = models[model.__name__]
+        assert set(doc["properties"]) == set(model.model_fields) and doc["additionalProperties"] is False
+        assert all(field.get("description") for field in doc["properties"].values())
+    fields = models["CompletionRequest"]["properties"]
+    assert schema_values(fields["temperature"], "maximum") == {2} and schema_values(fields["top_p"], "maximum") == {1}
+    assert schema_values(fields["stop"], "maxItems") == {MAX_STOPS}
+    assert schema_values(fields["stop"], "maxLength") == {MAX_STOP_CHARS}
+    assert schema_values(fields["n"], "maximum") == {1} and schema_values(fields["logprobs"], "maximum") == {5}
+    assert models["ChatRequest"]["properties"]["top_logprobs"]["anyOf"][0]["maximum"] == 20

@@ -17,6 +17,7 @@ import pytest
 import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import minimum_spanning_tree
+from scipy.stats import spearmanr
 
 from qtg import topology
 from qtg.errors import TopologyError
@@ -222,7 +223,7 @@ def test_point_limit_reports_what_it_kept_and_a_valid_error_bound(how):
 def test_time_budget_stops_the_work_and_names_the_knob(backend):
     x = unit_vectors(300, 128, seed=5)  # H2 of 300 unstructured points: minutes of work
     start = time.monotonic()
-    with pytest.raises(TopologyError, match=r"exceeded time_budget=0\.5 s.*raise time_budget.*max_points.*max_edge"):
+    with pytest.raises(TopologyError, match=r"time budget of 0\.5 s.*raise time_budget.*max_points.*max_edge"):
         topology.exact_diagrams(x, maxdim=2, backend=backend, time_budget=0.5)
     assert time.monotonic() - start < 5
     assert not mp.active_children(), "the worker process must be gone"
@@ -356,6 +357,11 @@ def test_compare_reports_everything_as_json(micro, micro_internals):
     assert c.softmin_bound_holds and c.n_tokens == 100 and c.h1_bars == len(exact.dgms[1]) > 0
     assert 0 < c.bottleneck_h0 <= c.wasserstein1_h0
     assert -1 <= c.spearman_filter_vs_elder <= 1 and c.negative_soft > 0  # repeats sit at s = 0, s~ < 0
+    # ranks on the distinct tokens leave out the repeats, which all tie at s = p = 0
+    first = [i for i in range(1, 100) if view.exact[i] > 0]
+    assert 0 < c.distinct_tokens == len(first) < 99
+    assert c.spearman_filter_vs_elder_distinct == pytest.approx(spearmanr(view.soft[first], c.elder[first]).statistic)
+    assert c.spearman_filter_vs_elder_distinct != pytest.approx(c.spearman_filter_vs_elder)
     lists = c.down_weighted_and_persistent + c.down_weighted_not_persistent + c.persistent_not_down_weighted
     assert 0 not in lists  # token 0 has no score
     down = set(np.flatnonzero(view.weights[1:] < 1) + 1)
@@ -412,6 +418,8 @@ def test_cli_topo_json_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert layer1["exact"]["backend"] == f"mst+{AUTO_RIPS_ENGINE}" and layer1["exact"]["bounds"]["exact"]
     assert layer1["exact"]["dgms"][0][-1][1] is None  # the infinite H0 bar
     assert len(layer1["view"]["tokens"]) == d["tokens"] and "ce_exact" in d["exact_mode"]
+    c = layer1["comparison"]  # the rank correlation on the distinct tokens, beside the one with the tied repeats
+    assert 0 < c["distinct_tokens"] < d["tokens"] - 1 and -1 <= c["spearman_filter_vs_elder_distinct"] <= 1
     assert page.exists() and "src=\"http" not in page.read_text()
 
 
@@ -425,3 +433,21 @@ def test_equal_diagrams_are_at_bottleneck_zero_exactly():
     a = np.array([[0.0, 1.5], [0.2, 0.9], [0.3, 0.31], [0.0, np.inf]])
     assert topology.bottleneck(a, a[::-1].copy()) == 0.0
     assert topology.bottleneck(a, a + [0.0, 1e-3]) == pytest.approx(1e-3)  # a real difference still shows
+
+
+def test_recomputing_near_pairs_holds_memory_bounded_by_bytes_not_pairs():
+    """Near pairs are recomputed from their differences in chunks. A chunk of 65,536 pairs of 6,144-wide 7b
+    states once took 3 GiB per array (a /topology request on 7b peaked 7 GiB above its model)."""
+    import tracemalloc
+
+    two = np.random.default_rng(0).standard_normal((2, 256))
+    x = np.repeat(two, 200, axis=0)  # repeated tokens: 79,600 pairs at distance 0 are near, to redo
+    tracemalloc.start()
+    try:
+        d = topology.euclidean_distances(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    far = np.linalg.norm(two[0] - two[1])
+    assert np.array_equal(d, np.where(np.equal.outer(np.arange(400) // 200, np.arange(400) // 200), 0.0, d))
+    assert np.allclose(d[0, 200:], far, rtol=1e-12) and peak < 160 * 2**20, f"{peak / 2**20:.0f} MiB"

@@ -16,6 +16,7 @@ the paper's thresholds, bar statistics), QTG and baseline side by side; every nu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,6 +33,7 @@ from qtg.attention_plots import attention_heatmaps, gamma_bars
 from qtg.metrics import attention_stats
 from qtg.plots import attention_graph_diagrams
 from qtg.topology import attention_graph
+from qtg.topology.budget import Budget
 from qtg.views import LOG_FLOOR, SCALES, scale_maps
 
 COLS = 4  # heatmaps per row of a page
@@ -88,15 +90,17 @@ def all_gammas(loaded: Loaded) -> list[Any]:
         return list(loaded.model(first, return_internals=True).gamma)
 
 
-def _forward(ex: Explorer, loaded: Loaded, text: str, block: int, what: str) -> tuple[Any, list[str], str]:
-    """The maps of one block (and every state) for ``text``, after the memory check."""
+def _forward(ex: Explorer, loaded: Loaded, text: str, block: int, what: str,
+             beside: Loaded | None = None) -> tuple[Any, list[str], str]:
+    """The maps of one block (and every state) for ``text``, after the memory check; ``beside``: the model whose
+    view the request will hold at the same time (the baseline), counted in that check too."""
     ids, tokens = ex.encode(loaded, text, ex.limits.max_text_chars, "text")
     cut = ""
     limit = ex.limits.max_attention_tokens
     if len(tokens) > limit:
         cut = f"Showing the first {limit} of {len(tokens)} tokens (max attention tokens)."
         ids, tokens = ids[:, :limit], tokens[:limit]
-    ex.check_memory(loaded, ids.shape[1], what, map_blocks=1)
+    ex.check_memory(loaded, ids.shape[1], what, map_blocks=1, beside=beside)
     with torch.inference_mode():
         out = loaded.model(ids, return_internals=True, map_blocks=[block])
     ex.counters.add("forwards")
@@ -118,26 +122,28 @@ def _request(ex: Explorer, session: Session | None, text: Any, layer: Any, head:
     return loaded, text, layer, head, page, heads
 
 
-def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, head: Any = -1, page: Any = 1,
-              scale: Any = "linear") -> tuple:
+def attention(ex: Explorer, session: Session | None, text: Any, block: Any = 0, head: Any = -1, heads_page: Any = 1,
+              colour_scale: Any = "linear") -> tuple:
     """Returns (attention fig, distance fig or None, gamma fig or None, baseline fig or None, numbers, note, payload).
 
-    ``layer`` is a block index; ``head`` -1 draws the heads of page ``page`` (1-based, ``heads_per_page`` a page),
-    else that one head; ``scale`` is how attention weights are coloured (linear, log, row).
+    ``block`` is a block index (0-based); ``head`` -1 draws the heads of page ``heads_page`` (1-based,
+    ``heads_per_page`` a page), else that one head; ``colour_scale`` is how attention weights are coloured
+    (linear, log, row).
     """
-    loaded, text, layer, head, page, heads = _request(ex, session, text, layer, head, page)
-    if scale not in SCALES:
-        raise AppInputError(f"scale: {str(scale)[:50]!r} is not one of {list(SCALES)}")
+    loaded, text, layer, head, page, heads = _request(ex, session, text, block, head, heads_page)
+    if colour_scale not in SCALES:
+        raise AppInputError(f"colour scale: {str(colour_scale)[:50]!r} is not one of {list(SCALES)}")
     cfg, per_page = loaded.model.cfg, ex.limits.heads_per_page
-    out, tokens, cut = _forward(ex, loaded, text, layer, "attention")
+    base = ex.registry.baseline_for(loaded)
+    out, tokens, cut = _forward(ex, loaded, text, layer, "attention", beside=base)
     b0 = 0  # the batch row
     qtg_model = loaded.has_topofilter
     kind = "Fisher-Rao" if qtg_model else "dot-product"
     gamma = out.gamma[layer] if qtg_model else None
     shown = f"heads {heads[0]}–{heads[-1]} of {cfg.n_heads}" if len(heads) > 1 else f"head {heads[0]}"
     figs = {"attention": heatmaps(out.attention[layer][b0], tokens, "attention", heads, gamma,
-                                  f"{kind} attention, block {layer}, {shown} ({loaded.source.name})", scale)}
-    numbers: dict[str, Any] = {"model": loaded.source.key, "layer": layer, "heads": heads, "scale": scale,
+                                  f"{kind} attention, block {layer}, {shown} ({loaded.source.name})", colour_scale)}
+    numbers: dict[str, Any] = {"model": loaded.source.key, "layer": layer, "heads": heads, "scale": colour_scale,
                                "tokens": tokens, "stats": attention_stats(out.attention[layer][b0]).to_dict()}
     if qtg_model:
         figs["distance"] = heatmaps(out.distances[layer][b0], tokens, "distance", heads, gamma,
@@ -149,11 +155,10 @@ def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, 
     notes = [cut] if cut else []
     if head < 0 and cfg.n_heads > per_page:
         notes.append(f"Heads page {page} of {n_pages(cfg.n_heads, per_page)}: {shown}.")
-    base = ex.registry.baseline_for(loaded)
     if base is not None:
         bout, btokens, _ = _forward(ex, base, text, layer, "attention (baseline)")
         figs["baseline"] = heatmaps(bout.attention[layer][b0], btokens, "attention", heads, None,
-                                    f"dot-product attention, block {layer}, {shown} ({base.source.name})", scale)
+                                    f"dot-product attention, block {layer}, {shown} ({base.source.name})", colour_scale)
         numbers["baseline"] = {"model": base.source.key, "tokens": btokens,
                                "stats": attention_stats(bout.attention[layer][b0]).to_dict()}
     elif qtg_model:
@@ -167,35 +172,37 @@ def attention(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, 
             "  \n".join(notes), Exportable("attention", figs, numbers))
 
 
-def _head_graphs(ex: Explorer, maps: Any, heads: list[int]) -> list[Any]:
-    """``qtg.topology.attention_graph`` of each head's map (``maps`` ``[H, N, N]``), within the topology bounds."""
-    return [attention_graph(maps[h], max_points=ex.limits.max_topology_points,
-                            time_budget=ex.limits.topology_time_budget) for h in heads]
+def _head_graphs(ex: Explorer, maps: Any, heads: list[int], budget: Budget) -> list[Any]:
+    """``qtg.topology.attention_graph`` of each head's map (``maps`` ``[H, N, N]``), within the topology bounds
+    and the request's one time ``budget``."""
+    return [attention_graph(maps[h], max_points=ex.limits.max_topology_points, time_budget=budget) for h in heads]
 
 
 def feature_table(graphs: dict[str, list[Any]], heads: list[int]) -> dict[str, Any]:
-    """One row per (model, head) of ``AttentionTopology.features()``, for a ``gr.Dataframe``."""
+    """``AttentionTopology.features()`` for a ``gr.Dataframe``: a row per feature and model (a feature's models
+    one under the other), a column per head, so the table is as narrow as one page of heads."""
     keys = list(next(iter(graphs.values()))[0].features())
-    rows = [[name, h, *[round(v, 4) for v in g.features().values()]]
-            for name, gs in graphs.items() for h, g in zip(heads, gs)]
-    return {"headers": ["model", "head", *keys], "data": rows}
+    features = {name: [g.features() for g in gs] for name, gs in graphs.items()}
+    rows = [[key, name, *[round(f[key], 4) for f in fs]] for key in keys for name, fs in features.items()]
+    return {"headers": ["feature", "model", *[f"head {h}" for h in heads]], "data": rows}
 
 
-def attention_topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 0, head: Any = -1,
-                       page: Any = 1) -> tuple:
+def attention_topology(ex: Explorer, session: Session | None, text: Any, block: Any = 0, head: Any = -1,
+                       heads_page: Any = 1) -> tuple:
     """Returns (diagram fig, feature table, numbers, note, payload): the attention graph of every shown head,
     for the loaded model and its same-size baseline (when shipped). Arguments as for :func:`attention`."""
-    loaded, text, layer, head, page, heads = _request(ex, session, text, layer, head, page)
+    loaded, text, layer, head, page, heads = _request(ex, session, text, block, head, heads_page)
     cfg, per_page = loaded.model.cfg, ex.limits.heads_per_page
-    out, tokens, cut = _forward(ex, loaded, text, layer, "attention topology")
+    base = ex.registry.baseline_for(loaded)
+    out, tokens, cut = _forward(ex, loaded, text, layer, "attention topology", beside=base)
+    budget = ex.topology_budget(text="the text")  # every head of both models together (the forwards not counted)
     kind = "QTG" if loaded.has_topofilter else "dot-product"
-    graphs = {f"{kind} ({loaded.source.name})": _head_graphs(ex, out.attention[layer][0], heads)}
+    graphs = {f"{kind} ({loaded.source.name})": _head_graphs(ex, out.attention[layer][0], heads, budget)}
     models = {loaded.source.name: loaded.source.key}
     notes = [cut] if cut else []
-    base = ex.registry.baseline_for(loaded)
     if base is not None:
         bout, _, _ = _forward(ex, base, text, layer, "attention topology (baseline)")
-        graphs[f"baseline ({base.source.name})"] = _head_graphs(ex, bout.attention[layer][0], heads)
+        graphs[f"baseline ({base.source.name})"] = _head_graphs(ex, bout.attention[layer][0], heads, budget)
         models[base.source.name] = base.source.key
     elif loaded.has_topofilter:
         notes.append("No same-size baseline is shipped beside this model, so there is no dot-product column.")
@@ -247,7 +254,7 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
     numbers = gr.JSON(label="per-head numbers")
     payload = gr.State(None)
     export_controls(ex, payload, "attention")
-    run_btn.click(user_facing(lambda *a: attention(ex, *a), "attention"), [session, text, layer, head, page, scale],
+    run_btn.click(user_facing(functools.partial(attention, ex), "attention"), [session, text, layer, head, page, scale],
                   [attn, dist, gamma, base, numbers, note, payload], api_name="attention", concurrency_id="heavy")
     gr.Markdown("**Attention topology.** Each head's map as a weighted graph, distance 1 − max(a_ij, a_ji): "
                 "its exact H0/H1 persistence diagram, the Betti numbers of the graph kept at attention ≥ t, and "
@@ -258,7 +265,7 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
     topo_table = gr.Dataframe(label="attention-graph features per head", elem_id="attention-topology-features",
                               interactive=False, wrap=True)
     topo_numbers = gr.JSON(label="attention-graph numbers")
-    topo_btn.click(user_facing(lambda *a: attention_topology(ex, *a), "attention topology"),
+    topo_btn.click(user_facing(functools.partial(attention_topology, ex), "attention topology"),
                    [session, text, layer, head, page], [topo_fig, topo_table, topo_numbers, topo_note, payload],
                    api_name="attention_topology", concurrency_id="heavy")
     return {"ranges": [layer, head, page]}

@@ -8,7 +8,7 @@ import gradio as gr
 
 from app.core import Explorer
 from app.errors import user_facing
-from app.exports import export
+from app.exports import export, public_path
 
 
 # Gradio checks a slider's, number's, dropdown's or radio's value itself before the handler runs, and words a
@@ -46,6 +46,22 @@ class Radio(gr.Radio):
         return payload
 
 
+class Downloads(gr.File):
+    """Exported files, named to the page and to API clients by :func:`app.exports.public_path`
+    (``exports/<export>/<file>``): the URLs never show the private folder's path. The server's Guard
+    maps the name back to the file."""
+
+    is_template = True
+
+    def move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
+        path = super().move_resource_to_block_cache(url_or_file_path)
+        return None if path is None else public_path(path, self.GRADIO_CACHE)
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
+        path = await super().async_move_resource_to_block_cache(url_or_file_path)
+        return None if path is None else public_path(path, self.GRADIO_CACHE)
+
+
 def fit(fig: Any, height: int | None = None) -> Any:
     """The figure sized to its panel: no fixed width (the page's plot then fills its container);
     ``height`` replaces the figure's own when given. Returns the same figure (None passes)."""
@@ -58,7 +74,7 @@ def export_controls(ex: Explorer, payload: gr.State, tab: str) -> None:
     """A button that writes the tab's last figures (HTML, PNG) and numbers (JSON); endpoint ``/export_<tab>``."""
     with gr.Accordion("Export: standalone HTML, PNG, JSON", open=False):
         btn = gr.Button("Export", elem_id=f"export-{tab}")
-        files = gr.File(label="files", file_count="multiple", interactive=False)
+        files = Downloads(label="files", file_count="multiple", interactive=False)
         msg = gr.Markdown()
 
     def run(item):

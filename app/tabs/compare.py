@@ -5,6 +5,7 @@ the bottleneck distance between them. Endpoint ``/compare``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from qtg.metrics import bits_per_byte
 from qtg.plots import diagrams_side_by_side
 from qtg.tokenizer import EOS_TOKEN
 from qtg.topology import bottleneck, exact_diagrams
+from qtg.topology.budget import Budget
 
 # the TopoFilter's soft-min s~, or the exact causal s (QTG only): an argument of each call, never module state
 MODES = {"approximate": qtg.Intervention(), "exact": qtg.Intervention(topo="exact")}
@@ -30,8 +32,9 @@ METRICS = ["model", "device", "TopoFilter", "tokens", "loss (nats/token)", "perp
            "state width", "H0 bars", "H1 bars", "seconds"]
 
 
-def _side(ex: Explorer, text: str, key: str, device: str, mode: str, layer_arg: Any, side: str) -> dict[str, Any]:
-    """Loss and exact diagrams of one model on ``text``."""
+def _side(ex: Explorer, text: str, key: str, device: str, mode: str, layer_arg: Any, side: str,
+          budget: Budget) -> dict[str, Any]:
+    """Loss and exact diagrams of one model on ``text`` (the diagrams within the request's ``budget``)."""
     if mode not in MODES:
         raise AppInputError(f"TopoFilter {side}: {str(mode)[:50]!r} is not one of {list(MODES)}")
     if device not in ex.devices():
@@ -55,7 +58,7 @@ def _side(ex: Explorer, text: str, key: str, device: str, mode: str, layer_arg: 
         states = model(ids, return_internals=True, map_blocks=(), intervene=intervene).states[layer][0]
     ex.counters.add("forwards")
     dgms = exact_diagrams(states, maxdim=1, max_points=min(256, ex.limits.max_topology_points),
-                          time_budget=ex.limits.topology_time_budget, metric_input="points")
+                          time_budget=budget, metric_input="points")
     seconds = _now(device) - t0
     loss = nll / count
     return {"model": loaded.source.label, "key": key, "device": loaded.device,
@@ -69,13 +72,15 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def compare_models(ex: Explorer, session: Session | None, text: Any, key_a: str, device_a: str, mode_a: str,
-                   key_b: str, device_b: str, mode_b: str, layer: Any = -1) -> tuple:
-    """Returns (metrics rows, figure, numbers, payload). ``layer`` -1 is each model's last layer."""
+def compare_models(ex: Explorer, session: Session | None, text: Any, model_a: str, device_a: str, topofilter_a: str,
+                   model_b: str, device_b: str, topofilter_b: str, layer: Any = -1) -> tuple:
+    """Returns (metrics rows, figure, numbers, payload). ``model_*`` are source keys, ``topofilter_*`` a mode
+    of :data:`MODES`; ``layer`` -1 is each model's last layer."""
     session = session or ex.new_session()
     text = ex.text_or_last(session, text)
-    a = _side(ex, text, key_a, device_a, mode_a, layer, "A")
-    b = _side(ex, text, key_b, device_b, mode_b, layer, "B")
+    budget = ex.topology_budget(text="the text")  # both sides' diagrams together (the forwards not counted)
+    a = _side(ex, text, model_a, device_a, topofilter_a, layer, "A", budget)
+    b = _side(ex, text, model_b, device_b, topofilter_b, layer, "B", budget)
     dist = {f"H{k}": bottleneck(a["exact"].dgms[k], b["exact"].dgms[k]) for k in range(2)}
     same_space = a["width"] == b["width"]
     spaces = ("the two clouds lie in the same space" if same_space else
@@ -120,7 +125,7 @@ def build(ex: Explorer, session: gr.State) -> None:
             dev_b = Dropdown(ex.devices(), value=ex.device, label="device B")
             mode_b = Radio(list(MODES), value="approximate", label="TopoFilter B")
     with gr.Row():
-        layer = Number(value=-1, precision=0, label="layer for the diagrams (-1 = last)", minimum=-1)
+        layer = Number(value=-1, precision=0, label="layer (-1 = the last), for the diagrams", minimum=-1)
         run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
     table = gr.Dataframe(headers=["", "A", "B"], label="side by side", interactive=False, elem_id="compare-table",
                          wrap=True)
@@ -128,6 +133,6 @@ def build(ex: Explorer, session: gr.State) -> None:
     numbers = gr.JSON(label="numbers")
     payload = gr.State(None)
     export_controls(ex, payload, "compare")
-    run_btn.click(user_facing(lambda *a: compare_models(ex, *a), "compare"),
+    run_btn.click(user_facing(functools.partial(compare_models, ex), "compare"),
                   [session, text, key_a, dev_a, mode_a, key_b, dev_b, mode_b, layer],
                   [table, fig, numbers, payload], api_name="compare", concurrency_id="heavy")

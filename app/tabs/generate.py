@@ -20,6 +20,7 @@ redrawn with the live diagram. A model sharded across ranks decodes without the 
 
 from __future__ import annotations
 
+import functools
 import html
 import time
 from collections.abc import Iterator
@@ -32,14 +33,14 @@ import torch
 from app.core import Explorer, Session, as_float, as_int
 from app.errors import user_facing
 from app.exports import Exportable
-from app.models import Loaded
+from app.models import AppInputError, Loaded
 from app.tabs.common import Number, Slider, export_controls, fit
 from qtg.attention_plots import prompt_distance_strip
 from qtg.errors import GenerationError
 from qtg.generate import MIN_TEMPERATURE, check_sampling, stream
 from qtg.plots import persistence_diagram
 from qtg.serve.engine import Engine
-from qtg.tokenizer import EOS_TOKEN, decode, token_strings
+from qtg.tokenizer import EOS_TOKEN, decode, encode, token_strings
 from qtg.topology import PromptForest, exact_diagrams
 
 YIELD_EVERY_S = 0.05  # page updates at most this often (each carries every token so far)
@@ -190,13 +191,22 @@ class Strip:
 MAX_SEED = 2**63 - 1
 
 
-def max_new_tokens_for(ex: Explorer, loaded: Loaded) -> int:
-    """The most new tokens a request may ask of this model: the app's limit, and its context less one prompt token."""
-    return max(1, min(ex.limits.max_new_tokens, loaded.model.cfg.max_seq_len - 1))
+def max_new_tokens_for(ex: Explorer, loaded: Loaded, prompt_tokens: int = 1) -> int:
+    """The most new tokens a request may ask of this model after a prompt of ``prompt_tokens``: the app's limit,
+    and the room the prompt leaves in the model's context (at least 1: a prompt that fills it is refused)."""
+    return max(1, min(ex.limits.max_new_tokens, loaded.model.cfg.max_seq_len - prompt_tokens))
 
 
-def _sampling_args(ex: Explorer, loaded: Loaded, max_new_tokens, temperature, top_k, top_p, seed) -> dict[str, Any]:
-    n = as_int(max_new_tokens, "max new tokens", 1, max_new_tokens_for(ex, loaded))
+def prompt_tokens(ex: Explorer, loaded: Loaded, prompt: Any) -> int:
+    """The tokens of a prompt as typed, for the slider's range (at least 1; never refuses: the request does)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        return 1
+    return max(1, len(encode(loaded.tokenizer, prompt[:ex.limits.max_prompt_chars])))
+
+
+def _sampling_args(ex: Explorer, loaded: Loaded, n_prompt: int, max_new_tokens, temperature, top_k, top_p,
+                   seed) -> dict[str, Any]:
+    n = as_int(max_new_tokens, "max new tokens", 1, max_new_tokens_for(ex, loaded, n_prompt))
     t = as_float(temperature, "temperature", 0.0, 100.0)  # below MIN_TEMPERATURE the library samples greedily
     k = as_int(top_k if top_k not in (None, "") else 0, "top-k", 0, 10_000_000)
     p = as_float(top_p if top_p not in (None, "") else 1.0, "top-p", 1e-6, 1.0)
@@ -208,19 +218,24 @@ def _sampling_args(ex: Explorer, loaded: Loaded, max_new_tokens, temperature, to
 
 
 def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens: Any = 64, temperature: Any = 0.8,
-             top_k: Any = 0, top_p: Any = 1.0, seed: Any = -1, block: Any = -1) -> Iterator[tuple]:
+             top_k: Any = 0, top_p: Any = 1.0, seed: Any = -1, strip_block: Any = -1) -> Iterator[tuple]:
     """Stream (html, text, live figure, stats, session, export payload, prompt-distance strip) as tokens arrive.
 
-    ``text`` is the prompt followed by the continuation so far. top_k 0 and top_p 1 mean off; seed -1
-    means unseeded; temperature 0 (or below ``qtg.generate.MIN_TEMPERATURE``) is greedy. ``block``: the
-    block whose attention the strip reads (-1 = the last).
+    ``text`` is the prompt followed by the continuation so far. ``max_new_tokens`` is at most the room the
+    prompt leaves in the context; top_k 0 and top_p 1 mean off; seed -1 means unseeded; temperature 0 (or
+    below ``qtg.generate.MIN_TEMPERATURE``) is greedy. ``strip_block``: the block whose attention the strip
+    reads (-1 = the last).
     """
     session = session or ex.new_session()
     loaded = ex.current(session)
-    args = _sampling_args(ex, loaded, max_new_tokens, temperature, top_k, top_p, seed)
-    n_layers = loaded.model.cfg.n_layers
-    block = as_int(block if block not in (None, "") else -1, "strip block", -1, n_layers - 1) % n_layers
     ids, tokens = ex.encode(loaded, prompt, ex.limits.max_prompt_chars, "prompt")
+    context = loaded.model.cfg.max_seq_len
+    if len(tokens) >= context:
+        raise AppInputError(f"prompt: {len(tokens):,} tokens fill the {context:,}-token context of "
+                            f"{loaded.source.name}: no room for a new token; shorten it")
+    args = _sampling_args(ex, loaded, len(tokens), max_new_tokens, temperature, top_k, top_p, seed)
+    n_layers = loaded.model.cfg.n_layers
+    block = as_int(strip_block if strip_block not in (None, "") else -1, "strip block", -1, n_layers - 1) % n_layers
     ex.check_memory(loaded, ids.shape[1] + args["max_new_tokens"], "generate", kind="generate")
     tok = loaded.tokenizer
     eos = tok.token_to_id(EOS_TOKEN)
@@ -254,7 +269,7 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
         text = decode(tok, new_ids)
         new_session = Session(session.model, session.device, prompt + text)
         # copies: this update's numbers stay as they were when it was sent, whatever comes after
-        numbers = {"prompt": prompt, "continuation": text, "token_ids": list(new_ids), "sampling": args,
+        numbers = {"prompt": prompt, "continuation": text, "done": done, "token_ids": list(new_ids), "sampling": args,
                    "tokens": list(scores.text), "soft": list(scores.soft), "exact": list(scores.exact),
                    "weights": list(scores.weight), "generated": list(scores.generated), "model": loaded.source.key,
                    "prompt_distance": {"block": block, "prompt_len": len(tokens),
@@ -302,17 +317,31 @@ def generate(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens:
     yield update(done=True)
 
 
-def stopped(payload: Exportable | None) -> str:
+def stopped(payload: Exportable | None, status: Any) -> Any:
     """The status line after Stop: the new tokens of the last update the server sent (the page may not have
-    received that one when Stop took effect)."""
+    received that one when Stop took effect). A status that says no run is under way (a finished run's
+    "done: ...", an earlier Stop's line, nothing yet) is left as it is, and so is a run that finished before
+    Stop reached it (its last update, "done: ...", on its way to the page)."""
+    under_way = isinstance(status, str) and status.startswith("generating: ")
+    if not under_way or (payload is not None and payload.numbers.get("done")):
+        return gr.skip()
     n = len(payload.numbers.get("token_ids", ())) if payload is not None else 0
     return f"stopped after {n} new tokens (Stop pressed; the server computes no more)"
 
 
-def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
-    """Updates of this tab's controls for ``loaded`` (max new tokens follows its context)."""
-    n = max_new_tokens_for(ex, loaded)
+def control_ranges(ex: Explorer, loaded: Loaded, prompt: Any = "") -> tuple:
+    """Updates of this tab's controls for ``loaded`` (max new tokens follows its context, less the prompt)."""
+    n = max_new_tokens_for(ex, loaded, prompt_tokens(ex, loaded, prompt))
     return (gr.update(maximum=n, value=min(80, n)), gr.update(maximum=max(1, loaded.model.cfg.n_layers - 1), value=-1))
+
+
+def room_for(ex: Explorer, session: Session | None, prompt: Any, max_new_tokens: Any) -> Any:
+    """The max-new-tokens slider after the prompt changed: its maximum is the room the prompt leaves, its value
+    kept unless beyond that."""
+    loaded = ex.current(session)
+    n = max_new_tokens_for(ex, loaded, prompt_tokens(ex, loaded, prompt))
+    keep = isinstance(max_new_tokens, (int, float)) and not isinstance(max_new_tokens, bool) and max_new_tokens <= n
+    return gr.update(maximum=n) if keep else gr.update(maximum=n, value=n)
 
 
 def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
@@ -332,7 +361,8 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
                 # text, not a number: a browser's numbers are doubles, and the largest seed (2^63 - 1) is not one
                 seed = gr.Textbox(value="-1", label=f"seed (-1 = random, up to {MAX_SEED})", max_lines=1)
             block = Slider(-1, max(1, loaded.model.cfg.n_layers - 1), value=-1, step=1,
-                           label="prompt-distance strip: block (-1 = the last)", elem_id="strip-block")
+                           label="strip block (-1 = the last): the block the prompt-distance strip reads",
+                           elem_id="strip-block")
             with gr.Row():
                 go_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -346,14 +376,14 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
     payload = gr.State(None)
     export_controls(ex, payload, "generate")
 
-    def run(s, p, n, t, k, tp, sd, bl=-1):
-        yield from generate(ex, s, p, n, t, k, tp, sd, bl)
-
-    evt = go_btn.click(user_facing(run, "generate"),
+    evt = go_btn.click(user_facing(functools.partial(generate, ex), "generate"),
                        [session, prompt, max_new, temperature, top_k, top_p, seed, block],
                        [text_html, continuation, live, stats, session, payload, strip_plot], api_name="generate",
                        concurrency_id="heavy")
     # Cancelling closes the generator on the server: no further token is computed. Then the status says so.
     stop_btn.click(None, None, None, cancels=[evt], api_visibility="private").then(
-        stopped, [payload], [stats], api_visibility="private", queue=False)
-    return {"event": evt, "ranges": [max_new, block]}
+        stopped, [payload, stats], [stats], api_visibility="private", queue=False)
+    # the slider offers only what fits: the context less the prompt's tokens
+    prompt.change(functools.partial(room_for, ex), [session, prompt, max_new], [max_new], api_visibility="private",
+                  queue=False, show_progress="hidden", trigger_mode="always_last")
+    return {"event": evt, "ranges": [max_new, block], "prompt": prompt}

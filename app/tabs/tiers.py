@@ -10,6 +10,7 @@ the device has free now.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -83,9 +84,10 @@ def tiers_table(ex: Explorer, device: str) -> tuple[list[list[Any]], Any, str, E
     return [_row(r) for r in rows], fig, note, Exportable("tiers", {"params": fig}, {"tiers": rows})
 
 
-def load_model(ex: Explorer, session: Session | None, key: Any, device: Any,
+def load_model(ex: Explorer, session: Session | None, model: Any, device: Any,
                progress: Any = None) -> Iterator[tuple[str, Any]]:
-    """Switch this session to ``key`` on ``device``, yielding (message, session update) while it loads.
+    """Switch this session to ``model`` (a source key) on ``device``, yielding (message, session update) while it
+    loads.
 
     The message states what the weights will take and how much is free; while they load, the bytes the
     process has gained so far (resident memory, or CUDA memory) against that figure drive ``progress``.
@@ -93,7 +95,7 @@ def load_model(ex: Explorer, session: Session | None, key: Any, device: Any,
     """
     session = session or ex.new_session()
     device = _check_device(ex, device)
-    src = ex.registry.source(key)  # an unknown key is refused here
+    src = ex.registry.source(model)  # an unknown key is refused here
     if not ex.registry.is_loaded(src.key, device):
         need, have = ex.registry.weights_needed(src.key, device)
         head = (f"Loading **{src.label}** on {device}: its weights take {human_bytes(need)}, "
@@ -121,12 +123,12 @@ def load_model(ex: Explorer, session: Session | None, key: Any, device: Any,
     yield loaded.describe(), Session(model=loaded.source.key, device=loaded.device, last_text=session.last_text)
 
 
-def unload_model(ex: Explorer, session: Session | None, key: Any, device: Any) -> tuple[str, Session]:
-    """Drop ``key``'s weights on ``device`` from the shared cache. A session on that model goes back to the
-    default one; the default model stays loaded (every new session starts on it)."""
+def unload_model(ex: Explorer, session: Session | None, model: Any, device: Any) -> tuple[str, Session]:
+    """Drop ``model``'s weights (a source key) on ``device`` from the shared cache. A session on that model goes
+    back to the default one; the default model stays loaded (every new session starts on it)."""
     session = session or ex.new_session()
     device = _check_device(ex, device)
-    src = ex.registry.source(key)
+    src = ex.registry.source(model)
     if src.key == ex.default_key:
         raise AppInputError(f"model: {src.label} is the default model and stays loaded (new sessions start on it)")
     if not ex.registry.unload(src.key, device):
@@ -159,16 +161,16 @@ def build(ex: Explorer, session: gr.State) -> dict[str, Any]:
     note = gr.Markdown()
     payload = gr.State(None)
     export_controls(ex, payload, "tiers")
-    table_event = dict(fn=user_facing(lambda d: tiers_table(ex, d), "tiers"), inputs=[device],
+    table_event = dict(fn=user_facing(functools.partial(tiers_table, ex), "tiers"), inputs=[device],
                        outputs=[table, fig, note, payload])
     table_btn.click(**table_event, api_name="tiers", concurrency_id="light")
 
-    def load(s, k, d, progress=gr.Progress()):  # noqa: B008 - Gradio finds the progress bar by this default
-        yield from load_model(ex, s, k, d, progress)
+    def load(session, model, device, progress=gr.Progress()):  # noqa: B008 - Gradio finds the progress bar by it
+        yield from load_model(ex, session, model, device, progress)
 
     load_evt = load_btn.click(user_facing(load, "load"), [session, source, device], [loaded_md, session],
                               api_name="load", concurrency_id="load", concurrency_limit=1)
-    unload_evt = unload_btn.click(user_facing(lambda s, k, d: unload_model(ex, s, k, d), "unload"),
+    unload_evt = unload_btn.click(user_facing(functools.partial(unload_model, ex), "unload"),
                                   [session, source, device], [loaded_md, session], api_name="unload",
                                   concurrency_id="load", concurrency_limit=1)
     return {"load_event": load_evt, "unload_event": unload_evt, "status": loaded_md, "payload": payload,

@@ -13,201 +13,59 @@ an animated figure, one frame per snapshot, as standalone HTML.
 
 from __future__ import annotations
 
-import atexit
-import json
-import os
-import shutil
-import subprocess
-import sys
-import threading
+import functools
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from app.core import Explorer, as_int
 from app.errors import user_facing
-from app.exports import Exportable, private_dir
+from app.exports import Exportable
 from app.models import AppInputError
+from app.runs import TrainingRuns
 from app.tabs.common import Dropdown, Slider, export_controls, fit
-from qtg.checkpoint import SHIPPED_DIR
 from qtg.snapshots import list_snapshots
 from qtg.topology.training import analyse_snapshot
 from qtg.training_plots import animated, over_training, snapshot_views
 
-SHIPPED, DIR, HERE = "shipped", "dir", "here"
 PROBE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows."
 MAX_PROBE_TOKENS = 128
 MICRO = {"steps": 120, "every": 20, "seq_len": 64}  # "train micro here": small enough for a laptop CPU
 MAX_STEPS = 2000
 POLL_S = 1.0
-# The child runs `qtg train` after asking Linux to end it with its parent (PR_SET_PDEATHSIG): a server killed
-# without running its exit handlers (SIGTERM, SIGKILL) leaves no training process behind.
-CHILD = ("import ctypes, runpy, signal, sys\n"
-         "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\nexcept (OSError, AttributeError):\n    pass\n"
-         "sys.argv = ['qtg', *sys.argv[1:]]\nrunpy.run_module('qtg', run_name='__main__', alter_sys=True)\n")
-
-
-@dataclass
-class Job:
-    """One "train micro here" run: its folder, process and what it was asked for."""
-
-    key: str
-    out: Path
-    steps: int
-    every: int
-    proc: subprocess.Popen
-    started: float = field(default_factory=time.perf_counter)
-    first_snapshot_s: float | None = None  # seconds from start to the first snapshot on disk
-    stopped: bool = False
-
-    def step(self) -> int:
-        """The last training step in metrics.jsonl (0 before the first)."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return 0
-        last = 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                last = max(last, int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line being written
-        return last
-
-    def state(self) -> str:
-        code = self.proc.poll()
-        if code is None:
-            return "running"
-        if self.stopped:
-            return "stopped"
-        return "finished" if code == 0 else f"failed (exit {code})"
-
-    def log_tail(self) -> str:
-        log = self.out / "train.log"
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
-        return lines[-1][:300] if lines else ""
-
-
-class TrainingRuns:
-    """The runs this tab offers, and the background jobs it started (one at a time)."""
-
-    def __init__(self, ex: Explorer):
-        self.ex = ex
-        self._lock = threading.Lock()
-        self.jobs: dict[str, Job] = {}
-        self._folder: Path | None = None
-        atexit.register(self.close)
-
-    def folder(self) -> Path:
-        """This launch's private folder for runs started here (removed at exit)."""
-        if self._folder is None:
-            self._folder = private_dir(self.ex.cfg.export_dir)
-        return self._folder
-
-    def sources(self) -> list[tuple[str, str]]:
-        """(label, key) of every run with snapshots, plus the runs started here."""
-        out = []
-        if SHIPPED_DIR.is_dir():
-            out += [(f"{p.name} (shipped)", f"{SHIPPED}:{p.name}") for p in sorted(SHIPPED_DIR.iterdir())
-                    if list_snapshots(p)]
-        out += [(f"{p.name} (checkpoint dir)", f"{DIR}:{p}") for p in self.ex.registry.checkpoint_dirs
-                if list_snapshots(p)]
-        out += [(f"micro run {k.split(':')[1]} (started here)", k) for k in self.jobs]
-        return out
-
-    def run_dir(self, key: Any) -> Path:
-        """The folder a key names; anything not offered is refused."""
-        kind, _, name = str(key).partition(":")
-        if kind == HERE and key in self.jobs:
-            return self.jobs[key].out
-        if kind == SHIPPED and f"{SHIPPED}:{name}" in {k for _, k in self.sources()}:
-            return SHIPPED_DIR / name
-        if kind == DIR and any(str(p) == name for p in self.ex.registry.checkpoint_dirs):
-            return Path(name)
-        offered = ", ".join(k for _, k in self.sources()) or "none yet: press 'Train micro here'"
-        raise AppInputError(f"run: unknown {str(key)[:200]!r}; choose one of {offered}")
-
-    def start(self, steps: int, every: int, seq_len: int) -> Job:
-        """``qtg train`` for micro on the bundled corpus, in a background process; one job at a time."""
-        with self._lock:
-            if any(j.proc.poll() is None for j in self.jobs.values()):
-                raise AppInputError("train micro here: a run is already training; stop it first")
-            key = f"{HERE}:{len(self.jobs) + 1}"
-            out = self.folder() / f"micro-{len(self.jobs) + 1}"
-            cmd = [sys.executable, "-c", CHILD, "train", "--tier", "micro", "--out", str(out), "--steps", str(steps),
-                   "--seq-len", str(seq_len), "--snapshot-every", str(every), "--device", "cpu", "--no-progress"]
-            done = [j.out / "tokenizer.json" for j in self.jobs.values() if (j.out / "tokenizer.json").is_file()]
-            if done:  # the same BPE every run would train again (seconds): reuse the first one's
-                cmd += ["--tokenizer", str(done[0])]
-            out.mkdir(parents=True)
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}  # leave the other core to the app
-            with open(out / "train.log", "w") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(out))
-            job = self.jobs[key] = Job(key, out, steps, every, proc)
-            return job
-
-    def job(self, key: Any) -> Job:
-        if key not in self.jobs:
-            raise AppInputError(f"run: {str(key)[:200]!r} was not started here")
-        return self.jobs[key]
-
-    def stop(self, key: Any) -> Job:
-        job = self.job(key)
-        if job.proc.poll() is None:
-            job.stopped = True
-            job.proc.terminate()
-            try:
-                job.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                job.proc.kill()
-                job.proc.wait()
-        return job
-
-    def close(self) -> None:
-        """Stop every job and remove this launch's run folder."""
-        for key in list(self.jobs):
-            self.stop(key)
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-
-
-_RUNS: dict[int, TrainingRuns] = {}
 
 
 def runs_for(ex: Explorer) -> TrainingRuns:
-    """The one :class:`TrainingRuns` of this Explorer."""
-    if id(ex) not in _RUNS:
-        _RUNS[id(ex)] = TrainingRuns(ex)
-    return _RUNS[id(ex)]
+    """The Explorer's :class:`~app.runs.TrainingRuns` (it owns them: they live and end with it)."""
+    return ex.training_runs
 
 
 # --- handlers ------------------------------------------------------------------------------------
 
 
-def start_micro(ex: Explorer, steps: Any = MICRO["steps"], every: Any = MICRO["every"]) -> tuple:
+def start_micro(ex: Explorer, steps: Any = MICRO["steps"], snapshot_every: Any = MICRO["every"]) -> tuple:
     """Start "train micro here". Returns (run dropdown update whose value is the run's key, status line, timer)."""
     steps = as_int(steps, "steps", 1, MAX_STEPS)
-    every = as_int(every, "snapshot every", 1, steps)
+    every = as_int(snapshot_every, "snapshot every", 1, steps)
     runs = runs_for(ex)
     job = runs.start(steps, every, MICRO["seq_len"])
     msg = f"Training micro for {steps} steps (snapshot every {every}) in a background process."
     return gr.update(choices=runs.sources(), value=job.key), msg, gr.Timer(active=True)
 
 
-def progress(ex: Explorer, key: Any) -> tuple:
+def progress(ex: Explorer, run: Any) -> tuple:
     """Where a run started here stands. Returns (progress HTML, snapshot slider update, snapshot count, status,
     numbers, timer): the slider's range follows the snapshots on disk, its value stays where the user left it;
     the timer stops polling once the job has ended. A run not started here answers its snapshot count only."""
     runs = runs_for(ex)
-    if key not in runs.jobs:
+    if run not in runs.jobs:
         try:
-            n = len(list_snapshots(runs.run_dir(key)))
+            n = len(list_snapshots(runs.run_dir(run)))
         except AppInputError:
             n = 0
         return "", gr.update(maximum=max(1, n - 1)), n, "", {"snapshots": n}, gr.Timer(active=False)
-    job = runs.jobs[key]
+    job = runs.jobs[run]
     snaps = list_snapshots(job.out)
     if snaps and job.first_snapshot_s is None:
         job.first_snapshot_s = time.perf_counter() - job.started
@@ -221,33 +79,33 @@ def progress(ex: Explorer, key: Any) -> tuple:
             gr.Timer(active=state == "running"))
 
 
-def stop_micro(ex: Explorer, key: Any) -> str:
+def stop_micro(ex: Explorer, run: Any) -> str:
     """Stop a run started here; its snapshots stay. Returns a status line."""
-    job = runs_for(ex).stop(key)
+    job = runs_for(ex).stop(run)
     return f"{job.state()} at step {job.step()}, {len(list_snapshots(job.out))} snapshot(s) kept."
 
 
-def training(ex: Explorer, key: Any, probe: Any = PROBE, index: Any = -1) -> tuple:
-    """Every view of a run at one snapshot. ``index``: position in the run's snapshots (-1: the latest).
+def training(ex: Explorer, run: Any, probe_text: Any = PROBE, snapshot: Any = -1) -> tuple:
+    """Every view of a run at one snapshot. ``snapshot``: position in the run's snapshots (-1: the latest).
 
     Returns (curves over training, the snapshot's views, numbers, note, export payload).
     """
-    run = runs_for(ex).run_dir(key)
-    if not isinstance(probe, str) or not probe.strip():
-        raise AppInputError("probe: give a non-empty text")
-    if len(probe) > ex.limits.max_text_chars:
-        raise AppInputError(f"probe: {len(probe)} characters, over the limit of {ex.limits.max_text_chars}")
-    snaps = list_snapshots(run)
+    folder = runs_for(ex).run_dir(run)
+    if not isinstance(probe_text, str) or not probe_text.strip():
+        raise AppInputError("probe text: give a non-empty text")
+    if len(probe_text) > ex.limits.max_text_chars:
+        raise AppInputError(f"probe text: {len(probe_text)} characters, over the limit of {ex.limits.max_text_chars}")
+    snaps = list_snapshots(folder)
     if not snaps:
         raise AppInputError("run: no snapshot written yet; wait for the first one")
-    index = as_int(index, "snapshot", -1, len(snaps) - 1)
+    index = as_int(snapshot, "snapshot", -1, len(snaps) - 1)
     index = len(snaps) - 1 if index < 0 else index
-    analyses = [analyse_snapshot(s, probe, max_tokens=MAX_PROBE_TOKENS,
-                                 time_budget=ex.limits.topology_time_budget) for s in snaps]
+    budget = ex.topology_budget(text="the probe text")  # every snapshot's diagrams together
+    analyses = [analyse_snapshot(s, probe_text, max_tokens=MAX_PROBE_TOKENS, time_budget=budget) for s in snaps]
     a = analyses[index]
     curves = fit(over_training(analyses, current=a.step, title=f"The probe over training ({len(snaps)} snapshots)"))
     views = fit(snapshot_views(analyses, index))
-    numbers = {"run": str(key), "steps": [x.step for x in analyses], "index": index, "snapshot": a.to_dict(),
+    numbers = {"run": str(run), "steps": [x.step for x in analyses], "index": index, "snapshot": a.to_dict(),
                "cached": sum(x.from_cache for x in analyses)}
     note = (f"Snapshot {index + 1} of {len(snaps)} (step {a.step}), {a.n_tokens} probe tokens; "
             f"{numbers['cached']} of {len(snaps)} analyses read from the cache."
@@ -272,7 +130,7 @@ def build(ex: Explorer) -> dict[str, Any]:
                        elem_id="training-run", allow_custom_value=True, scale=2)
         with gr.Column(scale=2):
             with gr.Row():
-                steps = Slider(10, MAX_STEPS, value=MICRO["steps"], step=10, label="micro: steps",
+                steps = Slider(10, MAX_STEPS, value=MICRO["steps"], step=10, label="steps (of a micro run)",
                                elem_id="training-steps")
                 every = Slider(1, 200, value=MICRO["every"], step=1, label="snapshot every",
                                elem_id="training-every")
@@ -294,16 +152,16 @@ def build(ex: Explorer) -> dict[str, Any]:
     job_numbers = gr.JSON(visible=False)
     payload = gr.State(None)
     export_controls(ex, payload, "training")
-    show = user_facing(lambda *a: training(ex, *a), "training")
+    show = user_facing(functools.partial(training, ex), "training")
     outputs = [curves, views, numbers, note, payload]
     show_btn.click(show, [run, probe, index], outputs, api_name="training", concurrency_id="heavy")
     index.release(show, [run, probe, index], outputs, api_visibility="private", concurrency_id="heavy")
     timer = gr.Timer(POLL_S, active=False)  # polls while a run started here is training
-    start_btn.click(user_facing(lambda *a: start_micro(ex, *a), "training_start"), [steps, every],
+    start_btn.click(user_facing(functools.partial(start_micro, ex), "training_start"), [steps, every],
                     [run, status, timer], api_name="training_start", concurrency_id="light")
-    stop_btn.click(user_facing(lambda k: stop_micro(ex, k), "training_stop"), [run], [status],
+    stop_btn.click(user_facing(functools.partial(stop_micro, ex), "training_stop"), [run], [status],
                    api_name="training_stop", concurrency_id="light")
-    poll = user_facing(lambda k: progress(ex, k), "training_progress")
+    poll = user_facing(functools.partial(progress, ex), "training_progress")
     timer.tick(poll, [run], [bar, index, count, status, job_numbers, timer], api_name="training_progress",
                concurrency_id="light", show_progress="hidden")
     run.change(poll, [run], [bar, index, count, status, job_numbers, timer], api_visibility="private",

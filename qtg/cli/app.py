@@ -21,8 +21,9 @@ join each forward; that one model is then the only one served.
 It binds to 127.0.0.1 unless --host says otherwise, loads the shipped nano at start,
 fetches nothing from the network, accepts no uploads, serves files (as downloads) only
 from its own private export folder, made fresh at each launch, and loads checkpoints
-only from the shipped assets and the --checkpoint-dir folders you give. The log gets
-one line per refused request."""
+only from the shipped assets and the --checkpoint-dir folders you give. It answers only
+requests addressed to this machine by a name it was bound for (see --allow-host). The log
+gets one line per refused request. SIGTERM and Ctrl-C remove its private folders."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--checkpoint-dir (default nano)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a further name clients may reach the app by (repeatable; a reverse proxy's, say). "
+                        "Requests are answered only for 127.0.0.1, localhost, [::1], the --host, these names, "
+                        "and, with --host 0.0.0.0, any IP address and this machine's name: any other Host "
+                        "header (DNS rebinding) is refused")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--checkpoint-dir", action="append", default=[], type=Path, metavar="DIR",
                    help="a checkpoint directory the app may load (repeatable)")
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if under_torchrun():
         return _run_sharded(cfg, args)
     print(f"QTG Explorer: loading {args.model} and starting on http://{args.host}:{args.port} ...", flush=True)
-    launch(cfg, host=args.host, port=args.port)
+    launch(cfg, host=args.host, port=args.port, allow_hosts=args.allow_host)
     return 0
 
 
@@ -101,7 +107,7 @@ def _run_sharded(cfg, args: argparse.Namespace) -> int:
             print(f"QTG Explorer: {cfg.model} sharded over {world.size} ranks, serving on "
                   f"http://{args.host}:{args.port} ...", flush=True)
             try:
-                launch(cfg, host=args.host, port=args.port, model=handle)
+                launch(cfg, host=args.host, port=args.port, model=handle, allow_hosts=args.allow_host)
             finally:
                 handle.close()
     except BaseException:

@@ -15,7 +15,8 @@ HELP = """Serve a model over an OpenAI-compatible HTTP API (docs/serve.md): GET 
 POST /v1/completions and POST /v1/chat/completions, streamed as server-sent events or
 answered whole. Concurrent requests share one decoding loop (continuous batching): a request
 joins the running batch at the next step and leaves it when done, and each gets the tokens
-it would get alone. A bad parameter is answered 400 naming it, a body over --max-body 413.
+it would get alone. A bad parameter is answered 400 naming it, a body over --max-body 413;
+GET /openapi.json documents every field of the request bodies and its limits.
 
 It binds to 127.0.0.1 unless --host says otherwise. Needs the app extra (fastapi, uvicorn)."""
 

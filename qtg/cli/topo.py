@@ -148,9 +148,11 @@ def _print_report(name: str, n: int, full: int, sweep: list, mode: Any) -> None:
         out.write(f"\nlayer {r.layer} {r.name}{cloud}\n")
         out.write(f"  exact ({e.backend}, {e.seconds:.2f} s): {bars}, diameter {e.diameter:.4g}\n")
         out.write(f"  bounds: {e.bounds.describe()}\n")
-        rho = "n/a" if c.spearman_filter_vs_elder is None else f"{c.spearman_filter_vs_elder:.3f}"
+        rho = "n/a" if c.spearman_filter_vs_elder_distinct is None else f"{c.spearman_filter_vs_elder_distinct:.3f}"
+        tied = "n/a" if c.spearman_filter_vs_elder is None else f"{c.spearman_filter_vs_elder:.3f}"
         out.write(f"  TopoFilter vs exact H0: bottleneck {c.bottleneck_h0:.4g}, W1 {c.wasserstein1_h0:.4g}, "
-                  f"|s~ - s| mean {c.mean_abs_error:.4g} max {c.max_abs_error:.4g}, Spearman(s~, elder) {rho}\n")
+                  f"|s~ - s| mean {c.mean_abs_error:.4g} max {c.max_abs_error:.4g}, Spearman(s~, elder) {rho} on the "
+                  f"{c.distinct_tokens} distinct tokens ({tied} with the tied repeats)\n")
         both, down_only = len(c.down_weighted_and_persistent), len(c.down_weighted_not_persistent)
         out.write(f"  theta {c.theta:g}: down-weighted {both + down_only}, of which exact H0 calls persistent {both}; "
                   f"persistent but kept {len(c.persistent_not_down_weighted)}; "

@@ -1,12 +1,16 @@
 """An OpenAI-compatible HTTP API over the continuous-batching :class:`~qtg.serve.engine.Engine`.
 
 Routes (docs/serve.md has the whole contract): ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/completions``, ``POST /v1/chat/completions``. Requests are checked field by field before
-anything is queued (:func:`qtg.serve.params.check_request`); a bad one is HTTP 400 with a message
-naming the parameter (the OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``, as
-vLLM answers), an unknown model 404, a body over ``max_body`` bytes 413. Streaming is server-sent
-events, one chunk per token, ending with ``data: [DONE]``; a client that disconnects cancels its row
-of the batch.
+``POST /v1/completions``, ``POST /v1/chat/completions``, and ``GET /openapi.json`` (the request
+bodies' schema: :mod:`qtg.serve.schemas`). Requests are checked field by field before anything is
+queued: their types and bounds by FastAPI against the schema, the rest against the served model by
+:func:`qtg.serve.params.check_request`. A bad one is HTTP 400 with a message naming the parameter
+(the OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``, as vLLM answers), an
+unknown model 404, a body over ``max_body`` bytes 413; none of them logs a traceback. Streaming is
+server-sent events, one chunk per token, ending with ``data: [DONE]``; a client that disconnects
+cancels its row of the batch. The work that grows with a request (encoding its prompt, holding back
+streamed text that could still become a stop string) runs in worker threads, never on the event
+loop, so one request cannot stall the others.
 
 Extensions beyond the OpenAI fields: ``top_k``; ``intervene`` (a :meth:`qtg.Intervention.parse`
 spec, e.g. ``"topo=exact"``); ``topo: true``, which adds to each streamed chunk's choice (and as a
@@ -28,14 +32,24 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from qtg.errors import GenerationError
 from qtg.serve.engine import Event
 from qtg.serve.params import BadRequest, Params, Served, check_request
+from qtg.serve.schemas import ChatRequest, CompletionRequest, ErrorBody, describe
 from qtg.serve.text import CHAT_STOPS, TextStream
 
+__all__ = ["MAX_BODY", "Served", "create_api"]
+
 MAX_BODY = 1 << 20  # bytes: a request body above this is refused with 413
+ERRORS: dict[int | str, dict[str, Any]] = {  # what the routes that take a body answer besides 200, for the schema
+    400: {"model": ErrorBody, "description": "A bad parameter; param names it."},
+    404: {"model": ErrorBody, "description": "The model is not served here."},
+    413: {"model": ErrorBody, "description": "The body is over the size limit."},
+}
 DISCONNECT_POLL_S = 0.25
 
 
@@ -43,9 +57,17 @@ class EngineFailure(Exception):
     """The engine could not finish a request it had accepted (HTTP 500)."""
 
 
+class ErrorJSON(JSONResponse):
+    """JSON in ASCII: an error may quote what the client sent, a lone surrogate included, which UTF-8 cannot
+    encode (Starlette's JSONResponse would fail with a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large"}.get(status, "error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+    return ErrorJSON({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
 # --- running a request -----------------------------------------------------------------------
@@ -55,6 +77,7 @@ class Completion:
     """One request's run: submit, then turn engine events into text, logprobs and scores."""
 
     def __init__(self, params: Params, chat: bool):
+        """Submit (on the event loop: its events are delivered there)."""
         self.p, self.chat = params, chat
         served = params.served
         stops = params.stop + (CHAT_STOPS if chat else ())
@@ -68,6 +91,10 @@ class Completion:
             top_p=params.top_p, seed=params.seed, eos_id=served.eos_id, stop=stops or None,
             intervene=params.intervene, topo=params.topo, logprobs=params.logprobs,
             loop=asyncio.get_running_loop())
+
+    async def atake(self, event: Event) -> tuple[str, dict[str, Any]]:
+        """:meth:`take` in a worker thread: the hold-back of streamed text grows with the stop strings."""
+        return await asyncio.to_thread(self.take, event)
 
     def take(self, event: Event) -> tuple[str, dict[str, Any]]:
         """One event -> (its new text, its extra per-token fields: logprobs, topo)."""
@@ -135,7 +162,7 @@ async def _whole(run: Completion, request: Request) -> dict[str, Any]:
     text, items, topo = [], [], []
     try:
         async for event in run.req.aevents():
-            piece, extra = run.take(event)
+            piece, extra = await run.atake(event)
             text.append(piece)
             if "logprobs" in extra:
                 items.append(extra["logprobs"])
@@ -163,7 +190,7 @@ async def _events(run: Completion) -> AsyncIterator[str]:
             first["delta"] = {"role": "assistant", "content": ""}
             yield _sse(run.envelope([first], chunk=True))
         async for event in run.req.aevents():
-            piece, extra = run.take(event)
+            piece, extra = await run.atake(event)
             if event.token is None:
                 if piece:
                     yield _sse(run.envelope([run.choice(piece, None)], chunk=True))
@@ -240,7 +267,8 @@ def create_api(models: Mapping[str, Served] | Callable[[], Mapping[str, Served]]
         max_body: the largest request body in bytes (413 above).
         prefix: where the routes live (``/v1``, or ``""`` for an app mounted at ``/v1``).
     """
-    api = FastAPI(title="QTG OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    api = FastAPI(title="QTG OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description="Completions and chat over a QTG model (docs/serve.md).")
 
     def served() -> Mapping[str, Served]:
         return models() if callable(models) else models
@@ -248,6 +276,18 @@ def create_api(models: Mapping[str, Served] | Callable[[], Mapping[str, Served]]
     @api.exception_handler(BadRequest)
     async def bad_request(_: Request, e: BadRequest) -> JSONResponse:
         return error_response(e.status, e.message, e.param)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        param, message = describe(list(e.errors()))
+        return error_response(400, message, param)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        if e.status_code == 400:  # FastAPI could not read the body (json.loads: RecursionError past ~1000 levels)
+            why = "nested too deeply to read" if isinstance(e.__cause__, RecursionError) else str(e.detail)
+            return error_response(400, f"body: {why}", "body")
+        return error_response(e.status_code, str(e.detail))
 
     @api.exception_handler(GenerationError)
     async def bad_generation(_: Request, e: GenerationError) -> JSONResponse:
@@ -267,27 +307,34 @@ def create_api(models: Mapping[str, Served] | Callable[[], Mapping[str, Served]]
             return error_response(404, f"model: {name!r} is not served here", "model")
         return _model_card(name)
 
-    async def complete(request: Request, chat: bool) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("body: not valid JSON", "body") from None
-        params = check_request(body, chat, served())
-        run = Completion(params, chat)
+    async def complete(body: CompletionRequest | ChatRequest, request: Request) -> Any:
+        params = await asyncio.to_thread(check_request, body, served())  # encodes the prompt: off the loop
+        run = Completion(params, chat=isinstance(body, ChatRequest))
         if params.stream:
             return StreamingResponse(_events(run), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _whole(run, request)
 
-    @api.post(f"{prefix}/completions")
-    async def completions(request: Request) -> Any:
-        return await complete(request, chat=False)
+    @api.post(f"{prefix}/completions", responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await complete(body, request)
 
-    @api.post(f"{prefix}/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await complete(request, chat=True)
+    @api.post(f"{prefix}/chat/completions", responses=ERRORS)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        return await complete(body, request)
 
+    _no_422(api.openapi())
     return BodyLimit(api, max_body)
+
+
+def _no_422(schema: dict[str, Any]) -> None:
+    """Take FastAPI's 422 out of the schema (built once, cached, edited in place): a body that fails
+    validation is answered 400 in OpenAI's format (:data:`ERRORS`)."""
+    for path in schema["paths"].values():
+        for operation in path.values():
+            operation["responses"].pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
 
 
 def _model_card(name: str) -> dict[str, Any]:

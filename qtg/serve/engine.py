@@ -191,6 +191,7 @@ class Engine:
         self._groups: list[_Group] = []
         self._wake = threading.Condition()
         self._closed = False
+        self._retiring = False  # close once idle (close_when_idle)
         self._outbox: dict | None = None  # during a step: event loop -> [(request, event)] to deliver
         self._thread: threading.Thread | None = None
         if start:
@@ -234,6 +235,8 @@ class Engine:
                       _queue=asyncio.Queue() if loop is not None else queue.Queue(), _loop=loop,
                       _generator=sampling.generator(ids.device))
         with self._wake:
+            if self._closed:  # again under the lock: the loop may have ended since the check above
+                raise GenerationError("the engine is closed")
             self._pending.append(req)
             self._wake.notify()
         return req
@@ -260,6 +263,16 @@ class Engine:
         self._pending.clear()
         self._groups.clear()
 
+    def close_when_idle(self) -> None:
+        """Close once no request runs or waits (at once if none does); the running ones finish first.
+
+        For a model that is being dropped: the loop's thread holds the engine, and so the model, until it ends."""
+        with self._wake:
+            self._retiring = True
+            self._wake.notify()
+        if self._thread is None and self.idle:
+            self.close()
+
     @property
     def active(self) -> int:
         """Rows decoding now."""
@@ -273,9 +286,10 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self.idle and not self._closed:
+                while self.idle and not self._closed and not self._retiring:
                     self._wake.wait()
-                if self._closed:
+                if self._closed or (self._retiring and self.idle):
+                    self._closed = True  # a late submit is refused, not queued for a loop that has ended
                     return
             try:
                 self.step()
@@ -495,6 +509,8 @@ def _same(a: Intervention, b: Intervention) -> bool:
     """Whether two requests can share a forward pass (tensor-valued gammas only when the same object)."""
     if a is b:
         return True
+    if a.patch or b.patch:  # patches hold tensors and functions: shared only by the same mapping
+        return a.patch is b.patch and a == b
     if not isinstance(a.gamma, (int, float, type(None))) or not isinstance(b.gamma, (int, float, type(None))):
         return False
     return a == b

@@ -5,7 +5,9 @@ completed it (as :func:`qtg.generate.generate` does). A client, as in the OpenAI
 *before* the stop string. While streaming, :class:`TextStream` therefore holds back any tail of the text
 that could still become a stop string, and any incomplete UTF-8 character (the tokenizer decodes a
 split byte sequence to U+FFFD until its last byte arrives), so the streamed pieces always join to the
-final text.
+final text. The tail held back is found in time linear in the stop strings (:class:`StopPrefix`), never
+by trying each of a stop string's prefixes in turn (quadratic: one 250,000-character stop string kept a
+server busy for seconds per token).
 """
 
 from __future__ import annotations
@@ -34,6 +36,41 @@ def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
 CHAT_STOPS = ("\nUser:", "\nSystem:")  # the next turn's header ends the assistant's
 
 
+class StopPrefix:
+    """How much of a text's end could still grow into one stop string: its longest proper prefix there.
+
+    Knuth-Morris-Pratt: ``table[i]`` is the length of the longest proper prefix of ``stop[:i + 1]`` that
+    is also its suffix (built once, O(len(stop))). Scanning the text's last ``len(stop) - 1`` characters
+    through that automaton leaves it in the state k = the longest prefix of ``stop`` that ends the text;
+    each character moves k up by at most one, so the fall-backs are paid for and a scan is
+    O(len(stop)) whatever the text.
+    """
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.table = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            k = self._advance(k, stop[i])
+            self.table[i] = k
+
+    def _advance(self, k: int, char: str) -> int:
+        """The automaton's next state: ``stop[:k]`` matched, then ``char``."""
+        while k and self.stop[k] != char:
+            k = self.table[k - 1]
+        return k + 1 if self.stop[k] == char else 0
+
+    def held(self, text: str) -> int:
+        """The length of the longest proper prefix of the stop string that ends ``text`` (0: none)."""
+        k = 0
+        for char in text[max(0, len(text) - len(self.stop) + 1):]:
+            if k == len(self.stop) - 1 and self.stop[k] == char:  # the whole stop string: the caller cuts there
+                k = self.table[k]
+            else:
+                k = self._advance(k, char)
+        return k
+
+
 class TextStream:
     """The text of a growing list of token ids, released only where it is final.
 
@@ -45,6 +82,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = (), skip: Sequence[int] = ()):
         self.tokenizer, self.stop, self.skip = tokenizer, tuple(stop), set(skip)
+        self.prefixes = [StopPrefix(s) for s in self.stop]
         self.ids: list[int] = []
         self.sent = 0  # characters released so far
         self.stopped = False  # a stop string was found: nothing more is released
@@ -65,7 +103,7 @@ class TextStream:
         if cuts:
             self.stopped = True
             return self._release(full[:min(cuts)])
-        hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+        hold = max((p.held(full) for p in self.prefixes), default=0)
         ready = full[:len(full) - hold]
         while ready.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its last byte
             ready = ready[:-1]

@@ -29,6 +29,7 @@ from qtg.topology.attention_graph import (
     head_attention_graphs,
 )
 from qtg.topology.bottleneck_distance import bottleneck
+from qtg.topology.budget import Budget, BudgetExceeded
 from qtg.topology.compare import (
     ApproxView,
     Comparison,
@@ -46,9 +47,9 @@ from qtg.topology.prompt_forest import PromptForest, prompt_distance
 from qtg.topology.wasserstein_distance import wasserstein_1
 
 __all__ = [
-    "ApproxView", "AttentionTopology", "BarStats", "Bounds", "Comparison", "ExactDiagrams", "ExactModeResult",
-    "HeadGeometry", "LayerComparison", "PromptForest", "THRESHOLDS", "TopologyError", "approx_view",
-    "attention_distances", "attention_graph", "bar_stats", "bottleneck", "compare", "elder_persistence",
-    "euclidean_distances", "exact_diagrams", "exact_mode_loss", "fisher_rao_distances", "head_attention_graphs",
-    "head_geometry", "head_points", "layer_sweep", "prompt_distance", "wasserstein_1",
+    "ApproxView", "AttentionTopology", "BarStats", "Bounds", "Budget", "BudgetExceeded", "Comparison",
+    "ExactDiagrams", "ExactModeResult", "HeadGeometry", "LayerComparison", "PromptForest", "THRESHOLDS",
+    "TopologyError", "approx_view", "attention_distances", "attention_graph", "bar_stats", "bottleneck", "compare",
+    "elder_persistence", "euclidean_distances", "exact_diagrams", "exact_mode_loss", "fisher_rao_distances",
+    "head_attention_graphs", "head_geometry", "head_points", "layer_sweep", "prompt_distance", "wasserstein_1",
 ]

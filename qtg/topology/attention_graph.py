@@ -52,6 +52,7 @@ from scipy.sparse.csgraph import connected_components
 
 from qtg.errors import TopologyError
 from qtg.intervention import Intervention
+from qtg.topology.budget import Budget
 from qtg.topology.exact import DEFAULT_TIME_BUDGET, ExactDiagrams, exact_diagrams
 
 THRESHOLDS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75)  # Kushnareva et al. (2021)
@@ -210,7 +211,7 @@ def attention_graph(
     backend: str = "auto",
     thresholds: Sequence[float] = THRESHOLDS,
     max_points: int | None = None,
-    time_budget: float | None = DEFAULT_TIME_BUDGET,
+    time_budget: float | Budget | None = DEFAULT_TIME_BUDGET,
 ) -> AttentionTopology:
     """Exact H0..H_maxdim of an attention map's graph, with Betti and bar features (module docstring).
 

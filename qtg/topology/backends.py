@@ -56,7 +56,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from qtg.errors import TopologyError
+from qtg.topology.budget import Budget
 
 ENGINES = ("mst", "gudhi", "ripser", "giotto-ph")
 FLOAT32_ENGINES = ("ripser", "giotto-ph")  # they store filtration values as float32: given ranks (see above)
@@ -72,6 +72,7 @@ FLOAT32_REL_ERROR = 2.0**-24  # float32 rounding: |fl(x) - x| <= 2^-24 |x|
 _POLL_S = 0.02  # how often the parent checks the budget and the cancel event
 _MAX_COLLAPSE_ROUNDS = 16  # edge collapse converges in a few rounds; this only guards a pathological case
 _RANK_ROWS = 256  # rows per block when ranking edges
+_CHECK_EVERY = 32  # vertices of Prim's algorithm between two looks at the time budget
 GIOTTO_COLLAPSE_EDGES = False  # giotto-ph's edge collapse: slower in benchmarks/bench_topology.py (see above)
 
 
@@ -85,11 +86,12 @@ def sort_diagram(dgm: np.ndarray) -> np.ndarray:
 # --- H0 by the minimum spanning tree ---------------------------------------------------
 
 
-def mst_edges(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mst_edges(d: np.ndarray, check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prim's algorithm on a dense distance matrix.
 
     Args:
         d: ``[N, N]`` symmetric distance matrix, N >= 1.
+        check: called every :data:`_CHECK_EVERY` vertices; it raises to stop the work (a spent time budget).
 
     Returns:
         ``(u, v, length)``: the N - 1 tree edges in the order Prim added them
@@ -102,6 +104,8 @@ def mst_edges(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     done[0], best[0] = True, np.inf
     us, vs, ws = np.empty(n - 1, np.intp), np.empty(n - 1, np.intp), np.empty(n - 1)
     for k in range(n - 1):
+        if check is not None and k % _CHECK_EVERY == 0:
+            check()
         j = int(np.argmin(best))
         us[k], vs[k], ws[k] = src[j], j, best[j]
         done[j], best[j] = True, np.inf
@@ -111,10 +115,10 @@ def mst_edges(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return us, vs, ws
 
 
-def h0_from_mst(d: np.ndarray, threshold: float) -> np.ndarray:
+def h0_from_mst(d: np.ndarray, threshold: float, check: Callable[[], None] | None = None) -> np.ndarray:
     """The exact H0 diagram: one bar (0, l) per tree edge l <= threshold, and one
-    infinite bar per component left at the threshold (ripser.py's convention)."""
-    _, _, ws = mst_edges(d)
+    infinite bar per component left at the threshold (ripser.py's convention). ``check`` as in :func:`mst_edges`."""
+    _, _, ws = mst_edges(d, check)
     finite = ws[ws <= threshold]
     n_inf = 1 + int((ws > threshold).sum())
     deaths = np.concatenate([finite, np.full(n_inf, np.inf)])
@@ -251,7 +255,15 @@ def giotto_diagrams(d: np.ndarray, maxdim: int, threshold: float) -> list[np.nda
 
 
 def engine_diagrams(engine: str, d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndarray]:
-    """Dispatch by name; ``mst`` gives H0 only. ``d`` and ``threshold`` as :func:`engine_input` made them."""
+    """Dispatch by name; ``mst`` gives H0 only. ``d`` and ``threshold`` as :func:`engine_input` made them.
+
+    Safe from any number of threads at once: the engine's first call in this process runs alone first
+    (:func:`warm_up`)."""
+    warm_up(engine)
+    return _dispatch(engine, d, maxdim, threshold)
+
+
+def _dispatch(engine: str, d: np.ndarray, maxdim: int, threshold: float) -> list[np.ndarray]:
     if engine == "mst":
         return [h0_from_mst(d, threshold)]
     if engine == "gudhi":
@@ -263,15 +275,45 @@ def engine_diagrams(engine: str, d: np.ndarray, maxdim: int, threshold: float) -
     raise TopologyError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
 
 
+# --- first use, one thread at a time -------------------------------------------------------
+#
+# giotto-ph's extension (pybind11) fills a function-local C++ static on its first call, and does so while
+# importing a Python module. Two threads making their first call at once deadlock the whole process: one
+# holds the static's initialisation guard (``__cxa_guard_acquire``) and waits for the GIL, the other holds
+# the GIL and waits for the guard (8 threads in a fresh process hung 5 runs of 5; issue 23). So each native
+# engine's first call in a process runs alone, under one lock, on a tiny input that takes each of its code
+# paths (a cut below the enclosing radius, and one at or above it: giotto-ph's sparse and dense routes);
+# every later call runs freely. The warm-up also happens before a child process is forked for an engine
+# (:func:`preload`), so no child inherits a guard held by a thread that does not exist in it.
+# gudhi and ripser.py showed no such race, but nothing documents them thread-safe on first use: same rule.
+
+NATIVE_ENGINES = ("gudhi", "ripser", "giotto-ph")
+_first_use = threading.Lock()
+_ready: set[str] = set()
+# four points on a unit square: enclosing radius sqrt(2); H0 and one H1 bar
+_SQUARE = np.array([[0.0, 1.0, 2.0**0.5, 1.0], [1.0, 0.0, 1.0, 2.0**0.5],
+                    [2.0**0.5, 1.0, 0.0, 1.0], [1.0, 2.0**0.5, 1.0, 0.0]])
+_WARM_UP_CUTS = (1.2, 2.0)  # below the enclosing radius (a sparse route), above it (the dense route)
+
+
+def warm_up(engine: str) -> None:
+    """Make ``engine``'s first calls in this process, alone (no-op after the first time, or for ``mst``)."""
+    if engine in _ready or engine not in NATIVE_ENGINES:
+        return
+    with _first_use:
+        if engine in _ready:
+            return
+        for cut in _WARM_UP_CUTS:
+            m = _SQUARE.astype(np.float32) if engine in FLOAT32_ENGINES else _SQUARE
+            _dispatch(engine, m, 1, cut)
+        _ready.add(engine)
+
+
 def preload(engine: str) -> None:
-    """Import an engine's library in this process, so a forked child does not pay for it
-    (ripser.py and giotto-ph import scikit-learn, every time, in a fresh child)."""
-    if engine == "gudhi":
-        import gudhi  # noqa: F401
-    elif engine == "ripser":
-        import ripser  # noqa: F401
-    elif engine == "giotto-ph":
-        import gph  # noqa: F401
+    """Import an engine's library in this process and make its first calls (:func:`warm_up`), so a forked
+    child neither pays for the import (ripser.py and giotto-ph import scikit-learn, every time, in a fresh
+    child) nor initialises the library itself."""
+    warm_up(engine)
 
 
 # --- bounded, cancellable execution ---------------------------------------------------
@@ -293,26 +335,25 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
-def run_bounded(fn: Callable, args: tuple, time_budget: float | None, what: str,
-                cancel: threading.Event | None = None) -> Any:
-    """``fn(*args)`` in a child process, killed when ``time_budget`` seconds pass or ``cancel`` is set.
+def run_bounded(fn: Callable, args: tuple, budget: Budget, what: str) -> Any:
+    """``fn(*args)`` in a child process, killed when ``budget`` runs out or its cancel event is set.
 
     Args:
         fn, args: a picklable top-level function and its arguments.
-        time_budget: seconds, or None to run in this process without a limit.
+        budget: the time left and the cancel event (:class:`~qtg.topology.budget.Budget`); one with neither
+            runs ``fn`` in this process, unbounded.
         what: the request in words, for the error message.
-        cancel: an event another thread may set to abandon the work.
 
     Raises:
-        TopologyError: the budget ran out, the work was cancelled, or the child
-            failed or died (for example killed for memory).
+        BudgetExceeded: the budget ran out, or the work was cancelled.
+        TopologyError: the child failed or died (for example killed for memory).
     """
-    if time_budget is None and cancel is None:
+    if not budget.limited:
         return fn(*args)
+    budget.check(what)  # nothing is started for a budget already spent
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, args), daemon=True)
-    start = time.monotonic()
     proc.start()
     send.close()  # the child holds the only writer: a dead child reads as EOF
     try:
@@ -321,17 +362,11 @@ def run_bounded(fn: Callable, args: tuple, time_budget: float | None, what: str,
                 try:
                     status, payload = recv.recv()
                 except EOFError:
-                    raise TopologyError(f"{what}: the worker process died (exit code {proc.exitcode}), "
-                                        "probably out of memory; lower max_points or set max_edge") from None
+                    raise TopologyError(budget.died(what, proc.exitcode)) from None
                 if status == "error":
                     raise TopologyError(f"{what} failed: {payload}")
                 return payload
-            if time_budget is not None and time.monotonic() - start > time_budget:
-                raise TopologyError(f"{what} exceeded time_budget={time_budget:g} s and was stopped; "
-                                    "raise time_budget (--time-budget), lower max_points (--max-points), "
-                                    "lower maxdim, or set max_edge (--max-edge) below the diameter")
-            if cancel is not None and cancel.is_set():
-                raise TopologyError(f"{what} was cancelled after {time.monotonic() - start:.2f} s")
+            budget.check(what)
     finally:
         if proc.is_alive():
             proc.kill()

@@ -193,7 +193,7 @@ class Comparison:
     wasserstein1_h0: float
     abs_error: np.ndarray  # |s~_i - s_i|
     elder: np.ndarray  # p_i, elder-rule exact H0 persistence (token 0: inf)
-    spearman_filter_vs_elder: float | None  # s~ against p, tokens 1..N-1
+    spearman_filter_vs_elder: float | None  # s~ against p, tokens 1..N-1 (repeats included: they all tie at 0)
     spearman_filter_vs_causal: float | None  # s~ against s
     softmin_bound_holds: bool  # s_i - T log(i-1) <= s~_i <= s_i for every token
     theta: float
@@ -208,6 +208,10 @@ class Comparison:
     h1_truncated: int  # H1 bars still alive at a max_edge cut
     negative_soft: int  # tokens with s~ < 0, clipped to 0 in the implied diagram
     exact_is_bounded: bool  # the exact diagrams were subsampled or cut below the enclosing radius
+    # s~ against p on the distinct tokens only: first occurrences, s > 0. A repeated state has s = p = 0 and
+    # s~ <= 0, so the repeats tie at the bottom of both rankings and lift the correlation over all tokens
+    spearman_filter_vs_elder_distinct: float | None = None
+    distinct_tokens: int = 0  # tokens 1..N-1 whose state appears nowhere earlier (s > 0)
     method: str = ("bottleneck: gudhi.bottleneck_distance (exact to the last bits of a double); "
                    "W1: optimal assignment, scipy linear_sum_assignment (exact); L-inf ground metric; "
                    "finite parts, essential bars matched separately")
@@ -255,6 +259,8 @@ def compare(exact: ExactDiagrams, approx: ApproxView) -> Comparison:
     slack = 1e-5 * max(1.0, float(np.abs(s).max()))  # the model computes s~ and s in float32
     bound_ok = bool(np.all(soft <= s + slack) and np.all(soft >= s - approx.temperature * np.log(count) - slack))
     rest = slice(1, None)  # token 0 has no earlier token: no score, and its bar is the infinite one
+    distinct = np.flatnonzero(s > 0)
+    distinct = distinct[distinct > 0]
     down, exact_mode, persistent = soft > theta, s > theta, p > theta
     down[0] = exact_mode[0] = persistent[0] = False
     h1_bars, h1_total, h1_max, h1_trunc = _h1_summary(exact)
@@ -276,6 +282,7 @@ def compare(exact: ExactDiagrams, approx: ApproxView) -> Comparison:
         filter_agreement_elder=float(np.mean(down[rest] == persistent[rest])) if approx.n > 1 else 1.0,
         h1_bars=h1_bars, h1_total_persistence=h1_total, h1_max_persistence=h1_max, h1_truncated=h1_trunc,
         negative_soft=int((soft < 0).sum()), exact_is_bounded=not exact.bounds.exact,
+        spearman_filter_vs_elder_distinct=_spearman(soft[distinct], p[distinct]), distinct_tokens=int(distinct.size),
     )
 
 

@@ -62,10 +62,12 @@ What the computation does, in order, and why each step keeps the result exact:
    lengths (from about 5,800 points), where its values are float32 and
    ``value_error`` is 2^-24 of the threshold. Two engines on the same input
    therefore agree number for number, and disagreement is a bug.
-7. **Time budget.** Rips engines run in a child process that is killed when
-   ``time_budget`` runs out or ``cancel`` is set; the error names the knobs.
-   H0 by the spanning tree runs in-process: its cost, O(N^2), is bounded by
-   the point limit.
+7. **Time budget.** ``time_budget`` bounds the whole call, every stage: the
+   point limit and H0 by the spanning tree (in this process, checked every few
+   iterations) and the Rips engine (in a child process, killed when the budget
+   runs out or ``cancel`` is set); the error names the knobs. A
+   :class:`~qtg.topology.budget.Budget` given instead is shared: several calls
+   (two engines, a layer sweep) draw on one budget.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from scipy import sparse
 
 from qtg.errors import TopologyError
 from qtg.topology import backends
+from qtg.topology.budget import Budget, as_budget
 
 BACKENDS = ("auto", "gudhi", "ripser", "giotto-ph")
 SUBSAMPLE = ("farthest", "first", "error")
@@ -97,7 +100,8 @@ DEFAULT_TIME_BUDGET = 20.0  # seconds
 MAX_DIM = 3
 IN_PROCESS_BELOW = 64  # distinct points: H0+H1 of fewer takes milliseconds; no child process for it
 _NEAR_REL = 1e-6  # Gram-form sq distances below this x the largest sq norm are recomputed directly
-_RECOMPUTE_CHUNK = 1 << 16  # pairs per chunk of that recomputation
+_RECOMPUTE_BYTES = 32 * 2**20  # each of the three [pairs, D] arrays of a chunk of that recomputation, at most
+_CHECK_EVERY = 16  # points chosen by farthest-point sampling between two looks at the time budget
 _SYM_RTOL = 1e-9
 
 
@@ -380,8 +384,12 @@ def euclidean_distances(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarra
     sq += nx[:, None]
     sq += ny[None, :]
     i, j = np.nonzero(sq < _NEAR_REL * max(nx.max(), ny.max()))
-    for start in range(0, len(i), _RECOMPUTE_CHUNK):
-        a, b = i[start:start + _RECOMPUTE_CHUNK], j[start:start + _RECOMPUTE_CHUNK]
+    if same:  # the diagonal is 0 (set below): only pairs of distinct indices need recomputing
+        i, j = i[i != j], j[i != j]
+    # chunks of pairs sized by bytes, not pairs: 65,536 pairs of 6,144-wide states (7b) once took 3 GiB apiece
+    chunk = max(1, _RECOMPUTE_BYTES // (8 * x.shape[1]))
+    for start in range(0, len(i), chunk):
+        a, b = i[start:start + chunk], j[start:start + chunk]
         diff = x[a] - y[b]
         sq[a, b] = np.einsum("ij,ij->i", diff, diff)
     np.maximum(sq, 0.0, out=sq)
@@ -395,18 +403,21 @@ def euclidean_distances(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarra
 # --- the point limit ------------------------------------------------------------------
 
 
-def _farthest_first(dist_to: Any, n: int, k: int) -> tuple[np.ndarray, float]:
+def _farthest_first(dist_to: Any, n: int, k: int, budget: Budget) -> tuple[np.ndarray, float]:
     """Greedy farthest-point order from point 0: (k chosen indices, Hausdorff distance to all n)."""
     chosen = [0]
     gap = dist_to(0).copy()
-    for _ in range(k - 1):
+    for i in range(k - 1):
+        if i % _CHECK_EVERY == 0:
+            budget.check(f"choosing {k} of {n} points")
         j = int(np.argmax(gap))
         chosen.append(j)
         np.minimum(gap, dist_to(j), out=gap)
     return np.sort(np.array(chosen)), float(gap.max())
 
 
-def _limit(arr: np.ndarray, is_points: bool, limit: int, how: str) -> tuple[np.ndarray, str, float]:
+def _limit(arr: np.ndarray, is_points: bool, limit: int, how: str,
+           budget: Budget) -> tuple[np.ndarray, str, float]:
     """(indices kept among ``arr``'s rows, how they were chosen, Hausdorff distance)."""
     n = arr.shape[0]
     if n <= limit:
@@ -422,9 +433,11 @@ def _limit(arr: np.ndarray, is_points: bool, limit: int, how: str) -> tuple[np.n
         kept = np.arange(limit)
         gap = np.full(n, np.inf)
         for i in kept:
+            if i % _CHECK_EVERY == 0:
+                budget.check(f"the Hausdorff distance of the first {limit} of {n} points")
             np.minimum(gap, dist_to(int(i)), out=gap)
         return kept, "first", float(gap.max())
-    kept, hausdorff = _farthest_first(dist_to, n, limit)
+    kept, hausdorff = _farthest_first(dist_to, n, limit, budget)
     return kept, "farthest", hausdorff
 
 
@@ -442,8 +455,8 @@ def _check_args(maxdim: int, backend: str, max_edge: float | None, max_points: i
     if max_points is not None and not (2 <= max_points <= HARD_MAX_POINTS):
         raise TopologyError(f"max_points must lie in [2, {HARD_MAX_POINTS}] (its distance matrix takes "
                             f"max_points^2 x 8 bytes), got {max_points!r}")
-    if time_budget is not None and not time_budget > 0:
-        raise TopologyError(f"time_budget must be positive seconds or None, got {time_budget!r}")
+    if time_budget is not None and not isinstance(time_budget, Budget) and not time_budget > 0:
+        raise TopologyError(f"time_budget must be positive seconds, a Budget or None, got {time_budget!r}")
     if metric_input not in METRIC_INPUTS:
         raise TopologyError(f"metric_input must be 'auto', 'points' or 'distances', got {metric_input!r}")
     if subsample not in SUBSAMPLE:
@@ -457,8 +470,8 @@ def _engines(backend: str, maxdim: int) -> tuple[str, str | None]:
     return backend, backend
 
 
-def _prepare(data: Any, metric_input: str, limit: int,
-             subsample: str) -> tuple[np.ndarray, np.ndarray, int, int, str, float, bool]:
+def _prepare(data: Any, metric_input: str, limit: int, subsample: str,
+             budget: Budget) -> tuple[np.ndarray, np.ndarray, int, int, str, float, bool]:
     """Validated, deduplicated, limited distances.
 
     Returns:
@@ -468,7 +481,7 @@ def _prepare(data: Any, metric_input: str, limit: int,
     arr, is_points = read_input(data, metric_input)
     distinct = _distinct_rows(arr)
     sub = arr[distinct] if is_points else arr[np.ix_(distinct, distinct)]
-    keep, how, hausdorff = _limit(sub, is_points, limit, subsample)
+    keep, how, hausdorff = _limit(sub, is_points, limit, subsample, budget)
     kept = distinct[keep]
     d = euclidean_distances(arr[kept]) if is_points else arr[np.ix_(kept, kept)]
     return d, kept, arr.shape[0], len(distinct), how, hausdorff, is_points
@@ -480,7 +493,7 @@ def exact_diagrams(
     backend: str = "auto",
     max_edge: float | None = None,
     max_points: int | None = None,
-    time_budget: float | None = DEFAULT_TIME_BUDGET,
+    time_budget: float | Budget | None = DEFAULT_TIME_BUDGET,
     metric_input: str = "auto",
     subsample: str = "farthest",
     cancel: threading.Event | None = None,
@@ -497,33 +510,37 @@ def exact_diagrams(
             float64 diagrams (``.bounds.precision``).
         max_edge: cut the filtration at this edge length (default: the enclosing radius, exact).
         max_points: distinct points kept (default 4096 for H0 only, 1024 otherwise).
-        time_budget: seconds before the Rips engine is stopped (None: no limit, in this process).
+        time_budget: seconds for the whole call, every stage (None: no limit, the engine in this process), or
+            a :class:`~qtg.topology.budget.Budget` shared with other calls (its cancel event, not ``cancel``).
         metric_input: ``"points"``, ``"distances"``, or ``"auto"``: a non-square array is points; a
             square one is distances when it is a valid distance matrix, points otherwise, and a
             ``UserWarning`` says which reading was taken.
         subsample: above ``max_points``: ``"farthest"`` (default), ``"first"`` or ``"error"``.
-        cancel: a ``threading.Event``; setting it stops the Rips engine.
+        cancel: a ``threading.Event``; setting it stops the work.
 
     Returns:
         :class:`ExactDiagrams`.
 
     Raises:
         TopologyError: bad input, or work beyond the bounds (the message names the knob).
+        BudgetExceeded: (a TopologyError) the time budget ran out or ``cancel`` was set.
     """
     _check_args(maxdim, backend, max_edge, max_points, time_budget, metric_input, subsample)
+    budget = as_budget(time_budget, cancel)
+    budget.check("the exact diagrams")
     t0 = time.perf_counter()
     limit = max_points or (DEFAULT_MAX_POINTS_H0 if maxdim == 0 else DEFAULT_MAX_POINTS_RIPS)
     d, kept, given, distinct, how, hausdorff, is_points = _prepare(points_or_distances, metric_input, limit,
-                                                                   subsample)
+                                                                   subsample, budget)
     enclosing = float(d.max(axis=1).min())
     threshold = enclosing if max_edge is None else min(float(max_edge), enclosing)
     t1 = time.perf_counter()
-    dgms, engine_names, stage, job = _compute(d, maxdim, backend, threshold, time_budget, cancel)
+    dgms, engine_names, stage, job = _compute(d, maxdim, backend, threshold, budget)
     bounds = Bounds(points_given=given, points_distinct=distinct, points_kept=len(kept), subsample=how,
                     hausdorff=hausdorff, edge_threshold=threshold,
                     threshold_source="enclosing radius" if threshold == enclosing else "max_edge",
                     threshold_exact=threshold >= enclosing, enclosing_radius=enclosing,
-                    time_budget=time_budget, kept_indices=kept.tolist(),
+                    time_budget=budget.seconds, kept_indices=kept.tolist(),
                     reading="points" if is_points else "distances",
                     precision=job.precision if job else "float64", value_error=job.value_error if job else 0.0)
     return ExactDiagrams(dgms=dgms, backend="+".join(engine_names), requested_backend=backend,
@@ -531,26 +548,29 @@ def exact_diagrams(
                          stage_seconds={"prepare": t1 - t0, **stage})
 
 
-def _compute(d: np.ndarray, maxdim: int, backend: str, threshold: float, time_budget: float | None,
-             cancel: threading.Event | None
+def _compute(d: np.ndarray, maxdim: int, backend: str, threshold: float, budget: Budget
              ) -> tuple[list[np.ndarray], list[str], dict[str, float], backends.EngineInput | None]:
     """(diagrams, engines that ran, seconds per stage, what the Rips engine was given or None)."""
     h0_engine, rips_engine = _engines(backend, maxdim)
     names, stage, dgms, job = [], {}, [], None
     if h0_engine == "mst":
         t = time.perf_counter()
-        dgms = [backends.h0_from_mst(d, threshold)]
+        h0 = f"H0 (spanning tree) of {d.shape[0]} points"
+        dgms = [backends.h0_from_mst(d, threshold, check=lambda: budget.check(h0))]
         stage["mst"] = time.perf_counter() - t
         names.append("mst")
     if rips_engine is not None:
         t = time.perf_counter()
         job = backends.engine_input(rips_engine, d, threshold)
         what = f"{rips_engine} H0..H{maxdim} of {d.shape[0]} points"
-        tiny = d.shape[0] < IN_PROCESS_BELOW and maxdim <= 1 and cancel is None
-        budget = None if tiny else time_budget
         backends.preload(rips_engine)
-        raw = backends.run_bounded(backends.engine_diagrams, (rips_engine, job.matrix, maxdim, job.threshold),
-                                   budget, what, cancel)
+        if d.shape[0] < IN_PROCESS_BELOW and maxdim <= 1:  # milliseconds: no child process, checked before and after
+            budget.check(what)
+            raw = backends.engine_diagrams(rips_engine, job.matrix, maxdim, job.threshold)
+            budget.check(what)
+        else:
+            raw = backends.run_bounded(backends.engine_diagrams, (rips_engine, job.matrix, maxdim, job.threshold),
+                                       budget, what)
         rips = backends.unrank(raw, job.values)
         dgms = dgms + rips[len(dgms):]  # keep the float64 spanning-tree H0 when it ran
         stage[rips_engine] = time.perf_counter() - t

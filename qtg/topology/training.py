@@ -43,6 +43,7 @@ from qtg.metrics import attention_stats
 from qtg.snapshots import SNAPSHOT_DIR, Snapshot, file_sha256, list_snapshots, load_snapshot
 from qtg.tokenizer import encode
 from qtg.topology.attention_graph import attention_graph
+from qtg.topology.budget import Budget
 from qtg.topology.compare import approx_view, compare
 from qtg.topology.exact import exact_diagrams
 
@@ -128,7 +129,7 @@ def probe_ids(model: Any, text: str, max_tokens: int) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def _graph_features(maps: torch.Tensor, time_budget: float | None) -> list[dict[str, float]]:
+def _graph_features(maps: torch.Tensor, time_budget: float | Budget | None) -> list[dict[str, float]]:
     """GRAPH_FEATURES of each head's map ``[H, N, N]``."""
     out = []
     for a in maps:
@@ -195,7 +196,7 @@ def cache_key(snapshot: Snapshot, probe: str, max_tokens: int) -> str:
 
 def analyse_snapshot(snapshot: Snapshot | str | os.PathLike, probe: str, *, max_tokens: int = 128,
                      use_cache: bool = True, cache_dir: str | os.PathLike | None = None,
-                     time_budget: float | None = None) -> SnapshotAnalysis:
+                     time_budget: float | Budget | None = None) -> SnapshotAnalysis:
     """One snapshot's :class:`SnapshotAnalysis` on ``probe``: read from the cache, or computed and cached.
 
     Args:
@@ -204,7 +205,8 @@ def analyse_snapshot(snapshot: Snapshot | str | os.PathLike, probe: str, *, max_
         max_tokens: probe length cap (the model's context + 1 caps it too).
         use_cache: False computes afresh and writes nothing.
         cache_dir: where the JSON files go (default :func:`cache_folder` of the run).
-        time_budget: seconds allowed to each exact diagram (None: no limit).
+        time_budget: seconds allowed to each exact diagram (None: no limit), or one
+            :class:`~qtg.topology.budget.Budget` for them all.
 
     Returns:
         The analysis; ``from_cache`` says whether it was read from disk.
