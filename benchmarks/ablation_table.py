@@ -8,8 +8,10 @@ Every model is scored on the same windows of the test works of
 checkpoint) by :func:`qtg.experiments.compare_models`: its bits per byte with a
 bootstrap 95% interval over windows, and its difference from nano with a
 paired one (the models share nano's tokenizer and context, so a window is one
-pair). Training speed is not here: the runs shared the machine with other
-work, so ``benchmarks/bench_train_throughput.py`` measures it side by side.
+pair) and with the interval across the works, which the verdict reads
+(windows of one work are not independent; ``qtg compare`` prints the same).
+Training speed is not here: the runs shared the machine with other work, so
+``benchmarks/bench_train_throughput.py`` measures it side by side.
 """
 
 from __future__ import annotations
@@ -46,12 +48,19 @@ def main() -> None:
         raise SystemExit(f"no shipped weights for {', '.join(random)}: train and export them first (model card)")
     scores = compare_models(models, test, max_windows=args.max_windows, resamples=args.resamples, progress=True)
     print(f"test works: {', '.join(w.name for w in test)}; {args.resamples} bootstrap resamples")
-    print(f"{'model':<22}{'params':>11}{'loss':>8}{'bits/byte [95% CI]':>28}{'minus ' + args.models[0]:>32}")
+    works = scores[-1].works.interval if len(scores) > 1 else None
+    if works is not None:
+        print(f"minus {args.models[0]}: paired over windows (these texts), and across the {works.n} works "
+              f"({works.method})")
+    print(f"{'model':<22}{'params':>11}{'loss':>8}{'bits/byte [95% CI]':>28}{'minus ' + args.models[0]:>32}"
+          f"{'across works':>22}  verdict")
     for s in scores:
         b, dlt = s.bits_per_byte, s.delta_bits_per_byte
         params = sum(p.numel() for p in models[s.name].parameters())
         gap = "" if dlt is None else f"{dlt.estimate:+.4f} [{dlt.low:+.4f}, {dlt.high:+.4f}]"
-        print(f"{s.name:<22}{params:>11,}{s.loss:>8.4f}{b.estimate:>10.4f} [{b.low:.4f}, {b.high:.4f}]{gap:>32}")
+        across = "" if s.works is None else f"[{s.works.interval.low:+.4f}, {s.works.interval.high:+.4f}]"
+        print(f"{s.name:<22}{params:>11,}{s.loss:>8.4f}{b.estimate:>10.4f} [{b.low:.4f}, {b.high:.4f}]{gap:>32}"
+              f"{across:>22}  {'' if s.works is None else s.works.verdict()}")
     if args.json:
         args.json.write_text(json.dumps([s.to_dict() for s in scores], indent=1))
 

@@ -1,4 +1,4 @@
-"""Execute the notebooks and write HTML whose plotly figures show offline: ``make notebooks-html``.
+"""Execute the notebooks and write HTML pages that need no network: ``make notebooks-html``.
 
 An executed notebook stores each figure as ``application/vnd.plotly.v1+json``, which only a
 live JupyterLab renders: ``nbconvert --to html`` drops it and a hosted viewer shows nothing.
@@ -6,6 +6,12 @@ This script runs each notebook (nbclient, one thread, ``notebooks/`` as working 
 turns every plotly output into a ``text/html`` output (a ``<div>`` and the script that draws
 it), puts plotly.js itself inline once per page, before the first figure, and writes the
 page with nbconvert's HTML exporter. The committed notebooks are read, never written.
+
+Nothing on a page comes from the network. nbconvert's lab template loads require.js, MathJax
+and mermaid from a CDN, so offline its equations stay raw ``$...$``: :class:`OfflineHTMLExporter`
+leaves those three scripts out and renders every formula of the markdown cells to MathML on
+this machine (latex2mathml), which browsers draw natively. Its styles are nbconvert's own,
+inlined in the page.
 
     python notebooks/export_html.py                      # every notebook -> build/notebooks-html/
     python notebooks/export_html.py 02_topology_exact_vs_approx.ipynb --out /tmp/html
@@ -22,9 +28,12 @@ from pathlib import Path
 
 import nbformat
 import plotly.io as pio
+from jinja2 import DictLoader, pass_context
+from latex2mathml.converter import convert as latex_to_mathml
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from nbconvert import HTMLExporter
+from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 from plotly.offline import get_plotlyjs
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +42,14 @@ PLOTLY = "application/vnd.plotly.v1+json"
 DEFAULT_OUT = ROOT / "build" / "notebooks-html"
 PLOTLY_JS_CLASS = "qtg-plotly-js"  # the one script that carries plotly.js
 FIGURE_CLASS = "qtg-plotly-figure"  # every figure's div carries it, so a reader (or a test) can count them
+MATH_CLASS = "qtg-math"  # every formula rendered to MathML carries it
+# nbconvert's lab page without the three scripts it would fetch from a CDN (require.js, MathJax, mermaid)
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block extra_css -%}<style type="text/css">math.qtg-math { font-size: 1.15em; }</style>{%- endblock extra_css -%}
+"""
 
 
 def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> nbformat.NotebookNode:
@@ -52,9 +69,9 @@ def plotly_outputs(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 def plotly_js() -> str:
     """plotly.js inline, as a global ``Plotly`` even where require.js is on the page.
 
-    nbconvert's page loads require.js (when online), and plotly.js's UMD wrapper would then
-    register itself as an AMD module instead of ``window.Plotly``; hiding ``define`` from it
-    keeps the global that every figure's script calls.
+    The offline page has no require.js, but a page built with nbconvert's own template loads it
+    (when online), and plotly.js's UMD wrapper would then register itself as an AMD module instead
+    of ``window.Plotly``; hiding ``define`` from it keeps the global that every figure's script calls.
     """
     return ('<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>\n'
             f'<script type="text/javascript" class="{PLOTLY_JS_CLASS}">(function (define) {{\n'
@@ -77,10 +94,46 @@ def inline_figures(nb: nbformat.NotebookNode) -> int:
     return len(figures)
 
 
+def mathml(tex: str, display: bool) -> str:
+    """One formula as MathML (no namespace attribute: HTML5 knows ``<math>``)."""
+    markup = latex_to_mathml(tex, display="block" if display else "inline")
+    return markup.replace(' xmlns="http://www.w3.org/1998/Math/MathML"', f' class="{MATH_CLASS}"', 1)
+
+
+class MathMLRenderer(IPythonRenderer):
+    """nbconvert's markdown renderer with every ``$...$``, ``$$...$$`` and LaTeX environment drawn as MathML."""
+
+    def block_math(self, body: str) -> str:
+        return mathml(body, display=True)
+
+    def inline_math(self, body: str) -> str:
+        return mathml(body, display=False)
+
+    def latex_environment(self, name: str, body: str) -> str:
+        return mathml(f"\\begin{{{name}}}{body}\\end{{{name}}}", display=True)
+
+
+class OfflineHTMLExporter(HTMLExporter):
+    """The lab page with no script from the network, its maths rendered here (module docstring)."""
+
+    def __init__(self, **kw):
+        super().__init__(template_name="lab", extra_loaders=[DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
+                         template_file="offline.html.j2", **kw)
+
+    @pass_context  # the filter reads the cell (attachments) and the path from the template's context
+    def markdown2html(self, context, source):
+        cell = context.get("cell", {})
+        path = context.get("resources", {}).get("metadata", {}).get("path", "")
+        renderer = MathMLRenderer(escape=False, attachments=cell.get("attachments", {}), embed_images=self.embed_images,
+                                  path=path, anchor_link_text=self.anchor_link_text,
+                                  exclude_anchor_links=self.exclude_anchor_links, **self.lexer_options)
+        return MarkdownWithMath(renderer=renderer).render(source)
+
+
 def to_html(nb: nbformat.NotebookNode) -> str:
     """The page for an executed notebook (its plotly outputs are converted in place)."""
     inline_figures(nb)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    body, _ = OfflineHTMLExporter().from_notebook_node(nb)
     return body
 
 

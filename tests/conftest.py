@@ -96,15 +96,19 @@ WORDS = ("the king doth wake tonight and takes his rouse keeps wassail swaggerin
          "drains draughts of rhenish down kettle drum trumpet bray out triumph pledge").split()
 
 
+def write_works(d: Path, n_lines: int = 300, n_works: int = 3) -> Path:
+    """``n_works`` generated 'works' (``work0.txt`` ...) of ``n_lines`` lines (~27 bytes each) in ``d``."""
+    for i in range(n_works):
+        r = random.Random(i)
+        lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))).capitalize() + "." for _ in range(n_lines)]
+        (d / f"work{i}.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """Three generated 'works' of ~8 KB (``work0.txt`` ...): a whole-work split gives one to validation."""
-    d = tmp_path_factory.mktemp("text")
-    for i in range(3):
-        r = random.Random(i)
-        lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 12))).capitalize() + "." for _ in range(300)]
-        (d / f"work{i}.txt").write_text("\n".join(lines) + "\n")
-    return d
+    return write_works(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="session")

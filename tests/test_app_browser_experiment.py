@@ -1,7 +1,8 @@
 """The Experiment tab in headless Chromium (the session's ``python -m app`` server and page, tests/browser.py):
 one text before and after an intervention, the logit lens of QTG and its baseline, the sweep over the held-out
-works with its table and forest plot, and Stop on a long sweep. Screenshots: lens.png, then experiment.png with
-every panel filled (``QTG_SCREENSHOTS=docs/screenshots`` writes the README's).
+works with its table and forest plot (both intervals, a dot per work), the heads of QTG and its baseline ranked
+on one scale, and Stop on a long sweep. Screenshots: lens.png, heads.png, then experiment.png with every panel
+filled (``QTG_SCREENSHOTS=docs/screenshots`` writes the README's).
 """
 
 from __future__ import annotations
@@ -62,12 +63,42 @@ def test_sweep_over_the_held_out_works(page, shots):
     rows = _text(page, "sweep-table")
     for name in ("plain", "topo=exact ablate=0:1", "topo=off", "positions=none", "gamma=1.0"):
         assert name in rows
+    for header in ("Δ bits/byte, these texts", "Δ bits/byte across works", "verdict (across works)"):
+        assert header in rows
+    assert "= plain" in rows  # gamma cannot move the TopoFilter's figures: marked, not a repeated number
     fits(page, "sweep-forest")
-    right = page.evaluate("Math.max(...[...document.querySelectorAll('#sweep-table th, #sweep-table td')]"
-                          ".map(e => e.getBoundingClientRect().right))")
-    panel = page.evaluate("document.querySelector('#sweep-table').getBoundingClientRect().right")
-    assert right <= panel + 1, (right, panel)  # every column in view, none clipped
+    legend = page.locator("#sweep-forest .legend").text_content()
+    assert "each work" in legend and "these texts (windows)" in page.locator("#sweep-forest .xtitle").text_content()
+    # one dot per work and condition: 4 test works x 4 conditions (16 windows drawn may miss a work: at least 3)
+    dots = page.locator("#sweep-forest .scatterlayer .trace").last.locator(".point").count()
+    assert 3 * 4 <= dots <= 4 * 4, dots
+    _columns_in_view(page, "sweep-table")
     page.screenshot(path=str(shots / "experiment.png"), full_page=True)
+
+
+def _columns_in_view(page, elem_id: str) -> None:
+    right = page.evaluate(f"Math.max(...[...document.querySelectorAll('#{elem_id} th, #{elem_id} td')]"
+                          ".map(e => e.getBoundingClientRect().right))")
+    panel = page.evaluate(f"document.querySelector('#{elem_id}').getBoundingClientRect().right")
+    assert right <= panel + 1, (right, panel)  # every column in view, none clipped
+
+
+def test_heads_of_qtg_and_its_baseline_ranked_on_one_scale(page, shots):
+    tab(page, "Experiment")
+    set_number(page, "sweep-windows", "4")
+    page.locator("#heads-baseline input").check()
+    page.click("#heads-btn")
+    page.wait_for_function("document.querySelector('#heads-status')?.innerText.startsWith('done:')",
+                           timeout=120_000)
+    plot_rendered(page, "heads-forest")
+    titles = page.inner_text("#heads-forest")
+    assert "nano (qtg)" in titles and "nano-baseline (baseline)" in titles  # two panels, one figure
+    rows = _text(page, "heads-table")
+    assert "nano-baseline" in rows and "0:0" in rows and "verdict (across works)" in rows
+    fits(page, "heads-forest")
+    _columns_in_view(page, "heads-table")
+    page.locator("#heads-forest").screenshot(path=str(shots / "heads.png"))
+    set_number(page, "sweep-windows", "16")
 
 
 def test_stop_cancels_a_long_sweep(page):

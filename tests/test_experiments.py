@@ -201,6 +201,38 @@ def test_sweep_deltas_match_eval_under_each_intervention(small, docs, swept):
     assert off.mean_topo_weight == pytest.approx(1.0) and swept.conditions[0].mean_topo_weight < 1.0
 
 
+def test_sweep_reports_each_work_and_the_interval_across_works(small, docs, swept):
+    """Each work's change is qtg eval's on that work alone; the pooled change is their byte-weighted mean;
+    two works with text take the t-interval over works (the empty one has no window)."""
+    work_bytes = {d.name: d.n_bytes for d in docs if d.text}
+    for cond, iv in zip(swept.conditions[1:], [EXACT, OFF, GAMMA3]):
+        works = cond.delta_bits_per_byte_works
+        assert list(works.per_work) == ["speech", "accents"] and works.n_works == 2
+        for doc in docs[:2]:
+            alone = evaluate(small, [doc], intervene=iv).bits_per_byte - evaluate(small, [doc]).bits_per_byte
+            assert works.per_work[doc.name] == pytest.approx(alone, abs=1e-6)
+        pooled = sum(works.per_work[w] * b for w, b in work_bytes.items()) / sum(work_bytes.values())
+        assert pooled == pytest.approx(cond.delta_bits_per_byte.estimate, abs=1e-9)
+        assert works.interval == ex.t_interval(list(works.per_work.values()))
+        d = cond.to_dict()
+        assert d["per_work"] == works.per_work and d["n_works"] == 2 and d["works_method"] == "t-interval over works"
+        assert d["ci95_works"] == [works.interval.low, works.interval.high] and d["verdict"] == works.verdict()
+        assert d["delta_loss_per_work"] == cond.delta_loss_works.per_work
+
+
+def test_figures_a_condition_cannot_move_are_named_and_equal_the_unmodified_model_s(swept):
+    """The TopoFilter precedes every block: gamma cannot move its weights or its diagram, and the exact
+    filter (topo=exact) changes w but not the soft-min's diagram; T reaches both."""
+    plain, exact, _, gamma = swept.conditions
+    assert gamma.to_dict()["unchanged"] == ["mean_topo_weight", "bottleneck_h0_mean"]
+    np.testing.assert_array_equal(gamma.scores.mean_weight, plain.scores.mean_weight)
+    np.testing.assert_array_equal(gamma.scores.bottleneck_h0, plain.scores.bottleneck_h0)
+    assert exact.to_dict()["unchanged"] == ["bottleneck_h0_mean"] and plain.to_dict()["unchanged"] == []
+    assert ex.unchanged_figures(qtg.Intervention(temperature=0.5)) == []
+    assert ex.unchanged_figures(qtg.Intervention(ablate_heads={0: [1]}, positions="none")) == [
+        "mean_topo_weight", "bottleneck_h0_mean"]
+
+
 def test_sweep_sampled_windows_carry_attention_and_topology(small, swept):
     L, H = small.cfg.n_layers, small.cfg.n_heads
     for cond in swept.conditions:
@@ -298,6 +330,10 @@ def test_cli_json_is_one_object_plain_first_and_agrees_with_eval(tiny_checkpoint
     assert first["bits_per_byte"] == pytest.approx(evaluate(model, text_file).bits_per_byte, rel=1e-6)
     off = out["conditions"][1]
     assert off["ci95"][0] <= off["delta_bits_per_byte"] <= off["ci95"][1] and off["mean_topo_weight"] == 1.0
+    # one work: its own change, and no interval across works
+    assert off["per_work"] == {"speech": pytest.approx(off["delta_bits_per_byte"], abs=1e-12)}
+    assert off["n_works"] == 1 and off["ci95_works"] is None
+    assert off["verdict"] == "no difference detected (one work: no interval across works)"
 
 
 def test_cli_heads_side_by_side(tiny_checkpoint, baseline_checkpoint, text_file, capsys):
@@ -308,7 +344,9 @@ def test_cli_heads_side_by_side(tiny_checkpoint, baseline_checkpoint, text_file,
     ranks = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
     assert ranks == [str(i) for i in range(1, 9)]  # 2 blocks x 4 heads, ranked
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert all(len(r) == 1 + 2 * 4 for r in rows)  # rank, then per model: head, delta, [low, high]
+    # rank, then per model: head, delta [low, high] over windows, and across works delta [-]: one work, no interval
+    assert all(len(r) == 1 + 2 * 6 for r in rows) and all(r[6] == r[12] == "[-]" for r in rows)
+    assert "across the one work (one work: no interval across works)." in out
 
 
 @pytest.mark.parametrize("args, message", [

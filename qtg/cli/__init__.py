@@ -12,12 +12,12 @@ import sys
 
 from qtg import __version__
 from qtg.cli import app as app_cmd
+from qtg.cli import compare, experiment, export, generate, info, serve, tokenizer, topo, train
 from qtg.cli import eval as eval_cmd
-from qtg.cli import experiment, export, generate, info, serve, tokenizer, topo, train
 from qtg.distributed.world import under_torchrun
 from qtg.errors import QTGError
 
-COMMANDS = [info, train, generate, eval_cmd, experiment, tokenizer, topo, export, app_cmd, serve]
+COMMANDS = [info, train, generate, eval_cmd, experiment, compare, tokenizer, topo, export, app_cmd, serve]
 
 EPILOG = """examples:
   qtg info                      every tier: counted vs claimed parameters, memory, fits here?
@@ -27,6 +27,7 @@ EPILOG = """examples:
   qtg eval --data assets/corpus/hamlet.txt.gz               loss, perplexity, bits per byte
   qtg eval --model nano-baseline --data assets/corpus/hamlet.txt.gz --intervene ablate=0:1   one head off
   qtg experiment --data assets/corpus --split test --intervene topo=off   change in bits/byte with a 95% CI
+  qtg compare --model nano --model nano-baseline --data assets/corpus --split test   models side by side
   qtg tokenizer train --vocab-size 2048 --out runs/tok.json   a BPE tokenizer on the bundled corpus
   qtg topo --text "To be, or not to be" --layer all --html topo.html   exact persistence vs the TopoFilter
   torchrun --nproc_per_node 2 $(which qtg) train --config configs/nano.yaml --out runs/nano2   sharded (FSDP2)

@@ -6,7 +6,11 @@ import argparse
 import logging
 
 from qtg.checkpoint import load, shipped_models
+from qtg.data import split_documents
 from qtg.errors import ConfigError
+from qtg.experiments.corpus import read_documents
+from qtg.experiments.errors import ExperimentError
+from qtg.experiments.heldout import SHIPPED_SPLIT, SPLITS
 
 log = logging.getLogger("qtg")
 
@@ -56,3 +60,21 @@ def check_tokenizer(model) -> None:
     if model.tokenizer is None:
         raise ConfigError(f"{model.cfg.name!r} has no tokenizer (random weights carry none): "
                           "load a trained checkpoint with --checkpoint, or --model nano")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data PATH (required) and --split train|val|test."""
+    p.add_argument("--data", required=True, metavar="PATH", help="a .txt/.txt.gz/.jsonl file or a directory of them")
+    p.add_argument("--split", choices=SPLITS,
+                   help="only these works of --data, split as the shipped configs split it (whole works by bytes: "
+                        "val 0.1, test 0.1, seed 0)")
+
+
+def read_data(args: argparse.Namespace) -> list:
+    """The documents of --data, or of its --split part (as the shipped configs split it)."""
+    docs = read_documents(args.data)
+    if args.split:
+        docs = getattr(split_documents(docs, **SHIPPED_SPLIT), args.split)
+        if not docs:
+            raise ExperimentError(f"--split {args.split}: that split of {args.data} holds no work")
+    return docs

@@ -6,17 +6,12 @@ import argparse
 import json
 
 from qtg.checkpoint import load
-from qtg.cli.common import add_model_args, check_tokenizer, load_model
+from qtg.cli.common import add_data_args, add_model_args, check_tokenizer, load_model, read_data
 from qtg.cli.table import format_table
-from qtg.data import split_documents
 from qtg.experiments import ExperimentError, Interval, head_importance, prepare, side_by_side, sweep
-from qtg.experiments.bootstrap import DEFAULT_RESAMPLES
-from qtg.experiments.corpus import read_documents
-from qtg.experiments.heldout import SHIPPED_SPLIT
+from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, format_ci
 from qtg.experiments.sweep import DEFAULT_SAMPLE
 from qtg.intervention import Intervention
-
-# configs/nano.yaml and configs/nano-baseline.yaml: validation and test tenths of the bytes, split seed 0
 
 HELP = """Ask a model a causal question over a corpus and get an answer with an error bar.
 
@@ -25,9 +20,13 @@ tokens, in non-overlapping windows of the model's context) is scored by the
 unmodified model and under each --intervene, a per-call edit of the forward pass
 (the weights are untouched). For each condition it prints the loss (nats/token),
 bits per byte, and the change against the unmodified model on the same windows
-with a paired bootstrap 95% confidence interval over windows (seeded: the same
-command gives the same numbers). An interval that excludes 0 means the change
-is larger than the window-to-window noise of this corpus.
+with two 95% confidence intervals (seeded: the same command gives the same
+numbers): a paired bootstrap over windows, for these texts, and an interval
+across works (windows of one work are not independent), for other texts: a
+cluster bootstrap by work, or with fewer than 6 works a t-interval over the
+per-work changes (the table's header says which). The verdict reads the
+interval across works: better, worse, or no difference detected (± its
+half-width); the change in each work is printed below the table.
 
 On a seeded sample of windows (--sample) it also measures each block's per-head
 attention entropy and mean attended distance, and the bottleneck distance
@@ -60,10 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="interventions over a corpus, with bootstrap confidence intervals",
                        description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--data", required=True, metavar="PATH", help="a .txt/.txt.gz/.jsonl file or a directory of them")
-    p.add_argument("--split", choices=("train", "val", "test"),
-                   help="only these works of --data, split as the shipped configs split it (whole works by bytes: "
-                        "val 0.1, test 0.1, seed 0)")
+    add_data_args(p)
     p.add_argument("--intervene", metavar="SPEC", action="append", default=[],
                    help="one condition (repeat for more), e.g. topo=exact, gamma=1, ablate=0:1")
     p.add_argument("--heads", action="store_true", help="also ablate each head alone and rank heads by delta loss")
@@ -90,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     for iv in interventions:  # refuse a baseline's topo= before the data is read
         iv.check(model)
     kw = {"batch_size": args.batch_size, "seed": args.seed, "resamples": args.resamples, "progress": not args.json}
-    docs = _documents(args)
+    docs = read_data(args)
     corpus = prepare(model, docs, max_windows=args.max_windows, seed=args.seed)
     result = sweep(model, corpus, interventions, sample=args.sample, **kw)
     rankings = []
@@ -111,50 +107,71 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _documents(args: argparse.Namespace) -> list:
-    """--data, or its --split part (as the shipped configs split it)."""
-    docs = read_documents(args.data)
-    if args.split:
-        docs = getattr(split_documents(docs, **SHIPPED_SPLIT), args.split)
-        if not docs:
-            raise ExperimentError(f"--split {args.split}: that split of {args.data} holds no work")
-    return docs
-
-
 def _ci(iv: Interval, digits: int = 4, sign: bool = False) -> str:
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    return f"{f.format(iv.estimate)} [{f.format(iv.low)}, {f.format(iv.high)}]"
+    return format_ci(iv.estimate, [iv.low, iv.high], digits, sign)
 
 
 def _opt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _figure(d: dict, key: str, digits: int) -> str:
+    """A TopoFilter figure, or "= plain" where the condition cannot move it (the filter precedes its knob)."""
+    return "= plain" if key in d["unchanged"] else _opt(d[key], digits)
+
+
+def works_note(method: str | None, n_works: int) -> str:
+    """The header's words for the interval across works."""
+    works = f"the {n_works} works" if n_works != 1 else "the one work"
+    return f"across {works} ({method})" if method else f"across {works}"
+
+
+def per_work_table(names: list[str], per_work: list[dict[str, float] | None], what: str) -> str:
+    """One row per condition (or model), one column per work: each work's change."""
+    works = list(dict.fromkeys(w for pw in per_work if pw for w in pw))
+    rows = [[name, *(f"{pw[w]:+.4f}" if pw and w in pw else "-" for w in works)] for name, pw in zip(names, per_work)]
+    return f"{what} in each work:\n\n" + format_table(["", *works], rows, right=set(range(1, len(works) + 1)))
+
+
 def _report(result) -> str:
     c = result.corpus.summary()
+    changed = [cond.to_dict() for cond in result.conditions[1:]]
+    method = changed[0]["works_method"] if changed else None
+    n_works = changed[0]["n_works"] if changed else len(c["documents"])
     head = (f"{result.model} ({result.arch}) on {len(c['documents'])} documents: {c['windows']:,} windows, "
-            f"{c['tokens']:,} tokens, {c['bytes']:,} bytes. Paired bootstrap 95% CI over windows "
-            f"({result.resamples} resamples, seed {result.seed}); attention and H0 on {len(result.sample)} "
-            "sampled windows (--json).")
+            f"{c['tokens']:,} tokens, {c['bytes']:,} bytes. 95% CIs: paired bootstrap over windows (these texts) "
+            f"and {works_note(method, n_works)}; {result.resamples} resamples, seed {result.seed}. Verdicts read "
+            f"the interval across works. Attention and H0 on {len(result.sample)} sampled windows (--json); "
+            "'= plain': the condition cannot change that figure (the TopoFilter precedes its knob).")
     rows = []
     for cond in result.conditions:
         d = cond.to_dict()
+        works = cond.delta_bits_per_byte_works
+        first = cond is result.conditions[0]
         rows.append([cond.name, f"{cond.loss:.4f}", _ci(cond.bits_per_byte), _ci(cond.delta_bits_per_byte, sign=True),
-                     _ci(cond.delta_loss, sign=True), _opt(d["mean_topo_weight"]), _opt(d["bottleneck_h0_mean"], 4)])
-    table = format_table(["condition", "loss", "bits/byte [95% CI]", "delta bits/byte [95% CI]",
-                          "delta loss [95% CI]", "mean w", "H0 bottleneck"], rows, right={1})
-    return head + "\n\n" + table
+                     "-" if first else format_ci(works.interval.estimate, d["ci95_works"], sign=True),
+                     "-" if first else works.verdict(), _ci(cond.delta_loss, sign=True),
+                     _figure(d, "mean_topo_weight", 3), _figure(d, "bottleneck_h0_mean", 4)])
+    table = format_table(["condition", "loss", "bits/byte [95% CI]", "Δ bits/byte, these texts [95% CI]",
+                          "Δ bits/byte across works [95% CI]", "verdict", "Δ loss, these texts [95% CI]",
+                          "mean w", "H0 bottleneck"], rows, right={1})
+    works = per_work_table([d["name"] for d in changed], [d["per_work"] for d in changed], "Δ bits/byte")
+    return head + "\n\n" + table + ("\n\n" + works if changed else "")
 
 
 def _heads_report(rankings) -> str:
     headers = ["rank"]
     for r in rankings:
-        headers += [f"{r.model} head", "delta loss [95% CI]"]
+        headers += [f"{r.model} head", "Δ loss, these texts [95% CI]", "across works [95% CI]"]
     rows = []
     for rank, effects in enumerate(side_by_side(rankings), start=1):
         row = [str(rank)]
         for e in effects:
-            row += ["", ""] if e is None else [e.label, _ci(e.delta_loss, sign=True)]
+            row += ["", "", ""] if e is None else [
+                e.label, _ci(e.delta_loss, sign=True),
+                format_ci(e.delta_loss_works.interval.estimate, e.delta_loss_works.to_dict()["ci95_works"], sign=True)]
         rows.append(row)
-    note = "Heads as block:head, 0-based (ablate=B:H); delta loss in nats/token, ablated minus unmodified."
+    works = rankings[0].heads[0].delta_loss_works.interval if rankings and rankings[0].heads else None
+    note = ("Heads as block:head, 0-based (ablate=B:H); Δ loss in nats/token, ablated minus unmodified; "
+            + (f"{works_note(works.method, works.n)}." if works else ""))
     return note + "\n\n" + format_table(headers, rows, right={0})

@@ -8,17 +8,21 @@ windows with replacement, the same windows for both conditions, and reads the
 2.5th and 97.5th percentiles of that statistic.
 
 Windows of one work are not independent (they share a story and its names),
-so with few works the interval is a lower bound on the uncertainty of a
-different corpus; it is the right interval for "this corpus, other windows".
+so this interval is the one for "these texts": other windows of the same
+works. Whether a change holds on other works is the interval across works of
+:mod:`qtg.experiments.works`, much wider with few works; every verdict
+(:func:`verdict`) reads that one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 DEFAULT_RESAMPLES = 2000
+WINDOWS = "windows (these texts)"
 _CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (32 MiB of int64)
 
 
@@ -30,13 +34,18 @@ class Interval:
     low: float
     high: float
     level: float  # e.g. 0.95
-    n: int  # windows
-    resamples: int
+    n: int  # the units resampled: windows, or works for an interval across works
+    resamples: int  # 0 for a t-interval
     seed: int
+    method: str = WINDOWS  # how it was computed (WINDOWS, or one of qtg.experiments.works' methods)
 
     @property
     def width(self) -> float:
         return self.high - self.low
+
+    @property
+    def half_width(self) -> float:
+        return self.width / 2
 
     def excludes_zero(self) -> bool:
         """True when the interval lies wholly on one side of 0."""
@@ -108,3 +117,35 @@ def paired_bootstrap(after, before, denominator=None, *, resamples: int = DEFAUL
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in shape: {a.shape} vs {b.shape}")
     return bootstrap_ratio(a - b, denominator, resamples=resamples, level=level, seed=seed)
+
+
+BELOW, ABOVE, ACROSS = "better", "worse", "no difference detected"  # a change in loss: lower is better
+
+
+def side_of_zero(low: float, high: float) -> str:
+    """``"below"`` (the interval lies wholly below 0), ``"above"``, or ``"across"``."""
+    return "above" if low > 0 else "below" if high < 0 else "across"
+
+
+def verdict(interval: Interval, below: str = BELOW, above: str = ABOVE, digits: int = 4) -> str:
+    """The one wording of a change's verdict: ``below`` when the interval lies wholly below 0, ``above``
+    when wholly above, else "no difference detected (± half-width)" -- never "the same": an interval
+    across 0 says the data cannot tell, not that there is no change.
+
+    Give it the interval across works (:class:`qtg.experiments.works.AcrossWorks` ``.interval``) for a
+    claim about other texts; ``below``/``above`` default to a change in loss or bits per byte (lower is better).
+    """
+    side = side_of_zero(interval.low, interval.high)
+    if side != "across":
+        return below if side == "below" else above
+    if not np.isfinite(interval.width):
+        return f"{ACROSS} (one work: no interval across works)"
+    return f"{ACROSS} (± {interval.half_width:.{digits}f})"
+
+
+def format_ci(estimate: float, bounds: Sequence[float] | None, digits: int = 4, sign: bool = False) -> str:
+    """``"+0.0123 [+0.0040, +0.0210]"``; ``bounds`` None (one work: no interval across works) prints ``[-]``."""
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if bounds is None or not all(np.isfinite(bounds)):
+        return f"{f.format(estimate)} [-]"
+    return f"{f.format(estimate)} [{f.format(bounds[0])}, {f.format(bounds[1])}]"

@@ -3,7 +3,8 @@
 Head (b, h) is ablated with ``Intervention(ablate_heads={b: [h]})``: its slice of
 the attention output is zero before the block's output projection, for QTG and
 the baseline alike. Its importance is the paired change in loss over the
-corpus, with the sweep's bootstrap CI; heads are labelled ``b:h`` (0-based), as
+corpus, with the sweep's bootstrap CI over windows (these texts) and its value
+per work with the interval across works; heads are labelled ``b:h`` (0-based), as
 ``--intervene ablate=b:h`` spells them.
 """
 
@@ -18,6 +19,7 @@ from qtg.documents import Document
 from qtg.experiments.bootstrap import Interval
 from qtg.experiments.corpus import Corpus
 from qtg.experiments.sweep import SweepResult, sweep
+from qtg.experiments.works import AcrossWorks
 from qtg.intervention import Intervention
 
 
@@ -27,8 +29,10 @@ class HeadEffect:
 
     block: int  # 0-based
     head: int  # 0-based
-    delta_loss: Interval  # nats per token, ablated minus unmodified
+    delta_loss: Interval  # nats per token, ablated minus unmodified, over windows (these texts)
     delta_bits_per_byte: Interval
+    delta_loss_works: AcrossWorks  # per work, and the interval across works
+    delta_bits_per_byte_works: AcrossWorks
 
     @property
     def label(self) -> str:
@@ -37,8 +41,10 @@ class HeadEffect:
     def to_dict(self) -> dict[str, Any]:
         return {"head": self.label, "block": self.block, "index": self.head,
                 "delta_loss": self.delta_loss.estimate, "delta_loss_ci95": [self.delta_loss.low, self.delta_loss.high],
+                **self.delta_loss_works.to_dict("delta_loss_"),
                 "delta_bits_per_byte": self.delta_bits_per_byte.estimate,
-                "ci95": [self.delta_bits_per_byte.low, self.delta_bits_per_byte.high]}
+                "ci95": [self.delta_bits_per_byte.low, self.delta_bits_per_byte.high],
+                **self.delta_bits_per_byte_works.to_dict()}
 
 
 @dataclass
@@ -75,7 +81,8 @@ def head_importance(model: Any, data: str | os.PathLike | Sequence[Document] | C
     result = sweep(model, data, [Intervention(ablate_heads={b: [h]}) for b, h in pairs],
                    **{"desc": f"heads of {cfg.name}", **sweep_kwargs, "sample": 0})
     plain, ablated = result.conditions[0], result.conditions[1:]
-    effects = [HeadEffect(b, h, c.delta_loss, c.delta_bits_per_byte) for (b, h), c in zip(pairs, ablated)]
+    effects = [HeadEffect(b, h, c.delta_loss, c.delta_bits_per_byte, c.delta_loss_works, c.delta_bits_per_byte_works)
+               for (b, h), c in zip(pairs, ablated)]
     effects.sort(key=lambda e: (-e.delta_loss.estimate, e.block, e.head))
     return HeadRanking(model=result.model, arch=result.arch, loss=plain.loss,
                        bits_per_byte=plain.bits_per_byte.estimate, heads=effects, result=result)

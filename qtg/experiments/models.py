@@ -1,45 +1,81 @@
 """Several models on the same windows: each one's bits per byte, and its difference from the first, paired.
 
     scores = compare_models({"nano": nano, "nano-notopo": notopo}, "texts/")
-    scores[1].delta_bits_per_byte        # Interval: nano-notopo minus nano, paired over windows
+    scores[1].delta_bits_per_byte        # Interval: nano-notopo minus nano, paired over windows (these texts)
+    scores[1].works.interval             # the interval across works, the one a verdict reads
+    compare_models({"nano": {"s0": nano, "s1": nano_s1}, "nano-notopo": {"s0": notopo, "s1": notopo_s1}}, "texts/")
 
 Models that share a tokenizer and a context cut a corpus into the same windows,
 so a window's loss under one model and under another form a pair, and the
 difference has a paired bootstrap interval (:func:`qtg.experiments.paired_bootstrap`)
 much narrower than the two separate intervals. Models whose windows differ are
 refused: their figures compare only through bits per byte, unpaired.
+
+A model given as several seeds (runs of one recipe) is scored by the mean over
+its seeds of each window's loss; its difference from the reference is then
+resampled over seeds and works (:mod:`qtg.experiments.works`), so a comparison
+of two recipes carries run-to-run variation, which one run per model cannot show.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from qtg.documents import Document
-from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, Interval, paired_bootstrap
+from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, Interval, bootstrap_ratio, paired_bootstrap
 from qtg.experiments.corpus import Corpus
 from qtg.experiments.errors import ExperimentError
 from qtg.experiments.sweep import BITS_PER_NAT, prepare, sweep
+from qtg.experiments.works import AcrossWorks, across_works
+from qtg.metrics import bits_per_byte
 
 
 @dataclass(frozen=True)
 class ModelScore:
-    """One model's figures on the shared windows."""
+    """One model's figures on the shared windows (the mean over its seeds, when it has several)."""
 
     name: str
     loss: float  # nats per predicted token
     bits_per_byte: Interval  # with its own bootstrap CI over windows
     delta_bits_per_byte: Interval | None  # minus the first model's, paired over windows (None for the first)
-    seconds: float  # wall time of its forward passes
+    seconds: float  # wall time of its forward passes (every seed's)
+    works: AcrossWorks | None = None  # the change per work and across works (and seeds); None for the first
+    seeds: tuple[str, ...] = ()  # the seeds' names, in order
+    seed_bits_per_byte: tuple[float, ...] = ()  # each seed's own bits per byte
+    n_works: int = 0  # works with at least one scored window
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON; the change's keys (``delta_bits_per_byte``, ``ci95``, ``ci95_works``, ``per_work``, ...) are None
+        for the reference."""
         d = self.delta_bits_per_byte
-        return {"name": self.name, "loss": self.loss, "bits_per_byte": self.bits_per_byte.estimate,
+        works = self.works.to_dict() if self.works is not None else {
+            "per_work": None, "ci95_works": None, "works_estimate": None, "works_method": None,
+            "n_seeds": None, "verdict": None}
+        return {"name": self.name, "seeds": list(self.seeds), "loss": self.loss,
+                "bits_per_byte": self.bits_per_byte.estimate,
                 "bits_per_byte_ci95": [self.bits_per_byte.low, self.bits_per_byte.high],
+                "seed_bits_per_byte": list(self.seed_bits_per_byte),
                 "delta_bits_per_byte": None if d is None else d.estimate,
-                "ci95": None if d is None else [d.low, d.high], "seconds": self.seconds}
+                "ci95": None if d is None else [d.low, d.high], **works, "n_works": self.n_works,
+                "seconds": self.seconds}
+
+
+def seeds_of(name: str, value: Any) -> dict[str, Any]:
+    """A model, a sequence of seeds, or a mapping seed name -> model, as a mapping (a lone model: ``{name: m}``)."""
+    if isinstance(value, Mapping):
+        out = dict(value)
+    elif isinstance(value, (list, tuple)):
+        out = {f"{name}[{i}]": m for i, m in enumerate(value)}
+    else:
+        out = {name: value}
+    if not out:
+        raise ExperimentError(f"{name}: no seed given")
+    return out
 
 
 def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence[Document] | Corpus, *,
@@ -48,10 +84,11 @@ def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence
     """Score every model on the same windows of ``data``; the first is the reference.
 
     Args:
-        models: name -> model (eval mode), the reference first; all must cut ``data`` into the same windows.
+        models: name -> model (eval mode), or name -> its seeds (a mapping seed name -> model, or a sequence);
+            the reference first; all must cut ``data`` into the same windows.
         data: a path, documents, or a :class:`Corpus` already cut (by the first model's tokenizer and context).
         max_windows: score this many windows, drawn with ``seed`` (None: all).
-        seed: the window draw and the bootstrap.
+        seed: the window draw and the bootstraps.
 
     Returns:
         One :class:`ModelScore` per model, in order.
@@ -61,19 +98,42 @@ def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence
     """
     if not models:
         raise ExperimentError("compare_models needs at least one model")
-    names = list(models)
-    corpus = data if isinstance(data, Corpus) else prepare(models[names[0]], data, max_windows=max_windows, seed=seed)
-    for name in names[1:]:
-        if not isinstance(data, Corpus) and prepare(models[name], data, max_windows=max_windows,
-                                                     seed=seed).windows != corpus.windows:
-            raise ExperimentError(f"{name} cuts the text into other windows than {names[0]} (another tokenizer or "
-                                  "context): a paired comparison needs the same windows")
-    scored = {name: sweep(m, corpus, [], batch_size=batch_size, sample=0, seed=seed, resamples=resamples,
-                          progress=progress, desc=name).conditions[0] for name, m in models.items()}
-    reference = scored[names[0]].scores.nll * BITS_PER_NAT
+    runs = {name: seeds_of(name, value) for name, value in models.items()}
+    names = list(runs)
+    first = next(iter(runs[names[0]].values()))
+    corpus = data if isinstance(data, Corpus) else prepare(first, data, max_windows=max_windows, seed=seed)
+    for seeds in runs.values():
+        for label, m in seeds.items():
+            if m is not first and not isinstance(data, Corpus) and prepare(
+                    m, data, max_windows=max_windows, seed=seed).windows != corpus.windows:
+                raise ExperimentError(f"{label} cuts the text into other windows than {names[0]} (another tokenizer "
+                                      "or context): a paired comparison needs the same windows")
+    kw = {"resamples": resamples, "seed": seed}
+    scored = {name: _score(seeds, corpus, batch_size, progress, kw) for name, seeds in runs.items()}
+    reference = scored[names[0]][0]
+    n_works = int(np.count_nonzero(np.bincount(corpus.document, weights=corpus.n_bytes,
+                                               minlength=len(corpus.documents))))
     out = []
-    for name, c in scored.items():
-        delta = None if name == names[0] else paired_bootstrap(
-            c.scores.nll * BITS_PER_NAT, reference, corpus.n_bytes, resamples=resamples, seed=seed)
-        out.append(ModelScore(name, c.loss, c.bits_per_byte, delta, c.seconds))
+    for name, (bits, seconds) in scored.items():
+        mean_bits = bits.mean(axis=0)
+        bpb = bootstrap_ratio(mean_bits, corpus.n_bytes, **kw)
+        seed_bpb = tuple(bits_per_byte(float(row.sum()) / BITS_PER_NAT, int(corpus.n_bytes.sum())) for row in bits)
+        delta = works = None
+        if name != names[0]:
+            delta = paired_bootstrap(mean_bits, reference.mean(axis=0), corpus.n_bytes, **kw)
+            works = across_works(bits, reference, corpus.n_bytes, corpus.document, corpus.documents, **kw)
+        loss = float(mean_bits.sum() / BITS_PER_NAT / corpus.tokens.sum())
+        out.append(ModelScore(name, loss, replace(bpb, estimate=float(np.mean(seed_bpb))), delta, seconds, works,
+                              tuple(runs[name]), seed_bpb, n_works))
     return out
+
+
+def _score(seeds: Mapping[str, Any], corpus: Corpus, batch_size: int, progress: bool,
+           kw: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """``[S, W]`` each seed's loss per window in bits, and the seconds its forward passes took."""
+    rows, seconds = [], 0.0
+    for label, m in seeds.items():
+        c = sweep(m, corpus, [], batch_size=batch_size, sample=0, progress=progress, desc=label, **kw).conditions[0]
+        rows.append(c.scores.nll * BITS_PER_NAT)
+        seconds += c.seconds
+    return np.stack(rows), seconds

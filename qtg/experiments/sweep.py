@@ -21,6 +21,9 @@ same windows, with a seeded paired percentile bootstrap (:mod:`qtg.experiments.b
     delta loss      = sum_w (nll_w - nll0_w) / sum_w tokens_w
 
 With every window kept, the unmodified model's bits per byte is exactly ``qtg eval``'s.
+Windows of one work are not independent, so each change also has its value per
+work and an interval across works (:mod:`qtg.experiments.works`); the windows
+interval is the one for "these texts", the works interval the one a verdict reads.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,7 @@ from qtg.documents import Document
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, Interval, bootstrap_ratio, paired_bootstrap
 from qtg.experiments.corpus import Corpus, cut_corpus, read_documents, seeded_choice
 from qtg.experiments.errors import ExperimentCancelled, ExperimentError
+from qtg.experiments.works import AcrossWorks, across_works
 from qtg.intervention import Intervention
 from qtg.metrics import attention_stats, bits_per_byte
 from qtg.topology import approx_view, bottleneck, exact_diagrams
@@ -49,6 +53,17 @@ from qtg.topology import approx_view, bottleneck, exact_diagrams
 LEVEL = 0.95
 BITS_PER_NAT = 1.0 / math.log(2)
 DEFAULT_SAMPLE = 8  # windows whose attention maps and exact H0 diagrams are computed
+# The Intervention fields each TopoFilter figure reads. The filter precedes every block, so no attention knob
+# (gamma, gamma_scale, ablate_heads, positions) reaches it, and its soft-min diagram (the H0 bottleneck against
+# the exact one of the same cloud) reads only T: under any other field these figures equal the unmodified model's.
+FIGURE_FIELDS = {"mean_topo_weight": {"topo", "theta", "tau", "temperature", "topo_weight"},
+                 "bottleneck_h0_mean": {"temperature"}}
+
+
+def unchanged_figures(intervene: Intervention) -> list[str]:
+    """The figures (``Condition.to_dict`` keys) that ``intervene`` cannot move from the unmodified model's."""
+    changed = set(intervene.changed())
+    return [] if not changed else [name for name, reads in FIGURE_FIELDS.items() if not changed & reads]
 
 
 @dataclass
@@ -75,7 +90,9 @@ class Condition:
     loss: float  # nats per predicted token
     bits_per_byte: Interval  # with its own bootstrap CI
     delta_loss: Interval  # nats per token, paired against the unmodified model
-    delta_bits_per_byte: Interval
+    delta_bits_per_byte: Interval  # over windows: these texts
+    delta_loss_works: AcrossWorks  # per work, and the interval across works
+    delta_bits_per_byte_works: AcrossWorks
     seconds: float  # wall time of this condition's forward passes (and its sampled extras)
     window_tokens: np.ndarray = field(repr=False)  # [W] predicted tokens per window
 
@@ -98,7 +115,9 @@ class Condition:
              "delta_bits_per_byte": self.delta_bits_per_byte.estimate,
              "ci95": [self.delta_bits_per_byte.low, self.delta_bits_per_byte.high],
              "delta_loss": self.delta_loss.estimate, "delta_loss_ci95": [self.delta_loss.low, self.delta_loss.high],
+             **self.delta_bits_per_byte_works.to_dict(), **self.delta_loss_works.to_dict("delta_loss_"),
              "mean_topo_weight": self.mean_topo_weight, "bottleneck_h0_mean": bottleneck,
+             "unchanged": unchanged_figures(self.intervention),
              "attention_entropy": _mean_over_sample(s.attention_entropy),
              "attended_distance": _mean_over_sample(s.attended_distance),
              "tokens": self.tokens, "seconds": self.seconds, "tokens_per_second": self.tokens / max(self.seconds, 1e-9)}
@@ -327,10 +346,13 @@ def _summarise(runs: list[tuple[Intervention, WindowScores, float]], corpus: Cor
         nll = scores.nll
         bpb = bootstrap_ratio(nll * BITS_PER_NAT, n_bytes, **kw)
         exact_bpb = bits_per_byte(float(nll.sum()), int(n_bytes.sum()))  # the library's one definition
+        bits, base_bits = nll * BITS_PER_NAT, base * BITS_PER_NAT
         out.append(Condition(
             name=iv.name, intervention=iv, scores=scores, loss=float(nll.sum() / tokens.sum()),
-            bits_per_byte=Interval(exact_bpb, bpb.low, bpb.high, bpb.level, bpb.n, bpb.resamples, bpb.seed),
+            bits_per_byte=replace(bpb, estimate=exact_bpb),
             delta_loss=paired_bootstrap(nll, base, tokens, **kw),
-            delta_bits_per_byte=paired_bootstrap(nll * BITS_PER_NAT, base * BITS_PER_NAT, n_bytes, **kw),
+            delta_bits_per_byte=paired_bootstrap(bits, base_bits, n_bytes, **kw),
+            delta_loss_works=across_works(nll, base, tokens, corpus.document, corpus.documents, **kw),
+            delta_bits_per_byte_works=across_works(bits, base_bits, n_bytes, corpus.document, corpus.documents, **kw),
             seconds=seconds, window_tokens=tokens))
     return out
