@@ -262,7 +262,9 @@ def test_closing_the_handler_stops_the_work_on_the_server(ex, nano):
     stopped_at = ex.counters.forwards
     time.sleep(0.5)
     assert ex.counters.forwards == stopped_at, "patching kept running after it was closed"
-    assert stopped_at - start <= 3  # batched passes: 36 had it run to the end (nano 16 + 1 + 4, its baseline 16 + 1)
+    # stopped midway: 36 passes had it run to the end (nano 16 + 1 + 4, its baseline 16 + 1); the worker runs ahead
+    # of the progress updates by however many batches the scheduler lets it, so only "before the end" is certain
+    assert stopped_at - start < 36
     assert update[-2].startswith("running: ") and tab.stopped(update[-1]) == (
         f"stopped after {update[-1]['done']} of {update[-1]['total']} patched units (Stop pressed; the server "
         "computes no more)")

@@ -2,6 +2,7 @@
 
 These are not skipped when the files are missing: a missing shipped model is a bug."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,25 @@ ABLATIONS = {  # name: what differs from nano's config (docs: the model card's a
     "nano-notopo": dict(topo_filter="off", lambda_topo=0.0),
     "nano-baseline-alibi": dict(arch="baseline", baseline_pos="alibi"),
 }
+
+
+SEEDS = {  # a second draw of a recipe: only the name and the training seed differ (the split keeps seed 0)
+    "nano-s1": ({}, 1),
+    "nano-notopo-s1": (ABLATIONS["nano-notopo"], 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDS))
+def test_the_seed_checkpoints_differ_from_their_recipe_only_in_the_seed(nano, name):
+    changes, seed = SEEDS[name]
+    model = qtg.load(name)
+    assert model.cfg == qtg.get_tier("nano").replace(name=name, **changes)
+    assert model.tokenizer.to_str() == nano.tokenizer.to_str()
+    training = json.loads((SHIPPED_DIR / name / "state.json").read_text())["train_config"]
+    assert training["training"]["seed"] == seed and training["data"]["split_seed"] == 0
+    assert training["training"]["steps"] == 2400 and training["data"]["tokenizer"].endswith("nano/tokenizer.json")
+    other = next(p for p in qtg.load(name.rsplit("-s", 1)[0]).parameters())
+    assert not torch.equal(next(model.parameters()), other)  # another run, not a copy
 
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
