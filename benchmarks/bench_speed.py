@@ -46,7 +46,7 @@ import torch
 
 import qtg
 import qtg.model as qtg_model
-from qtg import fisher_rao, topo_kernels
+from qtg import fisher_rao, topo_filter, topo_kernels
 from qtg.generate import generate
 from qtg.malloc import keep_freed_memory
 from qtg.optim import build_optimizer
@@ -275,7 +275,7 @@ VARIANTS: dict[str, tuple[tuple[object, str, object], ...]] = {
     "TopoFilter: float64 distances": ((topo_kernels, "_distances_by_ids", float64_distances),),
     "attention: composed, no fused Function": ((fisher_rao, "fused_attention", composed_attention),),
     "fused attention: one block of rows": ((fisher_rao, "FUSED_BLOCK_ROWS", 1 << 30),),
-    "TopoFilter: composed soft-min": ((qtg_model, "soft_min_distance", composed_soft_min),),
+    "TopoFilter: composed soft-min": ((topo_filter, "soft_min_distance", composed_soft_min),),
 }
 # every previous implementation at once (previous_scores includes the Function without grad; the composed
 # attention has no blocks of rows)

@@ -1,6 +1,6 @@
 """TopoFilter kernels: distances between token states and the soft-min score, docs/model.md §2.
 
-The TopoFilter (:class:`qtg.model.TopoFilter`) needs delta_ij = ||x_i - x_j||_2
+The TopoFilter (:class:`qtg.topo_filter.TopoFilter`) needs delta_ij = ||x_i - x_j||_2
 between token states and, per token, the soft-min over earlier tokens
 
     s~_i = -T log sum_{j<i} exp(-delta_ij / T).
@@ -70,7 +70,7 @@ def _distances_by_ids(x: Tensor, y: Tensor, x_ids: Tensor, y_ids: Tensor) -> Ten
 class _SoftMinDistance(torch.autograd.Function):
     """s~_i = -T log sum_{j<i} exp(-delta_ij / T) of N points among themselves, with a hand-written backward.
 
-    The forward is :meth:`qtg.model.TopoFilter.forward`'s arithmetic (float32 distances by
+    The forward is :meth:`qtg.topo_filter.TopoFilter.forward`'s arithmetic (float32 distances by
     ids, :func:`_distances_by_ids`); it keeps W_ij = p_ij / delta_ij, p the
     soft-min's softmax weights (0 where j >= i), W = 0 where delta has no
     gradient (equal ids, squared distance below the floor) and on the first row.
@@ -89,7 +89,7 @@ class _SoftMinDistance(torch.autograd.Function):
         delta = _distances_by_ids(x, x, ids, ids)  # [B, N, N], float32
         i = torch.arange(n, device=x.device).view(-1, 1)
         j = torch.arange(n, device=x.device).view(1, -1)
-        keep = (j < i) | ((i == 0) & (j == 0))  # the first row's dummy entry, as in qtg.model.TopoFilter.forward
+        keep = (j < i) | ((i == 0) & (j == 0))  # the first row's dummy entry, as in qtg.topo_filter.TopoFilter.forward
         logits = (delta / -temperature).masked_fill_(~keep, float("-inf"))
         # torch.logsumexp's own steps (bit for bit), keeping its exp(l - max) for the weights p
         top = logits.amax(dim=-1, keepdim=True)  # [B, N, 1], finite: every row keeps an entry

@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 from qtg.config import QTGConfig
 from qtg.errors import TopologyError
 from qtg.intervention import Intervention
-from qtg.model import TopoFilter
+from qtg.topo_filter import TopoFilter
 from qtg.topology.bottleneck_distance import bottleneck
 from qtg.topology.elder import elder_persistence
 from qtg.topology.exact import ExactDiagrams, euclidean_distances, exact_diagrams
