@@ -8,6 +8,7 @@ In-process handler tests first; ``gradio_client`` tests (marked slow) against th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import threading
 import time
@@ -147,15 +148,16 @@ def test_lens_is_the_library_s_for_qtg_and_its_baseline(ex, nano):
     assert list(numbers["lens"]) == ["QTG: nano", "baseline: nano-baseline"]
     assert note.startswith(f"Showing the first {n} of ")
     ids = torch.tensor([encode(nano.tokenizer, long)[:n]])
-    ref = logit_lens(nano.model, ids)
+    ref = dataclasses.replace(logit_lens(nano.model, ids), state_names=nano.state_names)
     mine = numbers["lens"]["QTG: nano"]
     assert mine == ref.to_dict(nano.tokenizer, k=tab.LENS_TOP)
-    assert [s["name"] for s in mine["states"]] == list(nano.model.state_names)
+    assert [s["name"] for s in mine["states"]] == nano.state_names  # blocks from 0, as in every tab
+    assert mine["states"][-1]["name"] == f"block {nano.model.cfg.n_layers - 1}"
     with torch.inference_mode():  # the last state is the model's own prediction
         top = nano.model(ids).logits[0].argmax(-1).tolist()
     assert [row[0] for row in mine["states"][-1]["top_ids"]] == top
     base = ex.registry.baseline_for(nano)
-    assert [s["name"] for s in numbers["lens"]["baseline: nano-baseline"]["states"]] == list(base.model.state_names)
+    assert [s["name"] for s in numbers["lens"]["baseline: nano-baseline"]["states"]] == base.state_names
     assert len(fig.data) == 2 and fig.data[0].z.shape == (len(mine["states"]), n)  # one heatmap per model
 
 

@@ -18,6 +18,7 @@ figures (``qtg.experiment_plots``).
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -107,7 +108,7 @@ def _lens_of(ex: Explorer, loaded: Loaded, text: str) -> tuple[dict[str, Any], i
     n = ids.shape[1]
     ids = ids[:, :ex.limits.max_lens_tokens]
     ex.check_memory(loaded, ids.shape[1], "lens")
-    lens = logit_lens(loaded.model, ids)
+    lens = replace(logit_lens(loaded.model, ids), state_names=loaded.state_names)  # blocks from 0, as every tab
     ex.counters.add("forwards")
     return lens.to_dict(loaded.tokenizer, k=LENS_TOP), n
 
