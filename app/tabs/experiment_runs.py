@@ -19,6 +19,7 @@ closes it, it sets the run's cancel event, so the server stops at the next forwa
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +40,9 @@ from qtg.memory import human_bytes
 from qtg.views import view_memory
 
 POLL_S = 0.25  # a running sweep reports its progress this often
+# A run whose progress nobody has read for this long was cancelled (Stop over HTTP drops the generator without
+# closing it until the garbage collector does): its worker stops at its next pass.
+ABANDONED_S = 3.0
 SWEEP_BATCH = 8  # windows per forward pass, as qtg experiment (fewer when the memory budget is short)
 MAX_SEED = 2**32 - 1
 SWEEP_HEADERS = ["condition", "bits/byte", "Δ bits/byte, these texts [95% CI]", "Δ bits/byte across works [95% CI]",
@@ -110,13 +114,18 @@ def _in_worker(ex: Explorer, work: Callable[[threading.Event, Callable[[int], No
     """Runs ``work(cancel, report_done)`` in a thread named ``name``; yields a progress update (``n_outputs``
     skipped outputs, the status counting ``what``, ``after`` more skipped outputs, then the state) every
     ``POLL_S``, and returns the work's result.
-    Closing this generator (Stop) sets ``cancel`` and waits for the thread: the library stops at its next pass."""
+    Closing this generator (Stop) sets ``cancel`` and waits for the thread: the library stops at its next pass.
+    So does a generator nobody resumes for ``ABANDONED_S``: Gradio's cancel stops iterating it at once, but
+    closes it only when it is collected."""
     box: dict[str, Any] = {}
     cancel = threading.Event()
+    last_read = [time.monotonic()]
 
     def report(done: int) -> None:
         state["done"] = done
         ex.counters.add("forwards")
+        if time.monotonic() - last_read[0] > ABANDONED_S:
+            cancel.set()
 
     def run() -> None:
         try:
@@ -133,6 +142,7 @@ def _in_worker(ex: Explorer, work: Callable[[threading.Event, Callable[[int], No
                 progress((state["done"], state["total"]), desc=what, unit=unit)
             status = f"running: {state['done']} of {state['total']} {what}"
             yield (*[gr.skip()] * n_outputs, status, *[gr.skip()] * after, dict(state))
+            last_read[0] = time.monotonic()
     finally:
         cancel.set()
         worker.join()
