@@ -72,6 +72,8 @@ ABLATIONS = {  # name: what differs from nano's config (docs: the model card's a
     "nano-seed": dict(pos="none", learn_gamma=False, gamma_init=1.0),
     "nano-notopo": dict(topo_filter="off", lambda_topo=0.0),
     "nano-baseline-alibi": dict(arch="baseline", baseline_pos="alibi"),
+    "nano-exact": dict(topo_filter="exact", topo_threshold=0.35),  # w from the exact causal s, trained so
+    "nano-gate": dict(topo_filter="gate"),  # the one-bit "seen earlier" gate with a learnt weight, trained so
 }
 
 
