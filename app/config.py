@@ -26,6 +26,7 @@ class Limits:
     max_sweep_windows: int = 2_000  # ...and at most (nano's test split is a few hundred windows)
     max_sweep_conditions: int = 8  # interventions in one sweep, the unmodified model not counted
     max_sweep_sample: int = 32  # windows with attention statistics and exact H0 diagrams
+    control_windows: int = 24  # validation windows the TopoFilter's controls are calibrated on, once per model
     # Memory a request may allocate beyond the weights: None means the device's free memory at the time,
     # shared by the heavy requests that may run at once. A view that needs more is refused before it runs.
     memory_budget: int | None = None

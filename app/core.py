@@ -6,7 +6,7 @@ Loaded weights live in the :class:`~app.models.ModelRegistry`, shared by every s
 so one user's choice never changes another's view and the same weights load once.
 
 Every request that runs a model first asks :meth:`Explorer.check_memory` what it will
-allocate (``qtg.views.view_memory``) and is refused, with needed against available
+allocate (``qtg.model.views.view_memory``) and is refused, with needed against available
 and the longest text that would fit, before any work starts.
 """
 
@@ -21,16 +21,18 @@ from typing import Any
 import torch
 
 from app.config import AppConfig
+from app.controls import Calibrations
 from app.exports import private_dir
 from app.models import AppInputError, Loaded, ModelRegistry
 from app.runs import TrainingRuns
-from qtg.builder import resolve_device
-from qtg.memory import available_memory, human_bytes
+from qtg.data.tokenizer import decode, encode, token_strings
+from qtg.model.builder import resolve_device
+from qtg.model.memory import available_memory, human_bytes
+from qtg.model.protocol import LanguageModel
+from qtg.model.views import most_tokens, view_memory
 from qtg.serve.api import Served
 from qtg.serve.engine import Engine
-from qtg.tokenizer import decode, encode, token_strings
 from qtg.topology.budget import Budget
-from qtg.views import most_tokens, view_memory
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Explorer:
     """The app's state outside any session: config, shared models and their decoding engines, counters, this
     launch's export folder, the training runs. It owns all of them (nothing is kept in a module)."""
 
-    def __init__(self, cfg: AppConfig, model: Any = None):
+    def __init__(self, cfg: AppConfig, model: LanguageModel | None = None):
         """``model``: serve this one only (under torchrun, a sharded model's rank-0 handle)."""
         self.cfg = cfg
         self.limits = cfg.limits
@@ -74,6 +76,7 @@ class Explorer:
         self.default_key = self.registry.default_key(cfg.model)
         self._engines: dict[tuple[str, str], Engine] = {}  # (model key, device) -> its batching engine
         self._engines_lock = threading.Lock()
+        self.calibrations = Calibrations(cfg.limits.control_windows)  # the TopoFilter's controls, per model
         self.training_runs = TrainingRuns(cfg.export_dir, self.registry.checkpoint_dirs)  # the Training tab's
 
     def new_session(self) -> Session:
@@ -87,7 +90,7 @@ class Explorer:
     def engine(self, loaded: Loaded) -> Engine | None:
         """The continuous-batching engine decoding for ``loaded`` (shared by every session and the ``/v1`` API),
         started on first use; None for a model sharded across ranks, which keeps no decoding cache."""
-        if getattr(loaded.model, "lockstep", False):
+        if not loaded.model.keeps_cache:  # a lockstep (sharded) model re-runs the sequence instead
             return None
         slot = (loaded.source.key, loaded.device)
         with self._engines_lock:
@@ -99,8 +102,10 @@ class Explorer:
             return engine
 
     def _drop_engine(self, key: str, device: str) -> None:
-        """A model left the registry (unloaded, evicted): its engine, whose thread holds the model, finishes the
-        requests it runs and ends, so the weights are freed (issue 23: Unload after Generate kept them)."""
+        """A model left the registry (unloaded, evicted): its controls' calibration is dropped, and its engine,
+        whose thread holds the model, finishes the requests it runs and ends, so the weights
+        are freed (issue 23: Unload after Generate kept them)."""
+        self.calibrations.drop(key, device)
         with self._engines_lock:
             engine = self._engines.pop((key, device), None)
         if engine is not None and engine.idle:
@@ -174,7 +179,7 @@ class Explorer:
 
     def check_memory(self, loaded: Loaded, n_tokens: int, view: str, map_blocks: int = 0,
                      kind: str = "internals", max_points: int = 1024, beside: Loaded | None = None) -> None:
-        """Refuse, before any work, a request whose memory (``qtg.views.view_memory``) exceeds the budget.
+        """Refuse, before any work, a request whose memory (``qtg.model.views.view_memory``) exceeds the budget.
 
         ``beside``: a second model whose view of the same text the request holds at the same time (the
         same-size baseline beside the model's own maps): both count.

@@ -34,7 +34,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from app.models import AppInputError
-from qtg.plots import save_html
+from qtg.plots.topology import save_html
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A session names a model by a *source key*, never by a path it typed:
 
-* ``shipped:<name>`` -- weights under ``assets/checkpoints/`` (``qtg.checkpoint.shipped_models``);
+* ``shipped:<name>`` -- weights under ``assets/checkpoints/`` (``qtg.model.loading.shipped_models``);
 * ``dir:<path>``     -- a checkpoint directory given on the command line (``--checkpoint-dir``);
 * ``tier:<name>``    -- a tier preset with random weights, labelled as such;
 * ``sharded:<name>`` -- under torchrun, the one model sharded across the ranks (then the only source).
@@ -29,13 +29,14 @@ from typing import Any
 import torch
 
 import qtg
-from qtg.builder import resolve_device
-from qtg.checkpoint import SHIPPED_DIR, read_config, shipped_models
-from qtg.documents import default_corpus_path, load_documents
+from qtg.data.documents import default_corpus_path, load_documents
+from qtg.data.tokenizer import load_tokenizer, train_tokenizer
 from qtg.errors import QTGError
-from qtg.malloc import release_freed_memory
-from qtg.memory import available_memory, count_params, human_bytes, human_count, memory_estimate
-from qtg.tokenizer import load_tokenizer, train_tokenizer
+from qtg.model.builder import resolve_device
+from qtg.model.checkpoint import SHIPPED_DIR, read_config
+from qtg.model.loading import shipped_models
+from qtg.model.memory import available_memory, count_params, human_bytes, human_count, memory_estimate
+from qtg.training.malloc import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,6 @@ class Loaded:
     @property
     def has_topofilter(self) -> bool:
         return bool(self.model.has_topofilter)
-
-    @property
-    def state_names(self) -> list[str]:
-        """The names of ``out.states``, in order: QEmbed, TopoFilter, block 0, ... (or embedding, block 0, ...).
-
-        Blocks are numbered from 0 everywhere in the app, as ``Intervention(ablate_heads={block: heads})`` and
-        the attention maps number them (the library's ``state_names`` count the blocks' outputs from 1)."""
-        names, n_blocks = list(self.model.state_names), self.model.cfg.n_layers
-        return [*names[:len(names) - n_blocks], *(f"block {b}" for b in range(n_blocks))]
 
     @property
     def weight_bytes(self) -> int:

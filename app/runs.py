@@ -23,8 +23,8 @@ from typing import Any
 
 from app.exports import private_dir
 from app.models import AppInputError
-from qtg.checkpoint import SHIPPED_DIR
-from qtg.snapshots import list_snapshots
+from qtg.model.checkpoint import SHIPPED_DIR
+from qtg.training.snapshots import list_snapshots
 
 SHIPPED, DIR, HERE = "shipped", "dir", "here"
 # The child runs `qtg train` after asking Linux to end it with its parent (PR_SET_PDEATHSIG): a server killed

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import qtg
-from qtg.data import default_corpus_path, load_documents, split_documents
+from qtg.data.pipeline import default_corpus_path, load_documents, split_documents
 from qtg.experiments import compare_models
-from qtg.train_config import load_config
+from qtg.training.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["nano", "nano-seed", "nano-notopo", "nano-baseline", "nano-baseline-alibi"]

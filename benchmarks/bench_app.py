@@ -105,8 +105,8 @@ def app_generate(client, n: int) -> tuple[float, float, float]:
 def library_generate(model, n: int) -> tuple[float, float]:
     import torch
 
+    from qtg.data.tokenizer import encode
     from qtg.generate import generate
-    from qtg.tokenizer import encode
 
     ids = torch.tensor([encode(model.tokenizer, PROMPT)])
     first = timed(lambda: generate(model, ids, 1, temperature=0))

@@ -78,7 +78,7 @@ def load(ex, session, key: str):
 
 def bench_unload(args: argparse.Namespace) -> dict:
     from app.tabs import generate, tiers
-    from qtg.tokenizer import decode
+    from qtg.data.tokenizer import decode
 
     rss = ResidentMemory()
     ex = explorer()
@@ -104,7 +104,7 @@ def bench_unload(args: argparse.Namespace) -> dict:
 
 def bench_topology(args: argparse.Namespace) -> dict:
     from app.tabs import topology
-    from qtg.views import view_memory
+    from qtg.model.views import view_memory
 
     rss = ResidentMemory()
     ex = explorer(args.budget)
@@ -140,8 +140,8 @@ def bench_topology(args: argparse.Namespace) -> dict:
 
 def words_for(tokenizer, n_tokens: int) -> str:
     """English words from the bundled corpus, exactly ``n_tokens`` tokens of ``tokenizer`` (or fewer: the corpus)."""
-    from qtg.documents import default_corpus_path, load_documents
-    from qtg.tokenizer import decode, encode
+    from qtg.data.documents import default_corpus_path, load_documents
+    from qtg.data.tokenizer import decode, encode
 
     text = load_documents(default_corpus_path())[0].text
     return decode(tokenizer, encode(tokenizer, text)[:n_tokens])

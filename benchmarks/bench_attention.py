@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from qtg.fisher_rao import attention_flex, attention_reference, sqrt_simplex
+from qtg.model.fisher_rao import attention_flex, attention_reference, sqrt_simplex
 
 
 @dataclass

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 import qtg
-from qtg.data import default_corpus_path, load_documents, split_documents
-from qtg.tokenizer import encode
+from qtg.data.pipeline import default_corpus_path, load_documents, split_documents
+from qtg.data.tokenizer import encode
 from qtg.topology.attention_graph import attention_graph
 from qtg.topology.head_geometry import head_geometry
 from qtg.topology.prompt_forest import PromptForest, prompt_distance

@@ -5,7 +5,7 @@
 
 The data is the test split of the bundled corpus as the shipped configs split it
 (val 0.1, test 0.1, seed 0), each work cut to its first ``--bytes-per-work``
-bytes. ``qtg eval``'s work is :func:`qtg.evaluate.evaluate` (tokenising,
+bytes. ``qtg eval``'s work is :func:`qtg.training.evaluate.evaluate` (tokenising,
 windows, forward passes); the sweep's is :func:`qtg.experiments.sweep` with the
 unmodified model and three interventions (tokenising, windows, forward passes,
 attention maps and exact H0 on the sampled windows, bootstrap CIs). Each call
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 import qtg
-from qtg.data import Document, load_documents, split_documents
-from qtg.evaluate import evaluate
+from qtg.data.pipeline import Document, load_documents, split_documents
 from qtg.experiments import sweep
+from qtg.training.evaluate import evaluate
 
 CONDITIONS = [qtg.Intervention(topo="exact"), qtg.Intervention(topo="off"), qtg.Intervention(gamma=1.0)]
 

@@ -31,7 +31,7 @@ import torch
 
 import qtg
 from qtg.generate import generate
-from qtg.memory import available_memory, human_bytes, memory_estimate
+from qtg.model.memory import available_memory, human_bytes, memory_estimate
 
 # dense bf16 tensor-core FLOP/s and HBM bytes/s, from the vendors' datasheets (SXM parts)
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
@@ -131,7 +131,8 @@ def bench_generate(cfg, device, prompt_len: int, new_tokens: int, peak_bw: float
 def row(kind: str, r: Result) -> str:
     util = "-" if r.utilisation is None else f"{100 * r.utilisation:.1f}%"
     mem = "-" if r.peak_bytes is None else human_bytes(r.peak_bytes)
-    return f"{kind:9s} {r.tier:15s} {r.arch:9s} {qtg.memory.human_count(r.params):>9s} {r.tokens_per_s:>12,.1f} " \
+    count = qtg.model.memory.human_count(r.params)
+    return f"{kind:9s} {r.tier:15s} {r.arch:9s} {count:>9s} {r.tokens_per_s:>12,.1f} " \
            f"{util:>8s} {mem:>10s}"
 
 
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
     p.add_argument("--peak-gbps", type=float, default=None, help="override the device's memory bandwidth")
     args = p.parse_args(argv)
-    device = qtg.builder.resolve_device(args.device)
+    device = qtg.model.builder.resolve_device(args.device)
     peak_flops, peak_bw = peaks(device, args.peak_tflops, args.peak_gbps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}; peaks: "

@@ -4,13 +4,18 @@
     python benchmarks/bench_speed.py --threads 1 --malloc default  # glibc's own malloc settings, for comparison
     python benchmarks/bench_speed.py --threads 1 --ablate          # each QTG optimisation off, one at a time
     python benchmarks/bench_speed.py --quick                       # fewer rounds
+    python benchmarks/bench_speed.py --threads 1 --decode-only --profile  # decoding alone, with its profile
 
 Cases (random weights; ``--tier`` nano by default, its baseline is ``qtg.baseline_of``):
 
 * **training step**: B = 16, N = 256, forward + backward + gradient clipping +
-  AdamW (``qtg.optim.build_optimizer``), one step per round after warm-up steps;
+  AdamW (``qtg.training.optim.build_optimizer``), one step per round after warm-up steps;
 * **decoding step**: cached greedy decoding, batch 1, after an 8-token prompt:
-  ``--new-tokens`` (256) steps, QTG's and the baseline's alternating step by step;
+  ``--new-tokens`` (256) steps, QTG's and the baseline's, each eager and compiled
+  (``qtg.model.decode.CompiledDecoder``: ``torch.compile`` of the step over a static
+  cache; ``--no-compile`` leaves it out), taking turns by blocks of 16 steps; with the aten ops
+  per token (``torch.profiler``, nested ops included) and, with ``--profile``, the
+  top ops by self CPU time;
 * **generation**: ``qtg.generate.generate`` of 256 greedy tokens with the cache
   and without it (every step re-runs the sequence): cached x uncached.
   The context is widened to fit the prompt and the new tokens (positions are
@@ -22,7 +27,7 @@ rounds (steps); "best" the 10th percentile (the minimum below 10 rounds), the
 run least disturbed by other processes. ``minflt`` is the minor page faults per
 step (``resource.getrusage``): memory returned to the system and faulted in
 again. ``--malloc keep`` (the default) first calls
-``qtg.malloc.keep_freed_memory()``, as training should; glibc's settings cannot
+``qtg.training.malloc.keep_freed_memory()``, as training should; glibc's settings cannot
 be restored in-process, so ``--malloc default`` is a separate run. On a machine
 shared with other jobs, use ``--threads 1``: with 2 threads on 2 busy cores
 every op waits for its preempted twin (20x slower here).
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import resource
 import statistics
 import sys
@@ -45,11 +51,12 @@ from collections.abc import Callable
 import torch
 
 import qtg
-import qtg.model as qtg_model
-from qtg import fisher_rao, topo_filter, topo_kernels
+import qtg.model.model as qtg_model
 from qtg.generate import generate
-from qtg.malloc import keep_freed_memory
-from qtg.optim import build_optimizer
+from qtg.model import fisher_rao, topo_filter, topo_kernels
+from qtg.model.decode import CompiledDecoder, compile_unavailable
+from qtg.training.malloc import keep_freed_memory
+from qtg.training.optim import build_optimizer
 
 PROMPT_IDS = [0, 17, 42, 99, 7, 300, 12, 5]
 
@@ -87,27 +94,88 @@ def decode_fn(model, new_tokens: int, use_cache: bool) -> Callable[[], torch.Ten
     return lambda: generate(model, ids, new_tokens, temperature=0, use_cache=use_cache)
 
 
-def decode_steps(models: dict[str, torch.nn.Module], new_tokens: int) -> dict[str, list[float]]:
-    """Seconds of every cached greedy decoding step of each model, the models' steps alternating.
+class Stepper:
+    """Greedy decoding of one prompt, one token per call: the model eager over a cache written in place,
+    or a :class:`CompiledDecoder`'s step over a static cache (one decoder per model: it compiles once)."""
 
-    Each model is prefilled with the prompt, then step t of every model runs
-    before step t + 1 of any, so a burst of load from elsewhere hits all alike.
+    def __init__(self, model, dec: CompiledDecoder | None):
+        ids = torch.tensor([PROMPT_IDS])
+        with torch.inference_mode():
+            if dec is not None:
+                self.cache, logits = dec.prefill(ids)
+                self.forward = dec.step
+            else:
+                self.cache = qtg.QTGCache(checked_ids=True)
+                logits = model(ids, cache=self.cache).logits[:, -1]
+                self.forward = lambda nxt, cache: model(nxt, cache=cache).logits[:, -1]
+        self.nxt = logits.argmax(-1, keepdim=True)
+
+    def __call__(self) -> None:
+        self.nxt = self.forward(self.nxt, self.cache).argmax(-1, keepdim=True)
+
+
+def decode_steps(make: dict[str, Callable[[], Stepper]], new_tokens: int, block: int = 16
+                 ) -> dict[str, list[float]]:
+    """Seconds of every greedy decoding step of each case, the cases taking turns by blocks of steps.
+
+    Each case is prefilled with the prompt, then runs ``block`` steps before the next case runs its
+    ``block``, round after round: a burst of load from elsewhere hits all alike, and each case's steps
+    run back to back as a decoding loop's do (its weights and cache warm in the CPU's caches).
     """
-    ids = torch.tensor([PROMPT_IDS])
-    state = {}
+    steppers = {name: fn() for name, fn in make.items()}
+    times: dict[str, list[float]] = {k: [] for k in make}
     with torch.inference_mode():
-        for name, model in models.items():
-            cache = qtg.QTGCache()
-            state[name] = (cache, model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True))
-        times: dict[str, list[float]] = {k: [] for k in models}
-        for _ in range(new_tokens):
-            for name, model in models.items():
-                cache, nxt = state[name]
-                t0 = time.perf_counter()
-                nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-                times[name].append(time.perf_counter() - t0)
-                state[name] = (cache, nxt)
+        for start in range(0, new_tokens, block):
+            for name, step in steppers.items():
+                for _ in range(min(block, new_tokens - start)):
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - t0)
     return times
+
+
+def ops_per_token(make: Callable[[], Stepper], steps: int = 20, table: bool = False) -> float:
+    """aten ops per decoding step (torch.profiler, ops called inside other ops counted too); ``table``: also
+    print the top ops by self CPU time."""
+    step = make()
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+    events = prof.key_averages()
+    if table:
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    return sum(e.count for e in events if e.key.startswith("aten::")) / steps
+
+
+def decoding(args, q, b) -> None:
+    """Eager and compiled greedy decoding of QTG and its baseline, side by side."""
+    models = {"qtg": q, "baseline": b}
+    reason = None if args.no_compile else compile_unavailable()
+    modes = ["eager"] + ([] if args.no_compile or reason else ["compiled"])
+    decoders = {name: CompiledDecoder(model) for name, model in models.items()} if "compiled" in modes else {}
+    make = {f"{name} {mode}": functools.partial(Stepper, model, decoders[name] if mode == "compiled" else None)
+            for mode in modes for name, model in models.items()}
+    t0 = time.perf_counter()
+    decode_steps(make, 16)  # warm-up (and compilation: the inductor cache keeps it for the next run)
+    warm = time.perf_counter() - t0
+    n = args.new_tokens
+    step = decode_steps(make, n)
+    ops = {k: ops_per_token(fn, table=args.profile) for k, fn in make.items()}
+    print(f"\ncached greedy decoding step, batch 1, context {len(PROMPT_IDS)}..{len(PROMPT_IDS) + n}, "
+          f"{n} steps, the cases taking turns by 16 (best: 10th percentile); warm-up {warm:.0f} s")
+    if reason:
+        print(f"compiled: not run, torch.compile cannot run here: {reason}")
+    print(f"{'case':<18} {'ms median':>10} {'ms best':>8} {'tok/s':>7} {'(best)':>7} {'aten ops/token':>15} "
+          f"{'x baseline eager':>17} {'x own eager':>12}")
+    for name, t in step.items():
+        arch, mode = name.split()
+        m, lo = statistics.median(t), low(t)
+        base, own = statistics.median(step["baseline eager"]), statistics.median(step[f"{arch} eager"])
+        print(f"{name:<18} {1e3 * m:>10.3f} {1e3 * lo:>8.3f} {1 / m:>7.0f} {1 / lo:>7.0f} {ops[name]:>15.0f} "
+              f"{base / m:>17.2f} {own / m:>12.2f}")
 
 
 def run_rounds(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
@@ -137,8 +205,11 @@ def build_pair(tier: str, max_len: int):
 
 
 def side_by_side(args) -> None:
-    max_len = max(args.n, len(PROMPT_IDS) + args.new_tokens)
+    max_len = max(args.n, len(PROMPT_IDS) + args.new_tokens + 16)  # the warm-up's steps fit too
     q, b = build_pair(args.tier, max_len)
+    if args.decode_only:
+        decoding(args, q.eval(), b.eval())
+        return
     train = {"qtg": train_step_fn(q.train(), args.batch, args.n),
              "baseline": train_step_fn(b.train(), args.batch, args.n)}
     res = run_rounds(train, args.train_rounds, warmup=2)
@@ -155,16 +226,7 @@ def side_by_side(args) -> None:
 
     q.eval(), b.eval()
     n = args.new_tokens
-    decode_steps({"qtg": q, "baseline": b}, 16)  # warm-up
-    step = decode_steps({"qtg": q, "baseline": b}, n)
-    print(f"\ncached greedy decoding step, batch 1, context {len(PROMPT_IDS)}..{len(PROMPT_IDS) + n}, "
-          f"{n} alternating steps (best: 10th percentile)")
-    print(f"{'model':<10} {'ms median':>10} {'ms best':>8} {'tok/s':>7} "
-          f"{'x baseline tok/s (median)':>26} {'(best)':>7}")
-    bm, bl = statistics.median(step["baseline"]), low(step["baseline"])
-    for name, t in step.items():
-        m, lo = statistics.median(t), low(t)
-        print(f"{name:<10} {1e3 * m:>10.2f} {1e3 * lo:>8.2f} {1 / m:>7.0f} {bm / m:>26.2f} {bl / lo:>7.2f}")
+    decoding(args, q, b)
 
     dec = {"qtg cached": decode_fn(q, n, True), "baseline cached": decode_fn(b, n, True)}
     res = run_rounds(dec, args.decode_rounds)
@@ -338,8 +400,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="fewer rounds: 5 train, 3 decode, 1 uncached")
     p.add_argument("--ablate", action="store_true", help="QTG alone, each optimisation off in turn")
+    p.add_argument("--decode-only", action="store_true", help="only the decoding steps (eager and compiled)")
+    p.add_argument("--no-compile", action="store_true", help="decoding steps eager only (no torch.compile)")
+    p.add_argument("--profile", action="store_true", help="print each decoding case's top ops by self CPU time")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                   help="keep: qtg.malloc.keep_freed_memory() first, as training does; default: glibc's settings")
+                   help="keep: qtg.training.malloc.keep_freed_memory() first, as training does; "
+                        "default: glibc's settings")
     args = p.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
         print("note: glibc mallopt unavailable here; malloc settings unchanged")

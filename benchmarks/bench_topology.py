@@ -132,8 +132,8 @@ def model_clouds(name: str, layers: list[int], n: int) -> dict[str, np.ndarray]:
     import torch
 
     import qtg
-    from qtg.data import default_corpus_path, load_documents, split_documents
-    from qtg.tokenizer import encode
+    from qtg.data.pipeline import default_corpus_path, load_documents, split_documents
+    from qtg.data.tokenizer import encode
 
     model = qtg.load(name).eval()
     test = split_documents(load_documents(default_corpus_path()), val_fraction=0.1, test_fraction=0.1, seed=0).test

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import qtg
-from qtg.optim import build_optimizer
-from qtg.train_config import load_config
+from qtg.training.optim import build_optimizer
+from qtg.training.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["nano", "nano-seed", "nano-notopo", "nano-baseline", "nano-baseline-alibi"]

@@ -33,9 +33,9 @@ import qtg
 from app.config import AppConfig
 from app.core import Explorer
 from app.tabs import training as tab
-from qtg.snapshots import list_snapshots, snapshot_tensors, write_snapshot
-from qtg.tokenizer import save_tokenizer
+from qtg.data.tokenizer import save_tokenizer
 from qtg.topology.training import CACHE_SUBDIR, analyse_snapshot
+from qtg.training.snapshots import list_snapshots, snapshot_tensors, write_snapshot
 
 PROBE_NANO = ("HAMLET. To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
               "The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles, And by "

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import qtg
-from qtg.checkpoint import shipped_models
-from qtg.data import Document, default_corpus_path, load_documents, split_documents
-from qtg.evaluate import evaluate
-from qtg.train_config import load_config
+from qtg.data.pipeline import Document, default_corpus_path, load_documents, split_documents
+from qtg.model.loading import shipped_models
+from qtg.training.evaluate import evaluate
+from qtg.training.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,15 +12,18 @@
 """
 
 from qtg import generate
-from qtg.activations import ActivationError, activation_names
-from qtg.builder import build
-from qtg.checkpoint import load, load_checkpoint, save_checkpoint
-from qtg.config import QTGConfig
 from qtg.errors import CheckpointError, ConfigError, GenerationError, QTGError, TierTooLargeError
-from qtg.intervention import Intervention, InterventionError, TopoWeight
-from qtg.memory import count_params, memory_estimate
-from qtg.model import QTG, QTGCache, QTGOutput
-from qtg.tiers import TIERS, baseline_of, get_tier, seed_faithful
+from qtg.model.activations import ActivationError, activation_names
+from qtg.model.builder import build
+from qtg.model.cache import QTGCache
+from qtg.model.checkpoint import save_checkpoint
+from qtg.model.config import QTGConfig
+from qtg.model.decoder import QTGOutput
+from qtg.model.intervention import Intervention, InterventionError, TopoWeight
+from qtg.model.loading import load, load_checkpoint
+from qtg.model.memory import count_params, memory_estimate
+from qtg.model.model import QTG
+from qtg.model.tiers import TIERS, baseline_of, get_tier, seed_faithful
 
 __version__ = "0.1.0"
 

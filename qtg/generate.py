@@ -17,14 +17,14 @@ Design choices:
   :func:`stream` is a plain function that validates, then returns the
   iterator, so its errors too come at the call and not at the first ``next``.
 * **Cache or not, same tokens.** With ``use_cache`` the prompt is run once
-  into a :class:`~qtg.model.QTGCache` and each step feeds one token
+  into a :class:`~qtg.model.model.QTGCache` and each step feeds one token
   (``model(next_ids, cache=cache)``, O(N) per step); without it each step
   re-runs the whole sequence (O(N^2)). Greedy output is the same token for
   token (a test holds it).
 * **Temperature 0 is greedy** (argmax); top-k and top-p then do nothing.
   So is any temperature below :data:`MIN_TEMPERATURE`: logits / T would
   overflow float32 there, and the distribution is one-hot to float32 anyway.
-* **Interventions** (:class:`~qtg.intervention.Intervention`) are passed to
+* **Interventions** (:class:`~qtg.model.intervention.Intervention`) are passed to
   every forward pass of the request, prefill and each step alike, so cached
   and uncached decoding see the same edited model.
 * **Seeded** sampling draws from a ``torch.Generator`` on the model's device:
@@ -52,8 +52,9 @@ import torch
 from torch import Tensor
 
 from qtg.errors import GenerationError
-from qtg.intervention import NO_INTERVENTION, Intervention
-from qtg.model import DecoderLM, QTGCache
+from qtg.model.intervention import NO_INTERVENTION, Intervention
+from qtg.model.model import QTGCache
+from qtg.model.protocol import LanguageModel
 
 # Below this temperature sampling is greedy: the largest logit gap of a trained
 # model (~100) over 1e-4 stays far inside float32, while 1e-39 would overflow.
@@ -83,7 +84,7 @@ class Sampling:
 class _Decode:
     """What every step of one request reads: the model, its cache and intervention, how to choose, when to stop."""
 
-    model: DecoderLM
+    model: LanguageModel
     cache: QTGCache | None
     intervene: Intervention
     sampling: Sampling
@@ -181,7 +182,7 @@ def sample_rows(logits: Tensor, samplings: Sequence[Sampling],
 # --- forward passes ----------------------------------------------------------------
 
 
-def prefill(model: DecoderLM, ids: Tensor, cache: QTGCache | None,
+def prefill(model: LanguageModel, ids: Tensor, cache: QTGCache | None,
             intervene: Intervention = NO_INTERVENTION) -> Tensor:
     """Run the prompt once (filling ``cache`` when given).
 
@@ -201,7 +202,7 @@ def prefill(model: DecoderLM, ids: Tensor, cache: QTGCache | None,
     return logits[:, -1]
 
 
-def decode_one_token(model: DecoderLM, seq: Tensor, cache: QTGCache | None,
+def decode_one_token(model: LanguageModel, seq: Tensor, cache: QTGCache | None,
                      intervene: Intervention = NO_INTERVENTION) -> Tensor:
     """Logits for the token after ``seq``.
 
@@ -230,7 +231,7 @@ def decode_one_token(model: DecoderLM, seq: Tensor, cache: QTGCache | None,
 
 
 @contextlib.contextmanager
-def inference(model: DecoderLM) -> Iterator[None]:
+def inference(model: LanguageModel) -> Iterator[None]:
     """Run the ``with`` body in eval mode and under ``torch.inference_mode``.
 
     The model's train/eval mode is restored on exit (also on an exception), so
@@ -366,7 +367,7 @@ def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | N
         raise GenerationError(f"seed must be an integer in [0, 2**64) (or None for unseeded), got {seed!r}")
 
 
-def check_request(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, sampling: Sampling = Sampling(),
+def check_request(model: LanguageModel, ids: Tensor, max_new_tokens: int, *, sampling: Sampling = Sampling(),
                   eos_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer: Any = None,
                   intervene: Intervention | None = None) -> Tensor:
     """Refuse a request that cannot be served, before any work.
@@ -411,7 +412,7 @@ def check_request(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, samplin
     return ids.to(device=_device(model), dtype=torch.long)
 
 
-def stream(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+def stream(model: LanguageModel, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
            eos_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer: Any = None,
            pad_id: int | None = None, intervene: Intervention | None = None) -> Iterator[Tensor]:
@@ -429,12 +430,14 @@ def stream(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature: f
                         tokenizer=tokenizer, intervene=intervene)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     stopper = Stopper(ids.shape[0], ids.device, eos_id, stop_strings(stop), tokenizer)
-    run = _Decode(model, QTGCache() if use_cache else None, intervene or NO_INTERVENTION, sampling,
+    # sized for this request; its ids are checked here once (check_request), then sampled: no check per step
+    cache = QTGCache(ids.shape[1] + max_new_tokens, checked_ids=True) if use_cache else None
+    run = _Decode(model, cache, intervene or NO_INTERVENTION, sampling,
                   sampling.generator(ids.device), stopper, pad)
     return _steps(run, ids, max_new_tokens)
 
 
-def generate(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+def generate(model: LanguageModel, ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
              eos_id: int | None = None, stop: str | Sequence[str] | None = None, tokenizer: Any = None,
              pad_id: int | None = None, intervene: Intervention | None = None) -> Tensor:
@@ -454,7 +457,7 @@ def generate(model: DecoderLM, ids: Tensor, max_new_tokens: int, *, temperature:
         stop: a string or strings; a row whose generated text contains one has finished.
         tokenizer: decodes text for ``stop`` (default ``model.tokenizer``).
         pad_id: what finished rows emit (default ``eos_id``, else 0).
-        intervene: a :class:`~qtg.intervention.Intervention` for every forward pass of this request.
+        intervene: a :class:`~qtg.model.intervention.Intervention` for every forward pass of this request.
 
     Returns:
         ``[B, N + T]`` int64, the prompt then T <= max_new_tokens new tokens
@@ -480,5 +483,5 @@ def _steps(run: _Decode, ids: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
     yield from decode_n_tokens(run, buf, N, logits, max_new_tokens)
 
 
-def _device(model: DecoderLM) -> torch.device:
+def _device(model: LanguageModel) -> torch.device:
     return next(model.parameters()).device

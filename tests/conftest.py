@@ -15,8 +15,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import qtg
-from qtg.checkpoint import save_checkpoint
-from qtg.tokenizer import save_tokenizer, train_tokenizer
+from qtg.data.tokenizer import save_tokenizer, train_tokenizer
+from qtg.model.checkpoint import save_checkpoint
 
 torch.set_num_threads(2)
 

@@ -1,4 +1,4 @@
-"""Named activations (qtg.activations): run_with_cache and Intervention(patch=...), QTG and baseline alike."""
+"""Named activations (qtg.model.activations): run_with_cache and Intervention(patch=...), QTG and baseline alike."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import qtg
-from qtg.activations import ActivationError, activation_names
 from qtg.generate import generate
-from qtg.model import QTGCache
+from qtg.model.activations import ActivationError, activation_names
+from qtg.model.cache import QTGCache
 
 
 @pytest.fixture(scope="module", params=["qtg", "baseline"])

@@ -63,8 +63,8 @@ def test_stop_after_a_run_has_finished_leaves_its_status(page):
 
 
 def _token_count(text: str) -> int:
-    from qtg.checkpoint import SHIPPED_DIR
-    from qtg.tokenizer import encode, load_tokenizer
+    from qtg.data.tokenizer import encode, load_tokenizer
+    from qtg.model.checkpoint import SHIPPED_DIR
 
     return len(encode(load_tokenizer(SHIPPED_DIR / "nano" / "tokenizer.json"), text))
 
@@ -88,7 +88,8 @@ def test_topology_tab(page, shots):
     plot_rendered(page, "topology-diagram")
     page.wait_for_function("document.querySelector('#topology-bounds')?.innerText.includes('Bounds applied')")
     plot_rendered(page, "topology-approx")
-    for elem_id in ("topology-diagram", "topology-barcode", "topology-approx"):
+    plot_rendered(page, "topology-w", timeout=120_000)  # the filter's w by position (the controls calibrate once)
+    for elem_id in ("topology-diagram", "topology-barcode", "topology-approx", "topology-w"):
         fits(page, elem_id)
     page.screenshot(path=str(shots / "topology.png"), full_page=True)
 

@@ -8,7 +8,6 @@ In-process handler tests first; ``gradio_client`` tests (marked slow) against th
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import threading
 import time
@@ -27,14 +26,15 @@ from app.core import Session  # noqa: E402
 from app.errors import user_facing  # noqa: E402
 from app.tabs import experiment as tab  # noqa: E402
 from app.tabs import experiment_runs as runs  # noqa: E402
-from qtg.data import split_documents  # noqa: E402
-from qtg.documents import default_corpus_path  # noqa: E402
-from qtg.experiment_plots import OFFSET, VERDICT_COLORS, forest_panels, forest_plot, lens_heatmaps  # noqa: E402
+from app.worker import ABANDONED_S  # noqa: E402
+from qtg.data.documents import default_corpus_path  # noqa: E402
+from qtg.data.pipeline import split_documents  # noqa: E402
+from qtg.data.tokenizer import encode, eos_id  # noqa: E402
 from qtg.experiments import compare_text, head_importance, logit_lens, prepare, sweep  # noqa: E402
 from qtg.experiments.corpus import read_documents  # noqa: E402
 from qtg.experiments.heldout import SHIPPED_SPLIT, heldout_documents, next_token, recorded_split  # noqa: E402
-from qtg.tokenizer import encode, eos_id  # noqa: E402
-from qtg.views import view_memory  # noqa: E402
+from qtg.model.views import view_memory  # noqa: E402
+from qtg.plots.experiment import OFFSET, VERDICT_COLORS, forest_panels, forest_plot, lens_heatmaps  # noqa: E402
 from tests.app_fixtures import count_after_cancel, ex_fixture, nano_fixture  # noqa: E402, F401
 from tests.test_app_handlers import TEXT  # noqa: E402
 from tests.test_app_server import client, server  # noqa: E402, F401
@@ -148,16 +148,16 @@ def test_lens_is_the_library_s_for_qtg_and_its_baseline(ex, nano):
     assert list(numbers["lens"]) == ["QTG: nano", "baseline: nano-baseline"]
     assert note.startswith(f"Showing the first {n} of ")
     ids = torch.tensor([encode(nano.tokenizer, long)[:n]])
-    ref = dataclasses.replace(logit_lens(nano.model, ids), state_names=nano.state_names)
+    ref = logit_lens(nano.model, ids)
     mine = numbers["lens"]["QTG: nano"]
     assert mine == ref.to_dict(nano.tokenizer, k=tab.LENS_TOP)
-    assert [s["name"] for s in mine["states"]] == nano.state_names  # blocks from 0, as in every tab
+    assert [s["name"] for s in mine["states"]] == nano.model.state_names  # blocks from 0, as in every tab
     assert mine["states"][-1]["name"] == f"block {nano.model.cfg.n_layers - 1}"
     with torch.inference_mode():  # the last state is the model's own prediction
         top = nano.model(ids).logits[0].argmax(-1).tolist()
     assert [row[0] for row in mine["states"][-1]["top_ids"]] == top
     base = ex.registry.baseline_for(nano)
-    assert [s["name"] for s in numbers["lens"]["baseline: nano-baseline"]["states"]] == base.state_names
+    assert [s["name"] for s in numbers["lens"]["baseline: nano-baseline"]["states"]] == base.model.state_names
     assert len(fig.data) == 2 and fig.data[0].z.shape == (len(mine["states"]), n)  # one heatmap per model
 
 
@@ -356,7 +356,7 @@ def test_a_sweep_nobody_reads_any_more_stops_on_the_server(ex):
     for _ in gen:
         if ex.counters.forwards > start:
             break  # dropped, not closed: `gen` stays referenced
-    deadline = time.time() + runs.ABANDONED_S + 30
+    deadline = time.time() + ABANDONED_S + 30
     while [t for t in threading.enumerate() if t.name == "experiment-sweep"] and time.time() < deadline:
         time.sleep(0.2)
     assert not [t for t in threading.enumerate() if t.name == "experiment-sweep"], "the dropped sweep kept going"
@@ -412,6 +412,6 @@ def test_stop_cancels_the_sweep_on_the_server(server):  # noqa: F811
     job = c.submit(*HTTP_KNOBS, "topo=off\ngamma=1", 400, 0, 0, api_name="/sweep")
     # settle: a dropped run stops within ABANDONED_S of its last read, after the pass under way
     at_stop = count_after_cancel(job, lambda: ex.counters.forwards != before, lambda: ex.counters.forwards,
-                                 "the sweep", settle_s=runs.ABANDONED_S + 3.0)
+                                 "the sweep", settle_s=ABANDONED_S + 3.0)
     assert 0 < at_stop - before < 50  # forward passes of 8 windows: 150 had it run to the end
     assert not [t for t in threading.enumerate() if t.name == "experiment-sweep"]

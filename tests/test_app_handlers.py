@@ -31,13 +31,13 @@ from app.exports import Exportable, export, private_dir, prune  # noqa: E402
 from app.models import exploration_tier  # noqa: E402
 from app.server import control_ranges  # noqa: E402
 from app.tabs import attention, compare, generate, tiers, topology  # noqa: E402
+from qtg.data.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
 from qtg.generate import generate as generate_ids  # noqa: E402
 from qtg.metrics import attention_stats  # noqa: E402
-from qtg.plots import attention_graph_diagrams  # noqa: E402
-from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
+from qtg.model.views import view_memory  # noqa: E402
+from qtg.plots.topology import attention_graph_diagrams  # noqa: E402
 from qtg.topology import approx_view, attention_graph, exact_diagrams, prompt_distance  # noqa: E402
 from qtg.topology import compare as topo_compare  # noqa: E402
-from qtg.views import view_memory  # noqa: E402
 from tests.app_fixtures import ex_fixture, nano_fixture  # noqa: E402, F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # micro/nano gain nothing from a second thread
@@ -541,7 +541,7 @@ def test_loading_shows_the_memory_it_takes_and_real_progress(ex, monkeypatch):
     outs = list(tiers.load_model(ex, None, "tier:base", "cpu", progress=lambda f, desc: seen.append((f, desc))))
     need = qtg.memory_estimate(exploration_tier("base")[0], "fp32", "inference").weights  # its tokenizer's vocabulary
     assert outs[0][0].startswith(f"Loading **base tier (random weights)** on cpu: its weights take "
-                                 f"{qtg.memory.human_bytes(need)}")
+                                 f"{qtg.model.memory.human_bytes(need)}")
     assert seen and all(0 <= f < 1 for f, _ in seen) and seen[-1][0] > 0  # the bytes the load has allocated
     assert "RANDOM weights" in outs[-1][0] and outs[-1][1].model == "tier:base"
     message, session = tiers.unload_model(ex, outs[-1][1], "tier:base", "cpu")
@@ -690,8 +690,8 @@ def test_the_library_never_imports_the_app():
     import subprocess
     import sys
 
-    code = ("import sys, qtg, qtg.topology, qtg.plots, qtg.attention_plots, qtg.cli, qtg.train, qtg.evaluate, "
-            "qtg.views\nbad = sorted(m for m in sys.modules if m == 'app' or m.startswith(('app.', 'gradio')))\n"
+    code = ("import sys, qtg, qtg.topology, qtg.plots, qtg.cli, qtg.training.train, qtg.training.evaluate, "
+            "qtg.model.views\nbad = sorted(m for m in sys.modules if m == 'app' or m.startswith(('app.', 'gradio')))\n"
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -29,15 +29,15 @@ from app.errors import user_facing  # noqa: E402
 from app.exports import export  # noqa: E402
 from app.tabs import patching as tab  # noqa: E402
 from app.tabs import patching_fields as fields  # noqa: E402
+from qtg.data.tokenizer import encode, token_strings  # noqa: E402
 from qtg.experiments import (  # noqa: E402
     activation_patching,
     agreement_of,
     attribution_patching,
     direct_logit_attribution,
 )
-from qtg.patching_plots import cell_digits, patching_heatmaps  # noqa: E402
-from qtg.tokenizer import encode, token_strings  # noqa: E402
-from qtg.views import view_memory  # noqa: E402
+from qtg.model.views import view_memory  # noqa: E402
+from qtg.plots.patching import cell_digits, patching_heatmaps  # noqa: E402
 from tests.app_fixtures import count_after_cancel, ex_fixture, nano_fixture  # noqa: E402, F401
 from tests.test_app_server import client, server  # noqa: E402, F401
 

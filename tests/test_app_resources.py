@@ -30,9 +30,9 @@ from app.config import AppConfig, Limits  # noqa: E402
 from app.core import Explorer, Session  # noqa: E402
 from app.models import AppInputError  # noqa: E402
 from app.tabs import attention, generate, tiers, topology  # noqa: E402
-from qtg.tokenizer import decode  # noqa: E402
+from qtg.data.tokenizer import decode  # noqa: E402
+from qtg.model.views import view_memory  # noqa: E402
 from qtg.topology import BudgetExceeded, backends  # noqa: E402
-from qtg.views import view_memory  # noqa: E402
 from tests.app_fixtures import ex_fixture, nano_fixture  # noqa: E402,F401 - fixtures "ex" and "nano"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

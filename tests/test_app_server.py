@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -31,7 +32,7 @@ from gradio_client import Client  # noqa: E402
 from app.config import AppConfig  # noqa: E402
 from app.server import Hosts, end_on_signals, launch  # noqa: E402
 from app.tabs import tiers, training  # noqa: E402
-from qtg.tokenizer import encode  # noqa: E402
+from qtg.data.tokenizer import encode  # noqa: E402
 from tests.app_fixtures import count_after_cancel  # noqa: E402
 from tests.test_app_handlers import PROMPT, TEXT, library_greedy  # noqa: E402
 
@@ -130,6 +131,37 @@ def test_generate_takes_the_strip_block(server):
     assert "block 3" in str(default[4]) and "block 0" in str(first[4])  # nano's last block is 3
 
 
+def shown_w(html: str) -> list[float]:
+    """The w each token of Generate's text is coloured by."""
+    return [float(v) for v in re.findall(r'data-w="([^"]+)"', html)]
+
+
+def test_the_w_from_toggle_over_http(server):
+    """Generate's last input picks the w its colouring shows, ``/generate_w_from`` colours the client's last
+    generation again, ``/topology_w_from`` draws the filter's w beside a control's: each shows the control's w
+    (calibrated on the validation works), not the filter's."""
+    ex, url = server
+    c = client(url)
+    plain = c.predict(PROMPT, 6, 0, 0, 1, -1, -1, "the filter (s̃)", api_name="/generate")[0]
+    gated = c.predict(PROMPT, 6, 0, 0, 1, -1, -1, "one-bit gate", api_name="/generate")[0]
+    cal = ex.calibrations.get(ex.current(None))
+    assert len(shown_w(plain)) == len(shown_w(gated)) > 6
+    assert {round(w, 5) for w in shown_w(gated)} <= {1.0, round(cal.gate, 5)}  # one bit: 1 or the constant
+    assert {round(w, 5) for w in shown_w(plain)} - {1.0, round(cal.gate, 5)}  # the filter's w is graded
+    # the toggle recolours the last generation of this client's session (its payload is session state)
+    recoloured = c.predict("position only", api_name="/generate_w_from")  # the html (the payload is state)
+    n = len(shown_w(plain))
+    assert shown_w(recoloured) == pytest.approx(list(cal.profile[:n]), abs=1e-5)  # w by position, whatever the token
+    assert "Position alone explains" in recoloured
+    c.predict(TEXT, 1, "ripser", 64, 0, api_name="/topology")
+    fig, note = c.predict("one-bit gate", api_name="/topology_w_from")
+    traces = {t["name"]: t["y"] for t in json.loads(fig["plot"])["data"]}
+    assert set(traces) == {"position alone", "the filter's w (s̃)", "one-bit gate control's w"}
+    assert set(np.round(traces["one-bit gate control's w"], 5)) <= {1.0, round(cal.gate, 5)}
+    assert traces["position alone"] == pytest.approx(list(cal.profile[:len(traces["position alone"])]), abs=1e-6)
+    assert "one-bit gate control's w against the filter's: correlation" in note
+
+
 @pytest.mark.parametrize("args, message", [
     (("", 10, 0.8, 0, 1, -1), "prompt: empty; type some text"),
     (("x" * 5000, 10, 0.8, 0, 1, -1), "prompt: 5,000 characters is above the maximum 4,000"),
@@ -172,7 +204,7 @@ def test_every_endpoint_parameter_is_named_as_its_label_says(server):
     c = client(server[1])
     api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in api["/generate"]["parameters"]] == [
-        "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "strip_block"]
+        "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "strip_block", "w_from"]
     wrong = {name: [(p["parameter_name"], p["label"]) for p in info["parameters"]
                     if p["parameter_name"] != api_name_of(p["label"])] for name, info in api.items()}
     assert {name: w for name, w in wrong.items() if w} == {}

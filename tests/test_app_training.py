@@ -18,9 +18,9 @@ from app.core import Explorer  # noqa: E402
 from app.exports import export  # noqa: E402
 from app.models import AppInputError  # noqa: E402
 from app.tabs import training as tab  # noqa: E402
-from qtg.snapshots import list_snapshots  # noqa: E402
 from qtg.topology.training import analyse_snapshot  # noqa: E402
-from qtg.train import train  # noqa: E402
+from qtg.training.snapshots import list_snapshots  # noqa: E402
+from qtg.training.train import train  # noqa: E402
 from tests.test_snapshots import PROBE, snap_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -248,7 +248,7 @@ def test_head_points_are_the_points_the_model_attends_with(micro, micro_maps):
 def test_fisher_rao_distances_are_the_sphere_angle_and_a_metric():
     rng = np.random.default_rng(0)
     logits = torch.tensor(rng.standard_normal((30, 8)))
-    s = qtg.fisher_rao.sqrt_simplex(logits).numpy()
+    s = qtg.model.fisher_rao.sqrt_simplex(logits).numpy()
     d = fisher_rao_distances(s)
     np.testing.assert_allclose(d, np.arccos(np.clip(s @ s.T, 0.0, 1.0)), atol=1e-7)
     assert (d >= 0).all() and d.max() <= math.pi / 2 and (np.diag(d) == 0).all()

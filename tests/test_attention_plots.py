@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qtg.attention_plots import attention_heatmaps, gamma_bars
+from qtg.plots.attention import attention_heatmaps, gamma_bars
 
 
 def test_heatmaps_show_the_maps_with_the_causal_triangle_blank(micro, ids):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import qtg
-from qtg.memory import closed_form_params, count_params
-from qtg.model import QTGCache
+from qtg.model.cache import QTGCache
+from qtg.model.memory import closed_form_params, count_params
 
 
 @pytest.fixture(scope="module", params=["rope", "alibi"])

@@ -1,4 +1,4 @@
-"""Checkpoints (qtg.checkpoint): exact round trips, no pickles, every bad file named,
+"""Checkpoints (qtg.model.checkpoint): exact round trips, no pickles, every bad file named,
 crash-safe writes (SIGKILL mid-save) and qtg.load's resolution of tiers and directories."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 import qtg
-from qtg import checkpoint
 from qtg.atomic import atomic_path, atomic_safetensors, atomic_text
-from qtg.checkpoint import load_checkpoint, read_state, save_checkpoint
 from qtg.errors import CheckpointError
+from qtg.model import builder, checkpoint, loading, tiers
+from qtg.model.checkpoint import read_state, save_checkpoint
+from qtg.model.loading import load_checkpoint
 from tests.conftest import word_tokenizer
 
 
@@ -287,7 +288,7 @@ def test_load_resolves_tiers_checkpoints_and_training_directories(model, ids, tm
         random_micro = qtg.load("micro")
     assert random_micro.random_weights is True and "RANDOM weights" in caplog.text
 
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(loading, "SHIPPED_DIR", tmp_path / "shipped")
     save_checkpoint(model, tmp_path / "shipped" / "micro")
     shipped = qtg.load("MICRO")
     assert shipped.random_weights is False and torch.equal(_logits(shipped, ids), _logits(model, ids))
@@ -308,3 +309,35 @@ def test_load_resolves_tiers_checkpoints_and_training_directories(model, ids, tm
     message = r"cannot load 'gpt5': .*not a checkpoint directory.*'latest'.*tier \(micro, nano"
     with pytest.raises(CheckpointError, match=message):
         qtg.load("gpt5")
+
+
+def _spy(monkeypatch, module, name: str, counts: list, when=lambda *args: True) -> None:
+    """Count the calls of ``module.name`` made through any qtg module that imported it (``from m import f``
+    binds the function in the importer, so each binding is wrapped)."""
+    import sys
+
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        if when(*args):
+            counts.append(name)
+        return real(*args, **kwargs)
+
+    for mod in [m for key, m in sys.modules.items() if key == "qtg" or key.startswith("qtg.")]:
+        if getattr(mod, name, None) is real:
+            monkeypatch.setattr(mod, name, spy)
+
+
+@pytest.mark.parametrize("name", ["nano", "micro", "a checkpoint directory"])
+def test_one_load_resolves_the_name_once_and_checks_the_fit_once(model, tmp_path, monkeypatch, name):
+    """qtg.load in one pass (issue 25): one name -> config (a tier's preset or a config.json), one fit check."""
+    target = save_checkpoint(model, tmp_path / "ckpt") if name == "a checkpoint directory" else name
+    resolutions, fits = [], []
+    _spy(monkeypatch, tiers, "get_tier", resolutions)
+    _spy(monkeypatch, tiers, "resolve_config", resolutions, when=lambda tier, *_: isinstance(tier, str))
+    _spy(monkeypatch, checkpoint, "read_config", resolutions)
+    _spy(monkeypatch, builder, "check_fits", fits)
+    loaded = qtg.load(target)
+    assert len(resolutions) == 1, resolutions
+    assert fits == ["check_fits"]
+    assert loaded.random_weights is (name == "micro")  # nano is shipped, micro is not: both paths are counted

@@ -15,11 +15,11 @@ import pytest
 
 import qtg
 from qtg import experiments as ex
-from qtg.checkpoint import save_checkpoint
 from qtg.cli import main
-from qtg.documents import load_documents
-from qtg.evaluate import evaluate
+from qtg.data.documents import load_documents
 from qtg.experiments import works as wk
+from qtg.model.checkpoint import save_checkpoint
+from qtg.training.evaluate import evaluate
 from tests.conftest import write_works
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from qtg import data as qdata
-from qtg.data import (
+from qtg.data import pipeline as qdata
+from qtg.data.pipeline import (
     Document,
     WindowLoader,
     default_corpus_path,
@@ -23,8 +23,8 @@ from qtg.data import (
     split_documents,
     tokenize_documents,
 )
+from qtg.data.tokenizer import EOS_TOKEN, decode, train_tokenizer
 from qtg.errors import ConfigError, DataError
-from qtg.tokenizer import EOS_TOKEN, decode, train_tokenizer
 
 WORDS = "the king doth wake tonight and takes his rouse keeps wassail swaggering upspring reels".split()
 

@@ -21,15 +21,15 @@ import pytest
 import torch
 
 import qtg
-from qtg.checkpoint import read_full_model
+from qtg.data.tokenizer import EOS_TOKEN, decode, encode
 from qtg.distributed import split_sizes
 from qtg.distributed.plan import plan, shard_numel, shard_params
 from qtg.errors import ConfigError
-from qtg.evaluate import score_windows, windows
 from qtg.generate import generate
-from qtg.intervention import Intervention
-from qtg.tokenizer import EOS_TOKEN, decode, encode
-from qtg.train import TrainConfig, train
+from qtg.model.intervention import Intervention
+from qtg.model.loading import read_full_model
+from qtg.training.evaluate import score_windows, windows
+from qtg.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -320,7 +320,7 @@ def worker(run_dir: str, report: str, device: str = "cpu") -> None:
     cfg = qtg.get_tier("micro")
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(world.device)
     if device == "cuda":  # bf16 mixed precision: what the blocks compute in, and the dtype of the BC's inputs
-        import qtg.model as qm
+        import qtg.model.model as qm
 
         model, seen, original = build_sharded(cfg, world, seed=0), {}, qm.sqrt_simplex
 
@@ -414,14 +414,14 @@ def test_the_app_serves_a_model_sharded_over_two_ranks(tmp_path):
         assert text == PROMPT + library_greedy(nano, nano.tokenizer, PROMPT, 16)  # the box starts at the prompt
         attn = c.predict("To be, or not to be", 1, -1, api_name="/attention")[4]
         with torch.inference_mode():
-            ref = nano(torch.tensor([qtg.tokenizer.encode(nano.tokenizer, "To be, or not to be")]),
+            ref = nano(torch.tensor([qtg.data.tokenizer.encode(nano.tokenizer, "To be, or not to be")]),
                        return_internals=True)
         assert attn["gamma"][1] == pytest.approx(ref.gamma[1].tolist(), rel=1e-6)
         # exact vs approximate TopoFilter on the one sharded model: an argument of each lockstep call
         text = "To be, or not to be, that is the question"
         headline = c.predict(text, "sharded:nano", "cpu", "exact", "sharded:nano", "cpu", "approximate", -1,
                              api_name="/compare")[2]
-        seq = [nano.tokenizer.token_to_id(EOS_TOKEN), *qtg.tokenizer.encode(nano.tokenizer, text)]
+        seq = [nano.tokenizer.token_to_id(EOS_TOKEN), *qtg.data.tokenizer.encode(nano.tokenizer, text)]
         for side, intervene in (("A", Intervention(topo="exact")), ("B", Intervention())):
             nll, count = score_windows(nano, windows(seq, nano.cfg.max_seq_len), intervene=intervene)
             assert headline["perplexity"][side] == pytest.approx(math.exp(nll / count), rel=1e-4)

@@ -15,9 +15,9 @@ import torch
 import qtg
 from qtg.errors import GenerationError
 from qtg.generate import generate, prefill
-from qtg.intervention import Intervention
-from qtg.model import QTGCache
-from qtg.serve.engine import Engine, merge_rows, select_rows
+from qtg.model.cache import QTGCache
+from qtg.model.intervention import Intervention
+from qtg.serve.engine import Engine
 from qtg.topology import PromptForest, prompt_distance
 from tests.conftest import word_tokenizer
 
@@ -63,12 +63,16 @@ def test_a_ragged_step_gives_each_row_its_own_logits(lively, prompts):
     """Rows of lengths 3, 17, 9, 30 in one cached step: each row's logits are those of the row alone."""
     caches, batch = [], None
     for p in prompts:
-        cache = QTGCache()
+        cache, row = QTGCache(), QTGCache()
         with torch.inference_mode():
             prefill(lively, p.view(1, -1), cache)
+            prefill(lively, p.view(1, -1), row)
         caches.append(cache)
-        row = QTGCache(**{**cache.__dict__, "lengths": torch.tensor([cache.length])})  # the same, as ragged
-        batch = row if batch is None else merge_rows(batch, row)
+        row.make_ragged()  # the same, as a ragged row
+        if batch is None:
+            batch = row
+        else:
+            batch.add_rows(row)  # copied into the batch's row slots
     nxt = torch.tensor([[7], [100], [42], [511]])
     with torch.inference_mode():
         together = lively(nxt, cache=batch).logits[:, -1]  # [4, V]
@@ -79,7 +83,8 @@ def test_a_ragged_step_gives_each_row_its_own_logits(lively, prompts):
                 assert batch.points[b, :batch.lengths[b]].equal(cache.points[0])
     assert batch.lengths.tolist() == [n + 1 for n in LENGTHS]
     # leaving: the rows kept are trimmed to the widest of them and still step exactly
-    kept = select_rows(batch, [0, 2])
+    kept = batch
+    assert kept.keep_rows([0, 2]) == [0, 2]  # row 2 refills row 1's slot
     assert kept.length == LENGTHS[2] + 1 and kept.lengths.tolist() == [LENGTHS[0] + 1, LENGTHS[2] + 1]
     with torch.inference_mode():
         step2 = lively(torch.tensor([[1], [2]]), cache=kept).logits[:, -1]

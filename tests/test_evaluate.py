@@ -1,4 +1,4 @@
-"""qtg.evaluate and the `qtg eval` / `qtg generate` commands."""
+"""qtg.training.evaluate and the `qtg eval` / `qtg generate` commands."""
 
 import json
 import math
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import qtg
-from qtg.data import Document
-from qtg.evaluate import evaluate, windows
-from qtg.tokenizer import encode, eos_id
+from qtg.data.pipeline import Document
+from qtg.data.tokenizer import encode, eos_id
+from qtg.training.evaluate import evaluate, score_windows, windows
 from tests.conftest import run_qtg
 
 
@@ -41,6 +41,35 @@ def test_long_documents_span_several_windows(tiny_checkpoint):
     result = evaluate(model, [Document("long", text)])
     assert result.tokens == len(encode(model.tokenizer, text))  # EOS context + every token predicted once
     assert result.tokens > 2 * model.cfg.max_seq_len
+
+
+def test_padded_batches_score_as_windows_one_at_a_time():
+    model = qtg.build("micro", seed=0)
+    chunks = [list(range(1, n)) for n in (5, 40, 17, 90, 3)]  # uneven: batched, all but the longest are padded
+    together = score_windows(model, chunks, batch_size=8)
+    alone = [score_windows(model, [c], batch_size=1) for c in chunks]
+    assert together[1] == sum(n for _, n in alone) == sum(len(c) - 1 for c in chunks)
+    assert together[0] == pytest.approx(sum(nll for nll, _ in alone), rel=1e-5)
+
+
+def test_scoring_restores_the_models_mode_even_when_a_pass_raises():
+    model = qtg.build("micro", seed=0).train()
+    score_windows(model, [[1, 2, 3]])
+    assert model.training  # scored in eval mode, then back to training
+    seen = []
+
+    def failing_pass(*args, **kwargs):
+        seen.append(model.training)
+        raise RuntimeError("the pass failed")
+
+    model.forward = failing_pass
+    with pytest.raises(RuntimeError, match="the pass failed"):
+        score_windows(model, [[1, 2, 3]])
+    assert seen == [False] and model.training
+    model.eval()
+    with pytest.raises(RuntimeError, match="the pass failed"):
+        score_windows(model, [[1, 2, 3]])
+    assert not model.training
 
 
 def test_eval_needs_text_and_a_tokenizer(tiny_checkpoint):

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 import qtg
 from qtg import experiments as ex
 from qtg import topology
-from qtg.checkpoint import save_checkpoint
 from qtg.cli import main
-from qtg.data import Document
-from qtg.evaluate import evaluate
-from qtg.tokenizer import decode, encode, token_strings
+from qtg.data.pipeline import Document
+from qtg.data.tokenizer import decode, encode, token_strings
+from qtg.model.checkpoint import save_checkpoint
+from qtg.training.evaluate import evaluate
 from tests.conftest import SAMPLE_TEXT, run_qtg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,7 +128,7 @@ def test_lens_as_json_names_the_tokens(small, tok):
     assert json.loads(json.dumps(d)) == d
 
 
-def test_head_table_is_found_by_declared_architecture(micro, small_baseline):
+def test_head_table_is_the_models_declared_unembedding(micro, small_baseline):
     assert ex.head_table(micro) is micro.embed.table.weight
     assert ex.head_table(small_baseline) is small_baseline.embed.weight
 

@@ -37,8 +37,8 @@ import numpy as np
 
 def setup(what):
     if what == "tokenizers":
-        from qtg.checkpoint import SHIPPED_DIR
-        from qtg.tokenizer import decode, encode, load_tokenizer
+        from qtg.model.checkpoint import SHIPPED_DIR
+        from qtg.data.tokenizer import decode, encode, load_tokenizer
         tok = load_tokenizer(SHIPPED_DIR / "nano" / "tokenizer.json")
         def call():
             assert decode(tok, encode(tok, "ROMEO: to be, or not to be")) == "ROMEO: to be, or not to be"
@@ -114,7 +114,9 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 HEAVY = {"/generate": {0: "ROMEO:", "max_new_tokens": 24}, "/topology": {0: TEXT}, "/attention": {0: TEXT},
          "/attention_topology": {0: TEXT}, "/compare": {0: TEXT}, "/experiment": {0: TEXT, 1: "exact"},
          "/lens": {0: TEXT}, "/sweep": {"windows": 2, "sample": 1}, "/heads": {"windows": 2},
-         "/patching": {"corrupted_prompt": ""}, "/training": {}}
+         "/patching": {"corrupted_prompt": ""}, "/training": {},
+         # the "w from" toggles: on a fresh session there is no result to recolour yet, so they return at once
+         "/generate_w_from": {"w_from": "one-bit gate"}, "/topology_w_from": {"w_from": "position only"}}
 GENERATE_AT_ONCE = 3  # the live diagram's in-process giotto-ph call was the one that hung the app
 SERVERS = 2
 START_S, REQUESTS_S = 180, 240
@@ -170,7 +172,7 @@ def _arguments(api: dict, name: str, given: dict) -> list:
 @pytest.fixture(scope="module")
 def run_dir(data_dir, tokenizer_file, tmp_path_factory) -> Path:
     """A micro run with three snapshots, for ``/training``."""
-    from qtg.train import train
+    from qtg.training.train import train
     from tests.test_snapshots import snap_config
 
     out = tmp_path_factory.mktemp("first_use_run")

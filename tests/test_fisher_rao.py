@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qtg.fisher_rao import (
+from qtg.model.fisher_rao import (
     alibi_slopes,
     attention_maps,
     attention_reference,

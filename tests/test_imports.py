@@ -18,7 +18,7 @@ PACKAGE = ROOT / "qtg"
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
-    """``qtg/cli/__init__.py`` -> ``qtg.cli``; ``qtg/data.py`` -> ``qtg.data`` (paths relative to ``root``)."""
+    """``qtg/cli/__init__.py`` -> ``qtg.cli``; ``qtg/data/pipeline.py`` -> ``qtg.data.pipeline`` (from ``root``)."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -65,7 +65,7 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the modules of ``package`` that it imports.
 
     An edge names the module the import is about: ``from qtg import plots`` -> ``qtg.plots``,
-    ``from qtg.data import Document`` -> ``qtg.data``, ``import qtg.x.y`` -> ``qtg.x.y``. Parent
+    ``from qtg.data.pipeline import Document`` -> ``qtg.data.pipeline``, ``import qtg.x.y`` -> ``qtg.x.y``. Parent
     packages that Python runs on the way are not edges (every import would then depend on
     ``qtg/__init__``).
     """
@@ -146,7 +146,7 @@ def cycle_through(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
 
 def test_package_has_no_import_cycle():
     graph = import_graph()
-    assert "qtg.data" in graph["qtg.train"]  # the graph is read at all
+    assert "qtg.data.pipeline" in graph["qtg.training.train"]  # the graph is read at all
     found = [f"{' -> '.join(cycle_through(graph, c))} (modules in the cycle: {', '.join(c)})"
              for c in strongly_connected(graph)]
     assert not found, "import cycles in qtg/: " + "; ".join(found)
@@ -228,3 +228,11 @@ def test_the_api_declares_what_it_imports():
                 if not {distribution(d) for d in providers.get(top, [top])} & declared:
                     missing.add(top)
     assert not missing, f"imported by the API, not declared by the app extra: {sorted(missing)}"
+
+
+def test_the_layout_shows_the_layers():
+    """Each module lives in a package that says what it holds; only what every layer shares stays at the top."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "atomic", "errors", "generate", "metrics"], top
+    packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert packages == ["cli", "data", "distributed", "experiments", "model", "plots", "serve", "topology", "training"]

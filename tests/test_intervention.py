@@ -10,8 +10,8 @@ import torch
 
 import qtg
 from qtg.generate import generate
-from qtg.intervention import VALUE_LIMIT, Intervention, InterventionError
-from qtg.model import QTGCache
+from qtg.model.cache import QTGCache
+from qtg.model.intervention import VALUE_LIMIT, Intervention, InterventionError
 
 GAMMAS = {1: torch.tensor([0.5, 1.0, 2.0, 4.0])}
 EDITS = {
@@ -119,7 +119,7 @@ def test_gamma_replacement_and_scale_reach_the_scores(alibi, ids):
     # the maps are those of the applied gamma: softmax_j(-gamma d^2 - m (i - j))
     n = ids.shape[1]
     i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
-    slopes = qtg.fisher_rao.alibi_slopes(4).view(1, -1, 1, 1)
+    slopes = qtg.model.fisher_rao.alibi_slopes(4).view(1, -1, 1, 1)
     scores = -some.gamma[1].view(1, -1, 1, 1) * some.distances[1] ** 2 - slopes * (i - j).clamp(min=0)
     expected = scores.masked_fill(j > i, float("-inf")).softmax(-1)
     torch.testing.assert_close(some.attention[1], expected, rtol=1e-4, atol=1e-5)

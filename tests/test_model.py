@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qtg
-from qtg.model import QTGCache
+from qtg.model.cache import QTGCache
 
 
 def _all_outputs(out) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_attention_is_softmax_of_minus_gamma_distance_squared(micro, ids):
         out = micro(ids, return_internals=True)
     N = ids.shape[1]
     i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
-    slopes = qtg.fisher_rao.alibi_slopes(micro.cfg.n_heads).view(1, -1, 1, 1)
+    slopes = qtg.model.fisher_rao.alibi_slopes(micro.cfg.n_heads).view(1, -1, 1, 1)
     for A, D, g in zip(out.attention, out.distances, out.gamma):
         score = -g.view(1, -1, 1, 1) * D.double() ** 2 - slopes * (i - j).clamp(min=0)
         expected = score.masked_fill(j > i, float("-inf")).softmax(-1)
@@ -226,7 +226,7 @@ def test_flex_compiles_once_and_reads_gamma_at_run_time(micro_cfg, micro_flex, i
 
 
 def test_flex_training_on_cpu_falls_back_to_reference_and_says_so(micro_cfg, ids, caplog, monkeypatch):
-    qtg.model._say_flex_falls_back.cache_clear()
+    qtg.model.model._say_flex_falls_back.cache_clear()
     model = qtg.build(micro_cfg.replace(attn_impl="flex"), seed=0)
     with caplog.at_level("WARNING", logger="qtg"):
         out = model(ids, targets=ids.roll(-1, 1), return_internals=True)

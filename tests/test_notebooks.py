@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from qtg.model.loading import shipped_models
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -48,7 +50,7 @@ EXPECTED = {
         r"uniform causal attention over these 48 tokens: mean look-back 11\.75 tokens",
         rf"head 3: ALiBi slope 0\.003906, gamma {NUMBER}, mean look-back {NUMBER} tokens \(ALiBi alone {NUMBER}, "
         r"uniform 11\.75\)",
-        rf"\n3\. In block 4 every head's mean look-back lies within {NUMBER} tokens of what ALiBi alone gives",
+        rf"\n3\. In block 3 every head's mean look-back lies within {NUMBER} tokens of what ALiBi alone gives",
         r"5\.5q\s+1,000,000\s+10,000\s+10,000\s+80,000,220,004,000,000\s+5\.50Q\s+14\.545x",
         rf"\n2\. The TopoFilter acts as a 'seen earlier in this context' gate: \d+ repeated tokens keep w = {NUMBER}",
     ]),
@@ -66,7 +68,7 @@ EXPECTED = {
         rf"Spearman of s - s~ with the position i: {NUMBER}",
         rf"positions 128-255: +\d+ first occurrences, mean w {NUMBER}",
         rf"\nQEmbed +{NUMBER} +{NUMBER} +{NUMBER}",  # rows named by the cloud: the filter's own s~ is on QEmbed
-        rf"\nblock 4 +{NUMBER} +{NUMBER} +{NUMBER}",  # errors over the diameter, split
+        rf"\nblock 3 +{NUMBER} +{NUMBER} +{NUMBER}",  # errors over the diameter, split (nano's last block is 3)
         rf"filter removed \(w = 1\) +: delta {NUMBER} nats/token \[{NUMBER}, {NUMBER}\]",
         rf"exact s \(topo=exact\) +: delta {NUMBER} nats/token \[{NUMBER}, {NUMBER}\]",
         # exact s over a sweep of theta: s >= s~, so at the model's theta part of its cost is a level shift
@@ -100,7 +102,7 @@ EXPECTED = {
         r"1 x H100 \(80 GB\): 80\.0 GB = 74\.5 GiB",  # data sheets count 10^9 bytes
         r"100b: the seed claims 160 GB; inference in bf16",  # one value, not "160-160 GB"
         # repeated timings, and the exponent with its interval (a bootstrap over the repeats)
-        rf"block 4: H0\+H1 CPU time grows as about N\^{NUMBER} \[{NUMBER}, {NUMBER}\] in the distinct points, fitted "
+        rf"block 3: H0\+H1 CPU time grows as about N\^{NUMBER} \[{NUMBER}, {NUMBER}\] in the distinct points, fitted "
         r"to the medians of 5 runs",
         rf"\n4\. Exact H0\+H1 CPU time grows as N\^{NUMBER} \[{NUMBER}, {NUMBER}\]",
     ]),
@@ -136,6 +138,23 @@ EXPECTED = {
         rf"{NUMBER}, and the mean mismatch per token \(W1/token\) (fell|rose), {NUMBER} -> {NUMBER}",
         r"One seed, one probe, 120 steps\.",
     ]),
+    # every shipped checkpoint on every test window (16 s of CPU each): the budget grows with the seeds that ship
+    "08_what_qtgs_parts_are_worth.ipynb": (10 + 2 * 16 * len(shipped_models()), 1, [
+        r"nano-exact +[1-3] seed\(s\) \(nano-exact[,)]",  # each recipe with the seeds that ship
+        r"\d{3,} windows, [\d,]+ predicted tokens, [\d,]+ bytes, 4 works",  # every window, not a sample
+        r"intervals across works: .*t-interval over works, widened by a bootstrap over seeds",  # seeds resampled
+        rf"\nnano-gate +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} +\d lower, \d higher",  # the change in each work
+        rf"seed-to-seed sd of test bits/byte, pooled over \d recipes with several seeds: {NUMBER}",
+        *[rf"\n{k}\. {q} minus nano \([1-3] seeds? against [2-3] seeds\): {NUMBER} bits/byte \[{NUMBER}, {NUMBER}\], "
+          rf"across the 4 works \[{NUMBER}, {NUMBER}\] \((better|worse|no difference detected \(± [\d.]+\))\)"
+          for k, q in [(1, r"Does the filter help\? nano-notopo"),
+                       (2, r"Does the approximation cost or help\? nano-exact"),
+                       (3, r"Is the grading by persistence worth anything\? nano-gate")]],
+        rf"\n4\. The largest of the three changes across works is {NUMBER} bits/byte; the widest interval's "
+        rf"half-width is {NUMBER}; the runs of one recipe differ by sd {NUMBER} bits/byte",
+        rf"\n6\. Single factor among the baselines, ALiBi in place of RoPE: nano-baseline-alibi minus nano-baseline "
+        rf"{NUMBER} bits/byte",
+    ]),
     "06_components.ipynb": (240, 4, [
         r"nano-seed +: [\d,]+ parameters; Fisher-Rao attention, positions none, learnt gamma False",
         r"nano-notopo +: [\d,]+ parameters; Fisher-Rao attention, positions alibi, learnt gamma True, TopoFilter off",
@@ -152,7 +171,7 @@ EXPECTED = {
         rf"nano-notopo minus nano: {NUMBER} bits/byte \[{NUMBER}, {NUMBER}\], across the 4 works \[{NUMBER}, "
         rf"{NUMBER}\] \((better|worse|no difference detected \(± [\d.]+\))\)",
         # the lens's last state is the model's own output
-        r"nano +block 4 +: mean p\(true next\) [\d.]+, top-1 as the final state 100\.0%, KL to final 0\.000 nats",
+        r"nano +block 3 +: mean p\(true next\) [\d.]+, top-1 as the final state 100\.0%, KL to final 0\.000 nats",
         r"\n6\. Logit lens on nano: ",
     ]),
     "09_what_head_0_0_does.ipynb": (180, 4, [

@@ -1,7 +1,7 @@
 """State shared between threads is owned and guarded (issue 25): the attention tables, the training runs.
 
 The app runs forward passes in Gradio's worker threads beside the decoding engine's loop. The ALiBi slopes and
-the score-bias matrices they share belong to :class:`qtg.fisher_rao.SharedTables`, whose lock makes each
+the score-bias matrices they share belong to :class:`qtg.model.fisher_rao.SharedTables`, whose lock makes each
 table be built once however many threads ask together; the training runs belong to their Explorer.
 Each check releases 8 threads at once on a build slowed down so that every thread would find the table
 missing if nothing guarded it.
@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-import qtg.fisher_rao as fr
+import qtg.model.fisher_rao as fr
 
 THREADS = 8
 HEADS, DTYPE = 7, torch.float64  # a key no model here uses: its tables are built by this test alone
@@ -40,7 +40,7 @@ def at_once(fn, args_of=lambda i: ()) -> list:
 
 
 def slowed(monkeypatch, name: str) -> list:
-    """Replace ``qtg.fisher_rao.<name>`` by itself after a 20 ms pause; returns the list its calls are logged in."""
+    """Replace ``fisher_rao.<name>`` by itself after a 20 ms pause; returns the list its calls are logged in."""
     real, calls = getattr(fr, name), []
 
     def slow(*args, **kwargs):
@@ -79,18 +79,20 @@ def test_alibi_slopes_are_built_once_and_shared(monkeypatch):
 
 def test_the_training_runs_belong_to_their_explorer(monkeypatch, tmp_path):
     pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
+    from app import core
     from app.config import AppConfig
-    from app.core import Explorer
     from app.tabs import training
 
-    real = training.TrainingRuns
+    real, made = core.TrainingRuns, []
 
-    def slow(*args):  # were the runs made on first use, every thread would make its own
+    def counted(*args):  # were the runs made on first use (a module dict filled lazily), threads would race here
+        made.append(args)
         time.sleep(0.02)
         return real(*args)
 
-    monkeypatch.setattr(training, "TrainingRuns", slow)
-    a, b = (Explorer(AppConfig(export_dir=tmp_path / name, device="cpu")) for name in "ab")
+    monkeypatch.setattr(core, "TrainingRuns", counted)
+    a, b = (core.Explorer(AppConfig(export_dir=tmp_path / name, device="cpu")) for name in "ab")
     runs = at_once(training.runs_for, lambda i: (a if i % 2 else b,))
+    assert len(made) == 2  # one each, made with its Explorer: the threads only read them
     assert all(r is a.training_runs for r in runs[1::2]) and all(r is b.training_runs for r in runs[::2])
     assert a.training_runs is not b.training_runs

@@ -1,4 +1,4 @@
-"""qtg.plots: each figure has the traces a reader needs, and pages are standalone."""
+"""qtg.plots.topology: each figure has the traces a reader needs, and pages are standalone."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_weights_over_text_colours_each_token_by_w(sweep):
 def test_layer_summary_has_one_curve_per_quantity(sweep):
     fig = plots.layer_summary(sweep)
     assert {"bottleneck_h0", "mean_abs_error", "h1_total_persistence", "mean_weight"} <= set(names(fig))
-    assert list(fig.data[0].x) == ["0: QEmbed", "1: TopoFilter", "2: block 1", "3: block 2"]
+    assert list(fig.data[0].x) == ["0: QEmbed", "1: TopoFilter", "2: block 0", "3: block 1"]
 
 
 def test_training_curves_read_a_growing_metrics_file(tmp_path):

@@ -26,11 +26,11 @@ pytest.importorskip("fastapi", reason="the app extra is not installed: pip insta
 openai = pytest.importorskip("openai", reason="the test extra is not installed: pip install -e '.[test]'")
 
 from qtg.cli import build_parser  # noqa: E402
+from qtg.data.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
 from qtg.generate import generate  # noqa: E402
 from qtg.serve.api import MAX_BODY  # noqa: E402
 from qtg.serve.schemas import MAX_STOP_CHARS, MAX_STOPS, ChatRequest, CompletionRequest  # noqa: E402
 from qtg.serve.text import TextStream, chat_prompt  # noqa: E402
-from qtg.tokenizer import EOS_TOKEN, decode, encode  # noqa: E402
 from tests.serve_fixtures import model_fixture, server_fixture  # noqa: E402, F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Training snapshots (qtg.snapshots) and the topology-over-training analysis (qtg.topology.training).
+"""Training snapshots (qtg.training.snapshots) and the topology-over-training analysis (qtg.topology.training).
 
 Snapshots are written atomically at the steps asked for, 16-bit ones load and equal the float32 weights
 rounded to bf16, a resumed run continues the series bit for bit, and the analysis equals the library's own
@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 import qtg.atomic
-import qtg.snapshots
 import qtg.topology.training as tt
-from qtg.checkpoint import load_checkpoint
+import qtg.training.snapshots
 from qtg.cli.train import config_from_args
 from qtg.errors import CheckpointError, ConfigError
 from qtg.metrics import attention_stats
-from qtg.snapshots import list_snapshots, load_snapshot, read_metadata, snapshot_path
+from qtg.model.loading import load_checkpoint
 from qtg.topology import approx_view, attention_graph, compare, exact_diagrams
-from qtg.train import TrainConfig, train
+from qtg.training.snapshots import list_snapshots, load_snapshot, read_metadata, snapshot_path
+from qtg.training.train import TrainConfig, train
 from tests.test_train import micro_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # data_dir and tokenizer_file come from conftest
@@ -55,8 +55,8 @@ def run_a(data_dir, tokenizer_file, tmp_path_factory) -> Path:
 def test_snapshots_are_written_atomically_at_every_kth_step_and_the_last(data_dir, tokenizer_file, tmp_path,
                                                                          monkeypatch):
     written = []
-    real = qtg.snapshots.atomic_safetensors
-    monkeypatch.setattr(qtg.snapshots, "atomic_safetensors",
+    real = qtg.training.snapshots.atomic_safetensors
+    monkeypatch.setattr(qtg.training.snapshots, "atomic_safetensors",
                         lambda t, p, metadata=None: written.append(Path(p).name) or real(t, p, metadata))
     train(snap_config(tmp_path, data_dir, tokenizer_file, 10, every=4))
     assert [s.step for s in list_snapshots(tmp_path)] == [0, 4, 8, 10]  # every 4th, step 0, and the last
@@ -74,7 +74,8 @@ def test_a_write_that_fails_leaves_no_snapshot_and_no_temporary_file(micro, tmp_
 
     monkeypatch.setattr(qtg.atomic, "save_file", torn)
     with pytest.raises(OSError, match="disk full"):
-        qtg.snapshots.write_snapshot(qtg.snapshots.snapshot_tensors(micro), micro.cfg, tmp_path, 5, "bfloat16")
+        snapshots = qtg.training.snapshots
+        snapshots.write_snapshot(snapshots.snapshot_tensors(micro), micro.cfg, tmp_path, 5, "bfloat16")
     assert list((tmp_path / "snapshots").iterdir()) == []
 
 

@@ -6,7 +6,7 @@
 * without gradients attention runs without the autograd Function, bit-identical to the autograd path;
 * TopoFilter distances in float32 with exact zeros between equal ids: |dw| <= 1e-6 against float64 on
   thousands of tokens of text, and a cache keeps the ids beside the points;
-* qtg.malloc.keep_freed_memory stops the page faults of repeated large temporaries;
+* qtg.training.malloc.keep_freed_memory stops the page faults of repeated large temporaries;
 * the fused attention Function (training) equals the composition it replaces: forward and gradients wrt
   queries, keys, values and gamma within 1e-6 relative in float32 (1e-12 in float64); so does the
   TopoFilter's soft-min Function (same forward bit for bit, gradient within 1e-6).
@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import qtg
-from qtg import fisher_rao
-from qtg.fisher_rao import (
+from qtg.model import fisher_rao
+from qtg.model.fisher_rao import (
     _SERIES_BELOW,
     _scores,
     alibi_slopes,
@@ -38,7 +38,7 @@ from qtg.fisher_rao import (
     score_bias,
     sqrt_simplex,
 )
-from qtg.topo_kernels import pairwise_distances
+from qtg.model.topo_kernels import pairwise_distances
 
 CORPUS = Path(__file__).resolve().parent.parent / "assets" / "corpus" / "hamlet.txt.gz"
 
@@ -256,7 +256,7 @@ def test_cache_keeps_the_ids_beside_the_points(micro, ids):
 
 _FAULTS_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from qtg.malloc import keep_freed_memory
+    from qtg.training.malloc import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
     def one_round():

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import qtg
-import qtg.builder as build_module
-from qtg.config import ARCHS
-from qtg.memory import closed_form_params, count_params, human_bytes, memory_estimate
-from qtg.model import QTGCache
-from qtg.registry import ARCHITECTURES
+import qtg.model.builder as build_module
+from qtg.model.cache import QTGCache
+from qtg.model.config import ARCHS
+from qtg.model.memory import closed_form_params, count_params, human_bytes, memory_estimate
+from qtg.model.registry import ARCHITECTURES
 
 
 @pytest.mark.parametrize("name", list(qtg.TIERS))

@@ -8,8 +8,7 @@ import random
 import pytest
 
 from qtg.cli import main
-from qtg.errors import ConfigError, DataError
-from qtg.tokenizer import (
+from qtg.data.tokenizer import (
     EOS_TOKEN,
     decode,
     encode,
@@ -19,6 +18,7 @@ from qtg.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from qtg.errors import ConfigError, DataError
 from tests.conftest import run_qtg
 
 NASTY = [

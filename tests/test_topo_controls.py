@@ -14,8 +14,9 @@ import torch
 
 import qtg
 from qtg import experiments as ex
-from qtg.data import Document
+from qtg.data.pipeline import Document
 from qtg.experiments import topo_controls as tc
+from qtg.experiments.heldout import heldout_documents
 from qtg.generate import generate
 from qtg.serve.engine import Engine
 from tests.conftest import SAMPLE_TEXT
@@ -191,3 +192,59 @@ def test_rules_sweep_paired_against_the_plain_model(small, corpus):
     timeless = lambda r: [{k: v for k, v in c.items() if k not in ("seconds", "tokens_per_second")}  # noqa: E731
                           for c in r.to_dict()["conditions"]]
     assert timeless(first) == timeless(again)  # seeded: the same call gives the same numbers
+
+
+# --- the controls beside the filter (the app's "w from" toggle) --------------------------------------
+
+
+def hand_record() -> tc.WeightRecord:
+    """Two windows of three tokens: positions 0 1 2 | 0 1 2; the second window's token 1 repeats its token 0."""
+    return tc.WeightRecord(position=np.array([0, 1, 2, 0, 1, 2]), repeat=np.array([0, 0, 0, 0, 1, 0], dtype=bool),
+                           weight=np.array([1.0, 0.2, 0.5, 1.0, 1.0, 0.6]), soft=np.zeros(6),
+                           exact=np.array([0.0, 0.4, 0.7, 0.0, 0.0, 0.3]))
+
+
+def test_calibration_is_w_by_position_and_the_mean_w_of_first_occurrences():
+    cal = tc.calibration_of(hand_record(), length=4, windows=2, source="hand")
+    # position 1: (0.2 + 1.0) / 2; position 2: (0.5 + 0.6) / 2; position 3 unseen and position 0: 1
+    assert cal.profile == pytest.approx((1.0, 0.6, 0.55, 1.0))
+    assert cal.gate == pytest.approx((0.2 + 0.5 + 0.6) / 3)  # first occurrences only: the repeat's 1.0 left out
+    exact = [0.0, 0.5, 0.0, 0.9]  # token 2 repeats
+    assert cal.weights("gate", exact) == pytest.approx([1.0, cal.gate, 1.0, cal.gate])
+    assert cal.weights("position", exact) == pytest.approx([1.0, 0.6, 0.55, 1.0])  # repeat or not
+    with pytest.raises(ex.ExperimentError, match="control must be one of"):
+        cal.rule("bogus")
+    none_novel = tc.WeightRecord(position=np.array([0, 1]), repeat=np.array([False, True]), weight=np.ones(2),
+                                 soft=np.zeros(2), exact=np.zeros(2))
+    with pytest.raises(ex.ExperimentError, match="no first occurrence"):
+        tc.calibration_of(none_novel, 2, 1, "hand")
+
+
+def test_against_control_gives_the_share_of_w_position_explains():
+    cal = tc.Calibration(profile=(1.0, 0.2, 0.4, 0.6), gate=0.5, windows=1, tokens=4, source="hand")
+    w, exact = [1.0, 0.3, 0.3, 0.6], [0.0, 0.5, 0.6, 0.7]
+    by_position = tc.against_control(cal, "position", w, exact)
+    # tokens 1..3: residuals 0.1, -0.1, 0 (squared sum 0.02); w - mean w: -0.1, -0.1, 0.2 (squared sum 0.06)
+    assert by_position.position_share == pytest.approx(1 - 0.02 / 0.06)
+    assert by_position.mean_abs_difference == pytest.approx(0.2 / 3)
+    assert by_position.correlation == pytest.approx(np.corrcoef([0.3, 0.3, 0.6], [0.2, 0.4, 0.6])[0, 1])
+    assert list(by_position.shown) == pytest.approx([1.0, 0.2, 0.4, 0.6])  # the control's w, not the filter's
+    gate = tc.against_control(cal, "gate", w, exact)
+    assert list(gate.shown) == pytest.approx([1.0, 0.5, 0.5, 0.5]) and gate.correlation is None  # a constant
+    plain = tc.against_control(cal, None, w, exact)
+    assert list(plain.shown) == w and plain.correlation is None and plain.position_share == by_position.position_share
+    assert "Position alone explains 67 %" in by_position.describe()
+    assert tc.against_control(cal, "position", [1.0, 0.2, 0.4, 0.6], exact).position_share == pytest.approx(1.0)
+
+
+def test_calibrate_reads_the_validation_works_and_refuses_the_baseline(small):
+    cal = tc.calibrate(small, max_windows=3)
+    val = ex.prepare(small, heldout_documents(small, "val"), max_windows=3)
+    assert cal == tc.calibration_of(tc.record_weights(small, val), CONTEXT, 3, "the validation works")
+    assert len(cal.profile) == CONTEXT and 0.0 < cal.gate < 1.0
+    with torch.no_grad():  # the control's w, applied by the model, is the rule's w of its exact scores
+        out = small(torch.tensor([val.windows[0][:-1]]), intervene=cal.intervention("position"), return_internals=True)
+    assert out.topo_weights[0].tolist() == pytest.approx(list(cal.weights("position", out.topo_exact_scores[0])))
+    baseline = qtg.build(qtg.get_tier("micro").replace(arch="baseline"), seed=0)
+    with pytest.raises(ex.ExperimentError, match="no TopoFilter"):
+        tc.calibrate(baseline)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qtg
-from qtg.model import QTGCache
+from qtg.model.cache import QTGCache
 
 MODES = ["exact", "gate"]
 

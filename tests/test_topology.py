@@ -383,6 +383,14 @@ def test_approx_view_errors(micro_internals):
         topology.approx_view(type("Out", (), {"states": None})())
 
 
+def test_causal_diagram_is_the_view_s_and_clips_negative_scores(micro_internals):
+    """One bar per token: born at 0, dead at its causal score (clipped at 0), the first token's never."""
+    view = topology.approx_view(micro_internals[1], layer=1)
+    np.testing.assert_array_equal(topology.causal_diagram(view.soft), view.diagram)
+    dgm = topology.causal_diagram(np.array([0.0, 0.5, -0.1, 2.0]))
+    np.testing.assert_array_equal(dgm, [[0, 0.5], [0, 0], [0, 2.0], [0, np.inf]])
+
+
 def test_exact_mode_loss_runs_both_scores_and_leaves_the_model_alone(micro, micro_internals):
     ids, _ = micro_internals
     before = {k: v.clone() for k, v in micro.state_dict().items()}
@@ -399,7 +407,8 @@ def test_exact_mode_loss_runs_both_scores_and_leaves_the_model_alone(micro, micr
 def test_layer_sweep_covers_every_layer(micro, micro_internals):
     ids, _ = micro_internals
     sweep = topology.layer_sweep(micro, ids[:, :40], maxdim=1)
-    assert [r.layer for r in sweep] == [0, 1, 2, 3] and [r.name for r in sweep][:2] == ["QEmbed", "TopoFilter"]
+    assert [r.layer for r in sweep] == [0, 1, 2, 3] and [r.name for r in sweep] == micro.state_names
+    assert micro.state_names[2:] == ["block 0", "block 1"]  # blocks from 0, as blocks.{b} sites and ablate_heads
     assert sweep[0].exact is sweep[1].exact  # the same cloud is computed once
     assert all(r.summary()["distinct_points"] <= 40 for r in sweep)
 

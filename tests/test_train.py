@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 import qtg
-from qtg.checkpoint import load_checkpoint, read_state
 from qtg.cli import main
 from qtg.errors import ConfigError, TrainingError
-from qtg.model import QTG
-from qtg.optim import build_optimizer, lr_at, param_groups
-from qtg.train import TrainConfig, load_config, train
+from qtg.model.checkpoint import read_state
+from qtg.model.loading import load_checkpoint
+from qtg.model.model import QTG
+from qtg.training.optim import build_optimizer, lr_at, param_groups
+from qtg.training.train import TrainConfig, load_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # data_dir and tokenizer_file come from conftest
 
@@ -90,7 +91,7 @@ def test_stopping_and_resuming_is_bit_identical_to_an_uninterrupted_run(straight
 
 def test_a_run_killed_while_saving_keeps_its_previous_checkpoint(monkeypatch, data_dir, tokenizer_file, tmp_path):
     """Dying after the weights of step 10 but before its trainer state: `latest` still names step 5."""
-    import qtg.train as qtrain
+    import qtg.training.train as qtrain
 
     write, calls = qtrain.atomic_safetensors, {"n": 0}
 

@@ -5,7 +5,7 @@ QTG scores keys by score_ij = -gamma_h d_FR(p_i, q_j)^2 with d_FR = arccos BC(p_
 GeoAttention); the maps come from ``model(ids, return_internals=True, map_blocks=[block])``, which
 materialises the ``[B, H, N, N]`` maps of the block shown and of no other. Heads are drawn a page at a
 time (``Limits.heads_per_page``), so a 24- or 64-head tier lays out like a 4-head one. Long texts can be
-drawn on a log scale or per row (``qtg.views.scale_maps``); per-head numbers are
+drawn on a log scale or per row (``qtg.model.views.scale_maps``); per-head numbers are
 ``qtg.metrics.attention_stats``.
 
 Endpoint ``/attention_topology``: each shown head's map read as a weighted graph (distance
@@ -29,12 +29,12 @@ from app.errors import user_facing
 from app.exports import Exportable
 from app.models import AppInputError, Loaded
 from app.tabs.common import Radio, Slider, export_controls, fit
-from qtg.attention_plots import attention_heatmaps, gamma_bars
 from qtg.metrics import attention_stats
-from qtg.plots import attention_graph_diagrams
+from qtg.model.views import LOG_FLOOR, SCALES, scale_maps
+from qtg.plots.attention import attention_heatmaps, gamma_bars
+from qtg.plots.topology import attention_graph_diagrams
 from qtg.topology import attention_graph
 from qtg.topology.budget import Budget
-from qtg.views import LOG_FLOOR, SCALES, scale_maps
 
 COLS = 4  # heatmaps per row of a page
 MAX_LABELS = 40  # axis labels drawn per axis; longer texts label every k-th token
@@ -53,7 +53,7 @@ def page_heads(n_heads: int, per_page: int, page: int) -> list[int]:
 
 def heatmaps(maps: Any, tokens: list[str], kind: str, heads: list[int], gamma: Any, title: str,
              scale: str = "linear") -> go.Figure:
-    """``qtg.attention_plots.attention_heatmaps`` laid out for the page: at most ``COLS`` panels a row, x labels
+    """``qtg.plots.attention.attention_heatmaps`` laid out for the page: at most ``COLS`` panels a row, x labels
     on the bottom row only (so no panel title sits on the labels above it), every k-th label on a long text,
     and, for attention weights, the chosen scale's colour range and names. Args: maps ``[H, N, N]``."""
     scaled = scale_maps(maps, scale) if kind == "attention" else maps

@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 
+from app.controls import CHOICES, FILTER
 from app.core import Explorer
 from app.errors import user_facing
 from app.exports import export, public_path
@@ -60,6 +61,14 @@ class Downloads(gr.File):
     async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
         path = await super().async_move_resource_to_block_cache(url_or_file_path)
         return None if path is None else public_path(path, self.GRADIO_CACHE)
+
+
+def w_from_toggle(elem_id: str) -> Radio:
+    """The toggle every TopoFilter view offers: the filter's own w, or a control's for the same tokens beside it
+    (``app.controls``), so a reader sees how much of w is position."""
+    return Radio(list(CHOICES), value=FILTER, elem_id=elem_id,
+                 label="w from: the filter (s̃), or a control calibrated on the validation works: w by position "
+                       "only, or a one-bit gate (1 for a repeat, a constant otherwise)")
 
 
 def fit(fig: Any, height: int | None = None) -> Any:

@@ -2,7 +2,7 @@
 
 Every number is ``qtg.experiments``'s; this module only turns form fields into a
 :class:`qtg.Intervention` (``app.tabs.experiment_knobs``) and results into tables, HTML and
-figures (``qtg.experiment_plots``).
+figures (``qtg.plots.experiment``).
 
 * ``/experiment`` - one text (or the last generation) scored as ``qtg eval`` scores a document,
   ``[EOS] + text``, by the unmodified model and under the knobs' intervention
@@ -18,7 +18,6 @@ figures (``qtg.experiment_plots``).
 from __future__ import annotations
 
 import html
-from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -30,10 +29,10 @@ from app.models import AppInputError, Loaded
 from app.tabs import experiment_runs
 from app.tabs.common import export_controls, fit
 from app.tabs.experiment_knobs import intervention_from, knob_fields
-from qtg.experiment_plots import lens_heatmaps, next_token_bars
+from qtg.data.tokenizer import token_strings
 from qtg.experiments import compare_text, logit_lens
 from qtg.experiments.heldout import next_token
-from qtg.tokenizer import token_strings
+from qtg.plots.experiment import lens_heatmaps, next_token_bars
 
 TOP_K = 10  # next-token bars: the union of each side's top k
 LENS_TOP = 5  # lens hover: top tokens per cell
@@ -108,7 +107,7 @@ def _lens_of(ex: Explorer, loaded: Loaded, text: str) -> tuple[dict[str, Any], i
     n = ids.shape[1]
     ids = ids[:, :ex.limits.max_lens_tokens]
     ex.check_memory(loaded, ids.shape[1], "lens")
-    lens = replace(logit_lens(loaded.model, ids), state_names=loaded.state_names)  # blocks from 0, as every tab
+    lens = logit_lens(loaded.model, ids)
     ex.counters.add("forwards")
     return lens.to_dict(loaded.tokenizer, k=LENS_TOP), n
 
@@ -142,18 +141,24 @@ def lens(ex: Explorer, session: Session | None, text: Any) -> tuple:
 
 
 def build(ex: Explorer, session: gr.State) -> None:
-    lim = ex.limits
     gr.Markdown("Ask the model a causal question. The knobs below edit the forward pass of each call, never the "
                 "weights: the TopoFilter exact (the exact causal H0 death s in place of the soft-min s̃) or off "
                 "(w = 1), its θ, τ and T, every head's γ or a scale of it, heads ablated, or no positions. A "
                 "baseline model takes only ablated heads. Leave the text empty to use the last generation.")
-    text = gr.Textbox(label="text (empty: the last generation)", lines=3, max_length=lim.max_text_chars,
+    text = gr.Textbox(label="text (empty: the last generation)", lines=3, max_length=ex.limits.max_text_chars,
                       elem_id="experiment-text",
                       value="Now is the winter of our discontent made glorious summer by this sun of York.")
     knobs = knob_fields()
     with gr.Row():
         run_btn = gr.Button("Run on the text", variant="primary", elem_id="experiment-btn")
         lens_btn = gr.Button("Logit lens", elem_id="lens-btn")
+    _text_panels(ex, session, text, knobs, run_btn)
+    _lens_panels(ex, session, text, lens_btn)
+    experiment_runs.build(ex, session, knobs)
+
+
+def _text_panels(ex: Explorer, session: gr.State, text: gr.Textbox, knobs: list[Any], run_btn: gr.Button) -> None:
+    """The one-text results: before and after, the next token, the per-token change in loss; ``/experiment``."""
     summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="before (unmodified) and after (the intervention)",
                            interactive=False, elem_id="experiment-summary")
     bars = gr.Plot(label="next-token distribution", elem_id="experiment-bars")
@@ -162,18 +167,19 @@ def build(ex: Explorer, session: gr.State) -> None:
         numbers = gr.JSON(label="numbers")
     payload = gr.State(None)
     export_controls(ex, payload, "experiment")
+
     # named parameters (not *args): gradio_client shows a caller each as its label says
     def run(s, text, topo, theta, tau, temperature, gamma, gamma_scale, ablate, positions):
         return experiment(ex, s, text, topo, theta, tau, temperature, gamma, gamma_scale, ablate, positions)
 
-    def run_lens(s, text):
-        return lens(ex, s, text)
-
     run_btn.click(user_facing(run, "experiment"), [session, text, *knobs],
                   [summary, bars, delta, numbers, payload], api_name="experiment", concurrency_id="heavy")
 
+
+def _lens_panels(ex: Explorer, session: gr.State, text: gr.Textbox, lens_btn: gr.Button) -> None:
+    """The logit lens of the loaded model and its baseline; ``/lens``."""
     gr.Markdown(f"**Logit lens.** The model's final norm and tied head read from every state (QEmbed, TopoFilter, "
-                f"each block; the baseline's embedding and blocks), on the first {lim.max_lens_tokens} tokens: "
+                f"each block; the baseline's embedding and blocks), on the first {ex.limits.max_lens_tokens} tokens: "
                 "each cell is the most likely next token and its probability.")
     lens_note = gr.Markdown(elem_id="lens-note")
     lens_fig = gr.Plot(label="logit lens", elem_id="lens-heatmap")
@@ -181,7 +187,9 @@ def build(ex: Explorer, session: gr.State) -> None:
         lens_numbers = gr.JSON(label="lens numbers")
     lens_payload = gr.State(None)
     export_controls(ex, lens_payload, "lens")
+
+    def run_lens(s, text):
+        return lens(ex, s, text)
+
     lens_btn.click(user_facing(run_lens, "lens"), [session, text],
                    [lens_fig, lens_numbers, lens_note, lens_payload], api_name="lens", concurrency_id="heavy")
-
-    experiment_runs.build(ex, session, knobs)

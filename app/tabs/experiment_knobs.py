@@ -12,7 +12,7 @@ import torch
 from app.core import as_float
 from app.models import AppInputError, Loaded
 from app.tabs.common import Number, Radio
-from qtg.intervention import POSITION_MODES, TOPO_MODES, Intervention, InterventionError
+from qtg.model.intervention import POSITION_MODES, TOPO_MODES, Intervention, InterventionError
 
 BIG = 1e6  # bound on the TopoFilter's and gamma's numbers: far beyond any meaningful value, finite
 

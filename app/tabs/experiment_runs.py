@@ -1,6 +1,6 @@
 """The Experiment tab's runs over the held-out works: a sweep of conditions, and the ranking of heads.
 
-Every number is ``qtg.experiments``'s and every figure ``qtg.experiment_plots``'; this module turns form
+Every number is ``qtg.experiments``'s and every figure ``qtg.plots.experiment``'; this module turns form
 fields into arguments and results into tables.
 
 * ``/sweep`` - the held-out works (the test split of the bundled corpus, split as the model's
@@ -19,8 +19,8 @@ closes it, it sets the run's cancel event, so the server stops at the next forwa
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -31,18 +31,15 @@ from app.exports import Exportable
 from app.models import AppInputError, Loaded
 from app.tabs.common import Number, export_controls, fit
 from app.tabs.experiment_knobs import intervention_from
-from qtg.experiment_plots import forest_panels, forest_plot, forest_rows
+from app.worker import passes_in_worker
 from qtg.experiments import head_importance, prepare, sweep
 from qtg.experiments.bootstrap import format_ci
 from qtg.experiments.heldout import heldout_documents
-from qtg.intervention import Intervention, InterventionError
-from qtg.memory import human_bytes
-from qtg.views import view_memory
+from qtg.model.intervention import Intervention, InterventionError
+from qtg.model.memory import human_bytes
+from qtg.model.views import view_memory
+from qtg.plots.experiment import forest_panels, forest_plot, forest_rows
 
-POLL_S = 0.25  # a running sweep reports its progress this often
-# A run whose progress nobody has read for this long was cancelled (Stop over HTTP drops the generator without
-# closing it until the garbage collector does): its worker stops at its next pass.
-ABANDONED_S = 3.0
 SWEEP_BATCH = 8  # windows per forward pass, as qtg experiment (fewer when the memory budget is short)
 MAX_SEED = 2**32 - 1
 SWEEP_HEADERS = ["condition", "bits/byte", "Δ bits/byte, these texts [95% CI]", "Δ bits/byte across works [95% CI]",
@@ -89,7 +86,7 @@ def _windows_and_seed(ex: Explorer, windows: Any, seed: Any) -> tuple[int, int]:
 
 def sweep_batch(ex: Explorer, loaded: Loaded) -> int:
     """Windows per forward pass: ``SWEEP_BATCH``, or as many full-context windows as the memory budget holds
-    (``qtg.views.view_memory`` of one window with every block's maps, as a sampled window keeps them).
+    (``qtg.model.views.view_memory`` of one window with every block's maps, as a sampled window keeps them).
 
     Raises:
         AppInputError: not even one window fits, with needed against available.
@@ -103,52 +100,6 @@ def sweep_batch(ex: Explorer, loaded: Loaded) -> int:
                             f"{human_bytes(one)} beyond the weights, {human_bytes(budget)} is available; free memory "
                             "or use a smaller model")
     return int(min(SWEEP_BATCH, budget // one))
-
-
-# --- a run in a worker thread --------------------------------------------------------------------------
-
-
-def _in_worker(ex: Explorer, work: Callable[[threading.Event, Callable[[int], None]], Any], state: dict[str, int],
-               progress: Any, name: str, n_outputs: int, what: str = "window passes",
-               unit: str = "windows", after: int = 0) -> Iterator[tuple]:
-    """Runs ``work(cancel, report_done)`` in a thread named ``name``; yields a progress update (``n_outputs``
-    skipped outputs, the status counting ``what``, ``after`` more skipped outputs, then the state) every
-    ``POLL_S``, and returns the work's result.
-    Closing this generator (Stop) sets ``cancel`` and waits for the thread: the library stops at its next pass.
-    So does a generator nobody resumes for ``ABANDONED_S``: Gradio's cancel stops iterating it at once, but
-    closes it only when it is collected."""
-    box: dict[str, Any] = {}
-    cancel = threading.Event()
-    last_read = [time.monotonic()]
-
-    def report(done: int) -> None:
-        state["done"] = done
-        ex.counters.add("forwards")
-        if time.monotonic() - last_read[0] > ABANDONED_S:
-            cancel.set()
-
-    def run() -> None:
-        try:
-            box["result"] = work(cancel, report)
-        except BaseException as e:  # handed to the handler's thread, which raises it
-            box["error"] = e
-
-    worker = threading.Thread(target=run, name=name)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(POLL_S)
-            if progress is not None:
-                progress((state["done"], state["total"]), desc=what, unit=unit)
-            status = f"running: {state['done']} of {state['total']} {what}"
-            yield (*[gr.skip()] * n_outputs, status, *[gr.skip()] * after, dict(state))
-            last_read[0] = time.monotonic()
-    finally:
-        cancel.set()
-        worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def stopped(state: dict[str, Any] | None) -> str:
@@ -211,7 +162,8 @@ def run_sweep(ex: Explorer, session: Session | None, topo: Any = "approx", theta
         return sweep(loaded.model, corpus, conds, tokenizer=loaded.tokenizer, batch_size=batch, sample=s, seed=sd,
                      cancel=cancel, on_progress=lambda done, _: report(done))
 
-    found = yield from _in_worker(ex, work, state, progress, "experiment-sweep", 2, after=2)
+    found = yield from passes_in_worker(work, state, progress, "experiment-sweep", 2,
+                                        partial(ex.counters.add, "forwards"), after=2)
     result = found.to_dict()
     result["split"] = {"name": "test", "documents": [d.name for d in docs]}
     c, changed = result["corpus"], result["conditions"][1:]
@@ -263,7 +215,8 @@ def run_heads(ex: Explorer, session: Session | None, with_baseline: Any = False,
                                        cancel=cancel, on_progress=lambda done, _, b=before: report(b + done)))
         return out
 
-    found = yield from _in_worker(ex, work, state, progress, "experiment-heads", 2, after=2)
+    found = yield from passes_in_worker(work, state, progress, "experiment-heads", 2,
+                                        partial(ex.counters.add, "forwards"), after=2)
     rankings = [r.to_dict() for r in found]
     panels = {f"{r['model']} ({r['arch']})": forest_rows(r["heads"], "delta_loss", name="head") for r in rankings}
     corpus = runs[0][1].summary()

@@ -1,6 +1,6 @@
 """Patching tab: which activations carry the difference between a clean prompt and a corrupted one.
 
-Every number is ``qtg.experiments.patching``'s and every figure ``qtg.patching_plots``'; form fields become token
+Every number is ``qtg.experiments.patching``'s and every figure ``qtg.plots.patching``'; form fields become token
 ids in ``app.tabs.patching_fields``, and this module turns results into figures and tables. Endpoint
 ``/patching``, for the loaded model and, beside it, its same-size baseline when one is shipped (``nano`` has
 ``nano-baseline``):
@@ -12,7 +12,7 @@ ids in ``app.tabs.patching_fields``, and this module turns results into figures 
 * attribution patching (:func:`~qtg.experiments.attribution_patching`) of the residual stream and the heads
   against the real patching of the same units, with their agreement (:func:`~qtg.experiments.agreement_of`).
 
-The run goes in a worker thread (``app.tabs.experiment_runs``): progress is reported after every batched
+The run goes in a worker thread (``app.worker.passes_in_worker``): progress is reported after every batched
 forward pass, and Stop closes the handler, after which the worker stops at its next batch.
 """
 
@@ -22,6 +22,7 @@ import html
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -32,12 +33,12 @@ from app.errors import user_facing
 from app.exports import Exportable
 from app.models import Loaded
 from app.tabs.common import Radio, export_controls, fit
-from app.tabs.experiment_runs import _in_worker
 from app.tabs.patching_fields import CORRUPT_BY, Pair, clean_ids, corrupted_text, pair, patching_rows
+from app.worker import passes_in_worker
 from qtg.experiments import activation_patching, agreement_of, attribution_patching, direct_logit_attribution
 from qtg.experiments.errors import ExperimentCancelled
 from qtg.experiments.patching import site_units
-from qtg.patching_plots import attribution_scatter, logit_attribution_heatmaps, patching_heatmaps
+from qtg.plots.patching import attribution_scatter, logit_attribution_heatmaps, patching_heatmaps
 
 WHAT = "patched units"  # what the progress counts
 FIGURES = ["residual_stream", "heads", "topo_w", "logit_attribution", "attribution_vs_real"]
@@ -145,7 +146,8 @@ def patching(ex: Explorer, session: Session | None, clean: Any, corrupt_by: Any 
         return out
 
     t0 = time.perf_counter()
-    results = yield from _in_worker(ex, work, state, progress, "patching", 9, what=WHAT, unit="units")
+    results = yield from passes_in_worker(work, state, progress, "patching", 9, partial(ex.counters.add, "forwards"),
+                                          what=WHAT, unit="units")
     seconds = time.perf_counter() - t0
     figs = figures(results)
     numbers = {"corrupted_prompt": corrupted, "seconds": seconds,

@@ -14,8 +14,8 @@ import torch
 
 from app.core import Explorer
 from app.models import AppInputError, Loaded
-from qtg.tokenizer import encode, token_strings
-from qtg.views import view_memory
+from qtg.data.tokenizer import encode, token_strings
+from qtg.model.views import view_memory
 
 CORRUPT_BY = ["corrupted prompt", "replacing a word"]
 # Patched rows per forward pass. On nano (CPU) 8 to 64 rows patch equally fast, and Stop waits for the pass under

@@ -4,14 +4,13 @@ Endpoints: ``/tiers`` (the table for a device), ``/load`` (switch this session's
 load's progress) and ``/unload`` (drop a model's weights from the shared cache).
 
 "Fits" means the views work, not only that the weights load: the weights plus one view of a full
-context (every state and one block's attention maps, ``qtg.views.view_memory``) against the memory
+context (every state and one block's attention maps, ``qtg.model.views.view_memory``) against the memory
 the device has free now.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,8 +23,9 @@ from app.errors import user_facing
 from app.exports import Exportable
 from app.models import AppInputError, allocated_bytes
 from app.tabs.common import Dropdown, export_controls, fit
-from qtg.memory import human_bytes, human_count, tier_summary
-from qtg.views import view_memory
+from app.worker import in_worker
+from qtg.model.memory import human_bytes, human_count, tier_summary
+from qtg.model.views import view_memory
 
 COLUMNS = ["tier", "d", "layers", "heads", "context", "params", "seed's claim", "counted / claimed", "weights",
            "weights + a view", "training", "views fit", "training fits"]
@@ -100,25 +100,18 @@ def load_model(ex: Explorer, session: Session | None, model: Any, device: Any,
         need, have = ex.registry.weights_needed(src.key, device)
         head = (f"Loading **{src.label}** on {device}: its weights take {human_bytes(need)}, "
                 f"{human_bytes(have)} is free there.")
-        result: dict[str, Any] = {}
-
-        def load() -> None:
-            try:
-                result["loaded"] = ex.registry.get(src.key, device)
-            except BaseException as e:  # re-raised in the handler, which words it
-                result["error"] = e
-
         start = allocated_bytes(device)
-        worker = threading.Thread(target=load, name=f"load-{src.key}", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(POLL_S)
+
+        def tick() -> tuple:
             done = max(0, allocated_bytes(device) - start)
             if progress is not None and need:
                 progress(min(0.99, done / need), desc=f"{human_bytes(done)} of {human_bytes(need)}")
-            yield f"{head} {human_bytes(done)} so far.", gr.skip()
-        if "error" in result:
-            raise result["error"]
+            return f"{head} {human_bytes(done)} so far.", gr.skip()
+
+        # a load cannot be cancelled: closed, the handler leaves it to finish in its thread; its error is
+        # re-raised here, where the handler words it
+        yield from in_worker(lambda _: ex.registry.get(src.key, device), tick, f"load-{src.key}", POLL_S,
+                             grace_s=0.0, abandoned_s=None)
     loaded = ex.registry.get(src.key, device)
     yield loaded.describe(), Session(model=loaded.source.key, device=loaded.device, last_text=session.last_text)
 

@@ -18,13 +18,15 @@ from typing import Any
 import gradio as gr
 import torch
 
+from app.controls import compare_weights
 from app.core import Explorer, Session, as_float, as_int
 from app.errors import user_facing
 from app.exports import Exportable
 from app.models import AppInputError, Loaded
-from app.tabs.common import Dropdown, Number, Slider, export_controls, fit
+from app.tabs.common import Dropdown, Number, Slider, export_controls, fit, w_from_toggle
 from app.worker import in_worker
-from qtg.plots import barcode, exact_vs_approx, persistence_diagram
+from qtg.experiments.topo_controls import CONTROLS
+from qtg.plots.topology import barcode, exact_vs_approx, persistence_diagram, weights_beside_control
 from qtg.topology import approx_view, bottleneck, compare, exact_diagrams
 from qtg.topology.budget import Budget
 
@@ -73,7 +75,7 @@ def topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 1, b
     loaded = ex.current(session)
     text = ex.text_or_last(session, text)
     model = loaded.model
-    names = loaded.state_names
+    names = loaded.model.state_names
     layer = as_int(layer, "layer", 0, len(names) - 1)
     points = as_int(max_points, "max points", 3, ex.limits.max_topology_points)
     edge = as_float(max_edge if max_edge not in (None, "") else 0, "max edge", 0.0, 1e6)
@@ -100,7 +102,8 @@ def topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 1, b
     diagram = fit(persistence_diagram(results, title=f"Exact H0/H1 at layer {layer} ({name}), {len(tokens)} tokens"),
                   height=560)
     bars = fit(barcode(main, title=f"Barcode ({main.backend})"))
-    numbers: dict[str, Any] = {"model": loaded.source.key, "layer": layer, "layer_name": name, "tokens": tokens,
+    numbers: dict[str, Any] = {"model": loaded.source.key, "device": loaded.device, "layer": layer,
+                               "layer_name": name, "tokens": tokens,
                                "exact": {e: r.to_dict() for e, r in results.items()},
                                "engine_agreement_bottleneck": _agreement(results)}
     figures = {"diagram": diagram, "barcode": bars}
@@ -113,6 +116,8 @@ def topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 1, b
         approx_fig = fit(exact_vs_approx(main, view, cmp))
         figures["exact_vs_approx"] = approx_fig
         numbers.update(comparison=cmp.to_dict(), approx=view.to_dict())
+        # the model's own TopoFilter (on the QEmbed states, whatever the layer): what the "w from" toggle reads
+        numbers["topo_filter"] = {"exact": out.topo_exact_scores[0].tolist(), "weights": out.topo_weights[0].tolist()}
     bounds = _bounds_text(main, results, loaded.has_topofilter)
     numbers["bounds"] = bounds
     return diagram, bars, approx_fig, _headline(numbers), bounds, Exportable("topology", figures, numbers)
@@ -138,6 +143,23 @@ def run_topology(ex: Explorer, session: Session | None, text: Any, layer: Any = 
 
     result = yield from in_worker(work, tick, "topology")
     yield result
+
+
+def weights_view(ex: Explorer, session: Session | None, payload: Exportable | None, w_from: Any) -> tuple:
+    """The "w from" toggle, after Compute and whenever it changes: (figure, words) of the last text's w from the
+    model's TopoFilter beside the chosen control's for the same tokens; the words alone on a baseline."""
+    if payload is None or payload.tab != "topology":
+        return None, "Compute first: the toggle shows the computed text's w."
+    n = payload.numbers
+    loaded = ex.registry.get(n["model"], n.get("device") or (session or ex.new_session()).device)
+    if "topo_filter" not in n:
+        return None, compare_weights(ex.calibrations, loaded, w_from, [], [])[1]
+    comparison, note = compare_weights(ex.calibrations, loaded, w_from, n["topo_filter"]["weights"],
+                                       n["topo_filter"]["exact"])
+    label = None if comparison.control is None else f"{CONTROLS[comparison.control]} control's"
+    fig = fit(weights_beside_control(comparison.to_dict(), n["tokens"], label,
+                                     title="w of each token: the TopoFilter's, beside the control's and position's"))
+    return fig, note
 
 
 def stopped() -> str:
@@ -172,7 +194,7 @@ def _bounds_text(main: Any, results: dict[str, Any], has_topofilter: bool) -> st
 def layer_label(loaded: Loaded) -> str:
     """The layer slider's label: its indices and the states they name, the inputs and first block in full
     (blocks are numbered from 0: layer 2 of a QTG model is the output of block 0)."""
-    names = loaded.state_names
+    names = loaded.model.state_names
     first = len(names) - loaded.model.cfg.n_layers + 1  # the inputs, then block 0
     shown = [f"{i} {name}" for i, name in enumerate(names)]
     return f"layer ({', '.join(shown if first >= len(names) - 1 else [*shown[:first], '…', shown[-1]])})"
@@ -180,7 +202,7 @@ def layer_label(loaded: Loaded) -> str:
 
 def control_ranges(ex: Explorer, loaded: Loaded) -> tuple:
     """Updates of this tab's controls for ``loaded`` (its states: QEmbed, TopoFilter, blocks...)."""
-    n = len(loaded.state_names)
+    n = len(loaded.model.state_names)
     return (gr.update(maximum=n - 1, value=min(1, n - 1), label=layer_label(loaded)),)
 
 
@@ -195,7 +217,7 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
         text = gr.Textbox(label="text (empty: the last generation)", lines=4, scale=3, elem_id="topology-text",
                           max_length=lim.max_text_chars)
         with gr.Column(scale=2):
-            layer = Slider(0, len(loaded.state_names) - 1, value=1, step=1, label=layer_label(loaded),
+            layer = Slider(0, len(loaded.model.state_names) - 1, value=1, step=1, label=layer_label(loaded),
                            elem_id="topology-layer")
             backend = Dropdown(list(BACKENDS), value=next(iter(BACKENDS)), label="backend")
             max_points = Slider(3, lim.max_topology_points, value=256, step=1, label="max points")
@@ -211,6 +233,11 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
         diagram = gr.Plot(label="diagram", elem_id="topology-diagram")
         bars = gr.Plot(label="barcode", elem_id="topology-barcode")
     approx = gr.Plot(label="exact vs approximate", elem_id="topology-approx")
+    with gr.Row():
+        with gr.Column(scale=1):
+            w_from = w_from_toggle("topology-w-from")
+            w_note = gr.Markdown(elem_id="topology-w-note")
+        w_plot = gr.Plot(label="w beside a control", elem_id="topology-w", scale=2)
     numbers = gr.JSON(label="comparison numbers")
     payload = gr.State(None)
     export_controls(ex, payload, "topology")
@@ -218,6 +245,10 @@ def build(ex: Explorer, session: gr.State, loaded: Loaded) -> dict[str, Any]:
                         [session, text, layer, backend, max_points, max_edge, budget],
                         [diagram, bars, approx, numbers, bounds, payload], api_name="topology",
                         concurrency_id="heavy")
+    show_w = user_facing(functools.partial(weights_view, ex), "topology_w_from")
+    evt.then(show_w, [session, payload, w_from], [w_plot, w_note], api_visibility="private")
+    w_from.change(show_w, [session, payload, w_from], [w_plot, w_note], api_name="topology_w_from",
+                  concurrency_id="heavy")
     # Cancelling closes the handler's generator, which cancels the work (a Rips engine's process is killed)
     stop_btn.click(None, None, None, cancels=[evt], api_visibility="private").then(
         stopped, None, [bounds], api_visibility="private", queue=False)

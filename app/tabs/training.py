@@ -1,13 +1,13 @@
 """Training tab: a run's topology over training, snapshot by snapshot. Endpoint ``/training``.
 
-A run is one that kept snapshots (``qtg train --snapshot-every K``, :mod:`qtg.snapshots`): shipped under
+A run is one that kept snapshots (``qtg train --snapshot-every K``, :mod:`qtg.training.snapshots`): shipped under
 ``assets/checkpoints/<name>/snapshots/``, given with ``--checkpoint-dir``, or started here ("train micro here":
 ``qtg train`` for the micro tier on the bundled corpus in a background process, in a folder private to this
 launch, with a progress bar and Stop; its snapshots appear as they are written). Runs are named by source
 keys (``shipped:``, ``dir:``, ``here:``), never by a path typed in a request.
 
 Every number is :func:`qtg.topology.training.analyse_snapshot`'s (cached on disk per snapshot and probe, so
-the slider scrubs back at once); the figures are :mod:`qtg.training_plots`'s. Export writes the curves and
+the slider scrubs back at once); the figures are :mod:`qtg.plots.training`'s. Export writes the curves and
 an animated figure, one frame per snapshot, as standalone HTML.
 """
 
@@ -25,9 +25,9 @@ from app.exports import Exportable
 from app.models import AppInputError
 from app.runs import TrainingRuns
 from app.tabs.common import Dropdown, Slider, export_controls, fit
-from qtg.snapshots import list_snapshots
+from qtg.plots.training import animated, over_training, snapshot_views
 from qtg.topology.training import analyse_snapshot
-from qtg.training_plots import animated, over_training, snapshot_views
+from qtg.training.snapshots import list_snapshots
 
 PROBE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows."
 MAX_PROBE_TOKENS = 128

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from qtg.checkpoint import load, shipped_models
-from qtg.data import split_documents
+from qtg.data.pipeline import split_documents
 from qtg.errors import ConfigError
 from qtg.experiments.corpus import read_documents
 from qtg.experiments.errors import ExperimentError
 from qtg.experiments.heldout import SHIPPED_SPLIT, SPLITS
+from qtg.model.loading import load, shipped_models
 
 log = logging.getLogger("qtg")
 
@@ -49,7 +49,7 @@ def model_source(args: argparse.Namespace) -> str:
 def load_model(args: argparse.Namespace):
     """The model the user named, with its tokenizer; a clear error if it has none."""
     model = load(model_source(args), device=args.device, dtype=args.dtype)
-    if getattr(model, "random_weights", False):
+    if model.random_weights:
         log.warning("tier %r has no trained weights: using random ones", model.cfg.name)
     check_tokenizer(model)
     return model.eval()

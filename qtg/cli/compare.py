@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from qtg.checkpoint import load, shipped_models
 from qtg.cli.common import add_data_args, check_tokenizer, read_data
 from qtg.cli.experiment import per_work_table, works_note
 from qtg.cli.table import format_table
 from qtg.errors import ConfigError
 from qtg.experiments import compare_models
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, format_ci
+from qtg.model.loading import load, shipped_models
 
 HELP = """Score several models on the same windows of a corpus, the first as the reference.
 

@@ -6,8 +6,8 @@ import argparse
 import json
 
 from qtg.cli.common import add_model_args, load_model
-from qtg.evaluate import evaluate
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
+from qtg.training.evaluate import evaluate
 
 HELP = """Score a model on text: mean loss per token (nats), perplexity, and bits per
 byte = total negative log-likelihood in bits / raw UTF-8 bytes of the text. Bits

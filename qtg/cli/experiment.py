@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from qtg.checkpoint import load
 from qtg.cli.common import add_data_args, add_model_args, check_tokenizer, load_model, read_data
 from qtg.cli.table import format_table
 from qtg.experiments import ExperimentError, Interval, head_importance, prepare, side_by_side, sweep
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, format_ci
 from qtg.experiments.sweep import DEFAULT_SAMPLE
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
+from qtg.model.loading import load
 
 HELP = """Ask a model a causal question over a corpus and get an answer with an error bar.
 

@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from qtg.builder import resolve_dtype
-from qtg.checkpoint import load, read_full_model, read_train_state, save_checkpoint, sharded_checkpoint
 from qtg.errors import CheckpointError
+from qtg.model.builder import resolve_dtype
+from qtg.model.checkpoint import read_train_state, save_checkpoint, sharded_checkpoint
+from qtg.model.loading import load, read_full_model
 
 HELP = """Write a checkpoint as a single-file checkpoint (model.safetensors,
 config.json, tokenizer.json) that qtg.load, qtg generate, the app and the

@@ -13,11 +13,11 @@ import time
 import torch
 
 from qtg.cli.common import add_model_args, check_tokenizer, load_model, model_source
+from qtg.data.tokenizer import decode, encode, eos_id
 from qtg.distributed.world import close_world, init_world, under_torchrun
 from qtg.errors import ConfigError, GenerationError
 from qtg.generate import check_sampling, generate, stream
-from qtg.intervention import Intervention
-from qtg.tokenizer import decode, encode, eos_id
+from qtg.model.intervention import Intervention
 
 HELP = """Continue a prompt with a QTG (or baseline) model and print the text.
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from qtg.builder import resolve_device
 from qtg.cli.table import format_table
 from qtg.distributed.plan import plan
 from qtg.errors import ConfigError
-from qtg.memory import human_bytes, human_count, tier_summary
-from qtg.tiers import TIERS, get_tier
+from qtg.model.builder import resolve_device
+from qtg.model.memory import human_bytes, human_count, tier_summary
+from qtg.model.tiers import TIERS, get_tier
 
 HELP = """Print every tier (or one) with its shape, its parameter count - counted by
 building the model on PyTorch's meta device, so nothing is allocated - beside
@@ -19,7 +19,7 @@ and training in bf16 and fp32 (batch 1, full context), and whether inference
 and training fit this machine's device.
 
 Memory columns: weights + gradients + optimiser (AdamW, fp32 moments) +
-activations + decoding cache; see qtg.memory.memory_estimate for the formulas.
+activations + decoding cache; see qtg.model.memory.memory_estimate for the formulas.
 
 --plan prints, instead, the memory one GPU holds when the tier is sharded
 with FSDP2 over --gpus GPUs (bf16 parameters, float32 master weights,

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from qtg.data import default_corpus_path, load_documents
-from qtg.tokenizer import DEFAULT_SPECIAL_TOKENS, encode_batch, min_vocab_size, save_tokenizer, train_tokenizer
+from qtg.data.pipeline import default_corpus_path, load_documents
+from qtg.data.tokenizer import DEFAULT_SPECIAL_TOKENS, encode_batch, min_vocab_size, save_tokenizer, train_tokenizer
 
 HELP = """Tokenizers turn text into the integer ids a model reads.
 

@@ -13,7 +13,8 @@ import torch
 
 from qtg.cli.common import add_model_args, load_model
 from qtg.errors import ConfigError, DataError
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 from qtg.topology import exact_mode_loss, layer_sweep
 from qtg.topology.exact import BACKENDS
 
@@ -73,9 +74,9 @@ def _read_text(args: argparse.Namespace) -> str:
     return text
 
 
-def _token_ids(model: Any, text: str) -> tuple[torch.Tensor, list[str], int]:
+def _token_ids(model: LanguageModel, text: str) -> tuple[torch.Tensor, list[str], int]:
     """ids [1, N] (at most the model's context), their strings, and the full token count."""
-    from qtg.tokenizer import decode, encode
+    from qtg.data.tokenizer import decode, encode
 
     ids = encode(model.tokenizer, text)
     if len(ids) < 2:

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qtg.tiers import TIERS
-from qtg.train import TrainConfig, load_config, train
+from qtg.model.tiers import TIERS
+from qtg.training.train import TrainConfig, load_config, train
 
 HELP = """Train a QTG model and write a run directory (--out):
 
@@ -17,7 +17,7 @@ HELP = """Train a QTG model and write a run directory (--out):
                    and per evaluation (val_loss, val_ppl, val_bpb, a sample)
   tokenizer.json   the tokenizer (trained on the training split unless --tokenizer is given)
   snapshots/       with --snapshot-every K: step_XXXXXX.safetensors, light weights-only snapshots (16-bit by
-                   default) at every K-th step and the last, for watching a run over training (qtg.snapshots)
+                   default) at every K-th step and the last, for watching a run over training (qtg.training.snapshots)
 
 --config reads a YAML file with the sections model, data, training, checkpoint
 and logging (see configs/nano.yaml); flags given here override it. --steps is

@@ -52,7 +52,7 @@ def rank_batches(loader: Any, batch_size: int, grad_accum: int, rank: int, ranks
     """This rank's micro-batches ``[(x, y), ...]``, each ``[m, N]`` int64, for the next optimizer step.
 
     Args:
-        loader: a ``qtg.data.WindowLoader`` with ``batch_size`` rows per batch; it moves on by ``grad_accum`` batches.
+        loader: a ``qtg.data.pipeline.WindowLoader`` of ``batch_size`` rows a batch, moved on ``grad_accum`` batches.
     """
     m, _ = split_sizes(batch_size, grad_accum, ranks, micro_batch_size)
     xs, ys = zip(*(loader.next_batch() for _ in range(grad_accum)))

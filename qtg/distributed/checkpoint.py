@@ -25,8 +25,8 @@ Choices:
   ``latest``. ``qtg export`` turns one into a single-file checkpoint for
   ``qtg.load``, the app and the notebooks.
 * **Reading lives a layer down**: finding a sharded checkpoint, its state and
-  its weights (:func:`qtg.checkpoint.load_sharded`, :func:`qtg.checkpoint.read_full_model`)
-  needs no process group, so :mod:`qtg.checkpoint` does it and ``qtg.load``
+  its weights (:func:`qtg.model.checkpoint.load_sharded`, :func:`qtg.model.loading.read_full_model`)
+  needs no process group, so :mod:`qtg.model.checkpoint` does it and ``qtg.load``
   reads sharded checkpoints without importing this package. They are
   re-exported here. This module writes shards and restores optimizer state.
 """
@@ -52,7 +52,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from qtg.atomic import atomic_safetensors, atomic_text
-from qtg.checkpoint import (
+from qtg.distributed.world import World
+from qtg.errors import CheckpointError, TrainingError
+from qtg.model.checkpoint import (
     CONFIG_FILE,
     SHARDS_DIR,
     STATE_FILE,
@@ -60,19 +62,16 @@ from qtg.checkpoint import (
     TRAINER_FILE,
     dcp_load,
     is_sharded,
-    load,
     load_sharded,
     read_config,
-    read_full_model,
     read_tokenizer,
     read_train_state,
     sharded_checkpoint,
 )
-from qtg.distributed.world import World
-from qtg.errors import CheckpointError, TrainingError
-from qtg.registry import meta_model
+from qtg.model.loading import load, read_full_model
+from qtg.model.registry import meta_model
 
-# The readers come from qtg.checkpoint; qtg.distributed re-exports them with the writers.
+# The readers come from qtg.model.checkpoint and qtg.model.loading; qtg.distributed re-exports them with the writers.
 __all__ = [
     "is_sharded", "sharded_checkpoint", "read_train_state", "load_sharded", "read_full_model", "save_sharded",
     "load_sharded_optimizer", "load_full_optimizer", "meta_start", "load_start",
@@ -84,7 +83,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _group_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's hyper-parameters and parameter names as JSON (what ``qtg.optim.optimizer_state`` keeps)."""
+    """The optimizer's hyper-parameters and parameter names as JSON (what ``optim.optimizer_state`` keeps)."""
     groups = optimizer.state_dict()["param_groups"]
     return {"param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups],
             "scalars": {}}

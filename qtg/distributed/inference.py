@@ -21,11 +21,10 @@ import random
 
 from torch import nn
 
-from qtg.checkpoint import MODEL_FILE, SHIPPED_DIR, load, load_sharded, sharded_checkpoint
-from qtg.distributed.checkpoint import meta_start
 from qtg.distributed.parallelize import build_sharded, load_full_weights
 from qtg.distributed.world import World
-from qtg.tiers import TIERS, get_tier
+from qtg.model.checkpoint import load_sharded, read_tokenizer
+from qtg.model.loading import load_source, locate
 
 log = logging.getLogger("qtg")
 
@@ -44,29 +43,22 @@ def load_sharded_model(name_or_dir: str | os.PathLike, world: World, precision: 
     Returns:
         The model with ``tokenizer``, ``checkpoint_dir`` and ``random_weights``, as ``qtg.load`` sets them.
     """
-    sharded = sharded_checkpoint(name_or_dir)
-    if sharded is not None:
-        start = meta_start(sharded)
-        model = build_sharded(start.cfg, world, precision=precision, init=False)
-        load_sharded(model, sharded)
-        model.tokenizer, model.checkpoint_dir, model.random_weights = start.tokenizer, sharded, False
-    elif _random_tier(name_or_dir):  # what qtg.load builds (seed 0), without ever holding it whole
-        log.warning("tier %r has no shipped weights: using RANDOM weights; its output is noise", str(name_or_dir))
-        model = build_sharded(get_tier(str(name_or_dir)), world, seed=0, precision=precision)
-        model.tokenizer, model.checkpoint_dir, model.random_weights = None, None, True
+    source = locate(name_or_dir)  # resolved once, as qtg.load resolves it
+    if source.sharded:
+        model = build_sharded(source.cfg, world, precision=precision, init=False)
+        load_sharded(model, source.weights)
+        model.tokenizer = read_tokenizer(source.weights, source.cfg)
+    elif source.weights is None:  # what qtg.load builds (seed 0), without ever holding it whole
+        log.warning("tier %r has no shipped weights: using RANDOM weights; its output is noise", source.cfg.name)
+        model = build_sharded(source.cfg, world, seed=0, precision=precision)
+        model.tokenizer = None
     else:
-        start = load(name_or_dir, "cpu")
+        start = load_source(source, "cpu")
         model = build_sharded(start.cfg, world, precision=precision, init=False)
         load_full_weights(model, start.state_dict())
-        model.tokenizer, model.checkpoint_dir = start.tokenizer, start.checkpoint_dir
-        model.random_weights = start.random_weights
+        model.tokenizer = start.tokenizer
+    model.checkpoint_dir, model.random_weights = source.weights, source.weights is None
     return model.eval()
-
-
-def _random_tier(name: str | os.PathLike) -> bool:
-    """A tier name with no shipped weights (so ``qtg.load`` would build it with random weights)."""
-    key = str(name).strip().lower()
-    return not os.path.exists(name) and key in TIERS and not (SHIPPED_DIR / key / MODEL_FILE).is_file()
 
 
 def shared_seed(world: World, seed: int | None) -> int | None:

@@ -31,7 +31,6 @@ Choices:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,12 +39,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from qtg.builder import build
-from qtg.checkpoint import load_sharded
-from qtg.config import QTGConfig
 from qtg.distributed.world import World
 from qtg.errors import ConfigError
-from qtg.registry import meta_model
+from qtg.model.builder import build
+from qtg.model.checkpoint import load_sharded
+from qtg.model.config import QTGConfig
+from qtg.model.decoder import DecoderLM
+from qtg.model.registry import meta_model
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -59,7 +59,7 @@ def mixed_precision_policy(device: torch.device, precision: str = "auto") -> Mix
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: nn.Module, world: World, precision: str = "auto",
+def shard_model(model: DecoderLM, world: World, precision: str = "auto",
                 activation_checkpointing: bool = False) -> nn.Module:
     """Apply activation checkpointing (optional) and ``fully_shard`` to each block, then to the root.
 
@@ -76,7 +76,7 @@ def shard_model(model: nn.Module, world: World, precision: str = "auto",
 
     mesh = init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("dp",))
     mp = mixed_precision_policy(world.device, precision)
-    for block in model.blocks:
+    for block in model.layers():
         if activation_checkpointing:
             checkpoint(block)
         fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -84,24 +84,16 @@ def shard_model(model: nn.Module, world: World, precision: str = "auto",
     return model
 
 
-class _FullParameters:
-    """The model as its own ``init_weights`` sees it, except that ``named_parameters`` yields full-size tensors.
+def _full_parameters(model: DecoderLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` as full-size tensors, for its own ``init_weights`` to fill.
 
     After the caller has filled one (the code after ``yield`` runs when the
     next is asked for), this rank's slice of it is copied into the shard.
     """
-
-    def __init__(self, model: nn.Module):
-        self._model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, p in self._model.named_parameters():
-            full = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # the global shape
-            yield name, full
-            _copy_full_into(p, full)
+    for name, p in model.named_parameters():
+        full = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # the global shape
+        yield name, full
+        _copy_full_into(p, full)
 
 
 @torch.no_grad()
@@ -115,9 +107,9 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def init_sharded(model: nn.Module, seed: int) -> None:
+def init_sharded(model: DecoderLM, seed: int) -> None:
     """Initialise a sharded model exactly as ``model.init_weights(seed)`` would initialise it unsharded."""
-    type(model).init_weights(_FullParameters(model), seed=seed)
+    model.init_weights(seed=seed, parameters=_full_parameters(model))
 
 
 def build_sharded(cfg: QTGConfig, world: World, seed: int = 0, precision: str = "auto",

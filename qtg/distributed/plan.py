@@ -3,7 +3,7 @@
     p = plan("30b", gpus=8, gpu_mem_gib=80)
     p.train["ac"].total, p.min_gpus["ac"], p.impossible
 
-Every number comes from shapes counted on the meta device (:mod:`qtg.memory`):
+Every number comes from shapes counted on the meta device (:mod:`qtg.model.memory`):
 the total parameter count is ``qtg.count_params``, and the FSDP units are the
 root (embedding table = tied head, its bias, final norm) and one unit per
 block, measured on a one-block model built on ``meta``.
@@ -23,7 +23,7 @@ of ``seq_len`` tokens per rank:
   for their reduce-scatter;
 * optimizer: AdamW's two float32 moments, sharded like the weights;
 * activations: without activation checkpointing, what autograd keeps for
-  every block (``qtg.memory.memory_estimate``'s formula); with it, each
+  every block (``qtg.model.memory.memory_estimate``'s formula); with it, each
   block's bf16 input plus one block's activations while it is recomputed;
   both with the float32 log-softmax of the logits twice.
 
@@ -43,10 +43,10 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from qtg.config import QTGConfig
-from qtg.memory import count_params, human_bytes, human_count, memory_estimate
-from qtg.registry import meta_model
-from qtg.tiers import resolve_config
+from qtg.model.config import QTGConfig
+from qtg.model.memory import count_params, human_bytes, human_count, memory_estimate
+from qtg.model.registry import meta_model
+from qtg.model.tiers import resolve_config
 
 GiB = 1024**3
 MODES = ("no_ac", "ac")  # without / with activation checkpointing
@@ -107,7 +107,7 @@ class Plan:
 def unit_shapes(cfg: QTGConfig) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
     """Parameter shapes of the root unit and of one block, from a one-block model on the meta device."""
     model = meta_model(cfg.replace(n_layers=1))
-    block = tuple(tuple(p.shape) for p in model.blocks[0].parameters())
+    block = tuple(tuple(p.shape) for p in model.layers()[0].parameters())
     root = tuple(tuple(p.shape) for n, p in model.named_parameters() if not n.startswith("blocks."))
     return root, block
 

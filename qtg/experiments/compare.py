@@ -1,6 +1,6 @@
 """One text, with and without an intervention: what changes, token by token.
 
-The text is scored as ``qtg.evaluate`` scores a document, ``[EOS] + encode(text)``,
+The text is scored as ``qtg.training.evaluate`` scores a document, ``[EOS] + encode(text)``,
 so every byte is paid for and the bits per byte are those ``qtg eval`` gives on
 that text alone. At each position i the model's next-token distribution before
 (p, the unmodified model) and after (q, under the intervention) are compared by
@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtg.data.tokenizer import encode, eos_id, token_strings
 from qtg.experiments.errors import ExperimentError
-from qtg.intervention import Intervention
 from qtg.metrics import bits_per_byte
-from qtg.model import check_ids
-from qtg.tokenizer import encode, eos_id, token_strings
+from qtg.model.decoder import check_ids
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 
 
 @dataclass
@@ -94,13 +95,13 @@ class TextComparison:
                 "delta_loss": self.delta_loss.tolist(), "top": top, "n_bytes": self.n_bytes}
 
 
-def _side(model: Any, ids: Tensor, intervene: Intervention | None) -> Side:
+def _side(model: LanguageModel, ids: Tensor, intervene: Intervention | None) -> Side:
     logits = model(ids[:, :-1], intervene=intervene).logits[0].float()  # [N, V]
     return Side(log_probs=F.log_softmax(logits, dim=-1), nll=F.cross_entropy(logits, ids[0, 1:], reduction="none"))
 
 
 @torch.inference_mode()
-def compare_ids(model: Any, ids: Tensor | list[int], intervene: Intervention, n_bytes: int | None = None
+def compare_ids(model: LanguageModel, ids: Tensor | list[int], intervene: Intervention, n_bytes: int | None = None
                 ) -> TextComparison:
     """Score one token sequence with and without ``intervene``.
 
@@ -123,7 +124,7 @@ def compare_ids(model: Any, ids: Tensor | list[int], intervene: Intervention, n_
                           after=_side(model, ids, intervene), n_bytes=n_bytes)
 
 
-def compare_text(model: Any, text: str, intervene: Intervention, *, tokenizer: Any = None) -> TextComparison:
+def compare_text(model: LanguageModel, text: str, intervene: Intervention, *, tokenizer: Any = None) -> TextComparison:
     """Score ``text`` (as ``[EOS] + encode(text)``) with and without ``intervene``; see :func:`compare_ids`."""
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:

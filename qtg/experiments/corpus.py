@@ -1,6 +1,6 @@
 """A corpus cut into the windows ``qtg eval`` scores, each with the bytes it pays for.
 
-Each document is ``[EOS] + encode(text)`` cut by :func:`qtg.evaluate.windows`
+Each document is ``[EOS] + encode(text)`` cut by :func:`qtg.training.evaluate.windows`
 into non-overlapping windows of the model's context. A window pays for the
 bytes of the tokens it *predicts* (its first token is context): with a
 byte-level BPE each token spells a fixed byte string, so these counts add up
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from tokenizers import pre_tokenizers
 
-from qtg.documents import Document, load_documents
+from qtg.data.documents import Document, load_documents
+from qtg.data.tokenizer import encode_batch, eos_id
 from qtg.errors import DataError
-from qtg.evaluate import windows
 from qtg.experiments.errors import ExperimentError
-from qtg.tokenizer import encode_batch, eos_id
+from qtg.training.evaluate import windows
 
 
 @dataclass

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtg.documents import Document
+from qtg.data.documents import Document
 from qtg.experiments.bootstrap import Interval
 from qtg.experiments.corpus import Corpus
 from qtg.experiments.sweep import SweepResult, sweep
 from qtg.experiments.works import AcrossWorks
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 
 
 @dataclass
@@ -63,7 +64,7 @@ class HeadRanking:
                 "heads": [h.to_dict() for h in self.heads]}
 
 
-def head_importance(model: Any, data: str | os.PathLike | Sequence[Document] | Corpus, **sweep_kwargs: Any
+def head_importance(model: LanguageModel, data: str | os.PathLike | Sequence[Document] | Corpus, **sweep_kwargs: Any
                     ) -> HeadRanking:
     """Ablate every head of ``model`` alone over ``data``; rank by the change in loss.
 

@@ -17,28 +17,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtg.checkpoint import read_state
-from qtg.data import split_documents
-from qtg.documents import Document, default_corpus_path
+from qtg.data.documents import Document, default_corpus_path
+from qtg.data.pipeline import split_documents
 from qtg.experiments.corpus import read_documents
 from qtg.experiments.errors import ExperimentError
-from qtg.intervention import Intervention
-from qtg.model import check_ids
+from qtg.model.checkpoint import read_state
+from qtg.model.decoder import check_ids
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 
 # configs/nano.yaml and configs/nano-baseline.yaml: validation and test tenths of the bytes, split seed 0
 SHIPPED_SPLIT = {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
 SPLITS = ("train", "val", "test")
 
 
-def recorded_split(model: Any) -> dict[str, float | int]:
+def recorded_split(model: LanguageModel) -> dict[str, float | int]:
     """The split the model's checkpoint recorded (``train_config.data``), else the shipped configs'."""
-    state = read_state(model.checkpoint_dir) if getattr(model, "checkpoint_dir", None) else None
+    state = read_state(model.checkpoint_dir) if model.checkpoint_dir else None
     data = ((state or {}).get("train_config") or {}).get("data") or {}
     if data.get("test_fraction"):
         return {"val_fraction": float(data.get("val_fraction", SHIPPED_SPLIT["val_fraction"])),
@@ -46,7 +46,8 @@ def recorded_split(model: Any) -> dict[str, float | int]:
     return dict(SHIPPED_SPLIT)
 
 
-def heldout_documents(model: Any, split: str = "test", data: str | os.PathLike | None = None) -> list[Document]:
+def heldout_documents(model: LanguageModel, split: str = "test",
+                      data: str | os.PathLike | None = None) -> list[Document]:
     """The ``split`` works of ``data`` (default the bundled corpus), split as the model's training split them.
 
     Raises:
@@ -86,7 +87,7 @@ class NextToken:
 
 
 @torch.inference_mode()
-def next_token(model: Any, ids: Tensor | list[int], intervene: Intervention) -> NextToken:
+def next_token(model: LanguageModel, ids: Tensor | list[int], intervene: Intervention) -> NextToken:
     """The distribution of the token after ``ids``, with and without ``intervene``.
 
     Args:

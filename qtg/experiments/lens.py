@@ -1,7 +1,7 @@
 """The logit lens: what the tied head would predict from every intermediate state.
 
 For each state h_k the model exposes (``model.state_names``: QEmbed, TopoFilter,
-block 1..L for QTG; embedding, block 1..L for the baseline), the lens reads
+block 0..L-1 for QTG; embedding, block 0..L-1 for the baseline), the lens reads
 
     log p_k = log_softmax(E . RMSNorm_final(h_k))        E: the tied [V, 2d] table
 
@@ -13,7 +13,6 @@ it is coded with state k's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,34 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtg.data.tokenizer import token_strings
 from qtg.experiments.errors import ExperimentError
-from qtg.intervention import Intervention
-from qtg.model import check_ids
-from qtg.tokenizer import token_strings
-
-# Where each architecture keeps its tied [V, 2d] output table (the model declares ``model.arch``).
-HEAD_TABLES: dict[str, Callable[[Any], Tensor]] = {
-    "qtg": lambda model: model.embed.table.weight,
-    "baseline": lambda model: model.embed.weight,
-}
+from qtg.model.decoder import check_ids
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 
 
-def head_table(model: Any) -> Tensor:
-    """The tied output table ``[V, 2d]`` of a model, found through its declared ``model.arch``."""
-    try:
-        return HEAD_TABLES[model.arch](model)
-    except KeyError:
-        raise ExperimentError(f"model.arch {model.arch!r} has no known tied head; known: "
-                              f"{', '.join(HEAD_TABLES)}") from None
+def head_table(model: LanguageModel) -> Tensor:
+    """The tied output table ``[V, 2d]`` of a model: its declared ``unembedding()``."""
+    return model.unembedding()
 
 
-def read_out(model: Any, state: Tensor) -> Tensor:
+def read_out(model: LanguageModel, state: Tensor) -> Tensor:
     """log p = log_softmax(E . norm(h)): the model's final norm and tied head on any state.
 
     Args:
         state: ``[B, N, 2d]``. Returns: ``[B, N, V]`` float32 log-probabilities.
     """
-    return F.log_softmax(F.linear(model.norm(state), head_table(model)).float(), dim=-1)
+    return F.log_softmax(F.linear(model.final_norm(state), head_table(model)).float(), dim=-1)
 
 
 @dataclass
@@ -93,7 +83,7 @@ def _labels(tokenizer: Any, rows: list[list[int]]) -> list[list[str]] | None:
 
 
 @torch.inference_mode()
-def logit_lens(model: Any, ids: Tensor, *, intervene: Intervention | None = None) -> Lens:
+def logit_lens(model: LanguageModel, ids: Tensor, *, intervene: Intervention | None = None) -> Lens:
     """The tied head's log-probabilities after the final norm, from every state of one forward pass.
 
     Args:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from qtg.documents import Document
+from qtg.data.documents import Document
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, Interval, bootstrap_ratio, paired_bootstrap
 from qtg.experiments.corpus import Corpus
 from qtg.experiments.errors import ExperimentError

@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qtg.activations import activation_names
 from qtg.experiments.errors import ExperimentError
-from qtg.intervention import Intervention
+from qtg.model.activations import activation_names
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 
 SITES = ("resid", "heads", "topo_w", "mlp")
 # patched rows per batched forward pass: memory grows with it, speed saturates well before (bench_patching.py)
@@ -88,7 +89,7 @@ def logit_difference(logits: Tensor, answer: int, wrong: int | None = None) -> T
     return last[:, answer] - (last[:, wrong] if wrong is not None else 0.0)
 
 
-def site_units(model: Any, site: str, n_tokens: int, positions: bool = True,
+def site_units(model: LanguageModel, site: str, n_tokens: int, positions: bool = True,
                token_labels: Sequence[str] | None = None) -> tuple[list[Unit], tuple[int, ...], tuple[list[str], ...],
                                                                     tuple[str, ...]]:
     """The units one site is patched by: ``(units, shape, labels, axes)``, units in C order of ``shape``."""
@@ -122,7 +123,7 @@ def site_units(model: Any, site: str, n_tokens: int, positions: bool = True,
     raise ExperimentError(f"site must be one of {SITES} or a site name by position (e.g. final_norm), got {site!r}")
 
 
-def _check_pair(model: Any, clean_ids: Tensor, corrupt_ids: Tensor, answer: int, wrong: int | None) -> None:
+def _check_pair(model: LanguageModel, clean_ids: Tensor, corrupt_ids: Tensor, answer: int, wrong: int | None) -> None:
     for name, ids in (("clean_ids", clean_ids), ("corrupt_ids", corrupt_ids)):
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ExperimentError(f"{name} must be one prompt [1, N], got shape {tuple(ids.shape)}")
@@ -143,9 +144,9 @@ def _index(unit_index: tuple, row: int) -> tuple:
 
 
 @torch.no_grad()
-def activation_patching(model: Any, clean_ids: Tensor, corrupt_ids: Tensor, answer: int, wrong: int | None = None,
-                        site: str = "resid", positions: bool = True, batch_rows: int = BATCH_ROWS,
-                        token_labels: Sequence[str] | None = None,
+def activation_patching(model: LanguageModel, clean_ids: Tensor, corrupt_ids: Tensor, answer: int,
+                        wrong: int | None = None, site: str = "resid", positions: bool = True,
+                        batch_rows: int = BATCH_ROWS, token_labels: Sequence[str] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> PatchingResult:
     """Patch each unit of ``site`` from the clean run into the corrupted one; the normalised LD of each.
 
@@ -189,8 +190,9 @@ def _row_patcher(clean: Tensor, rows: list[tuple[int, tuple]]) -> Callable[[Tens
     return patch
 
 
-def attribution_patching(model: Any, clean_ids: Tensor, corrupt_ids: Tensor, answer: int, wrong: int | None = None,
-                         site: str = "resid", positions: bool = True, compare: bool = False, top_k: int = 10,
+def attribution_patching(model: LanguageModel, clean_ids: Tensor, corrupt_ids: Tensor, answer: int,
+                         wrong: int | None = None, site: str = "resid", positions: bool = True,
+                         compare: bool = False, top_k: int = 10,
                          token_labels: Sequence[str] | None = None) -> PatchingResult:
     """First-order estimates of :func:`activation_patching`'s values: ``grad LD . (a_clean - a_corrupt)``.
 
@@ -278,7 +280,7 @@ class LogitAttribution:
 
 
 @torch.no_grad()
-def direct_logit_attribution(model: Any, ids: Tensor, answer: int, wrong: int | None = None,
+def direct_logit_attribution(model: LanguageModel, ids: Tensor, answer: int, wrong: int | None = None,
                              position: int = -1) -> LogitAttribution:
     """Each head's and MLP's direct contribution to logit[answer] (- logit[wrong]) at ``position``.
 

@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qtg.documents import Document
+from qtg.data.documents import Document
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, Interval, bootstrap_ratio, paired_bootstrap
 from qtg.experiments.corpus import Corpus, cut_corpus, read_documents, seeded_choice
 from qtg.experiments.errors import ExperimentCancelled, ExperimentError
 from qtg.experiments.works import AcrossWorks, across_works
-from qtg.intervention import Intervention
 from qtg.metrics import attention_stats, bits_per_byte
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 from qtg.topology import approx_view, bottleneck, exact_diagrams
 
 LEVEL = 0.95
@@ -161,7 +162,7 @@ class SweepResult:
 class _Run:
     """What one condition's pass over the windows needs, and where it writes."""
 
-    model: Any
+    model: LanguageModel
     corpus: Corpus
     intervene: Intervention
     sample_row: dict[int, int]  # window index -> row in the [S, ...] arrays
@@ -223,7 +224,7 @@ def _sample_stats(run: _Run, out: Any, row: int, window: int, n: int) -> None:
         run.scores.bottleneck_h0[s] = bottleneck(cached[1].dgms[0], view.diagram)
 
 
-def _empty_scores(model: Any, n_windows: int, n_sample: int) -> WindowScores:
+def _empty_scores(model: LanguageModel, n_windows: int, n_sample: int) -> WindowScores:
     L, H = model.cfg.n_layers, model.cfg.n_heads
     topo = model.has_topofilter
     return WindowScores(nll=np.full(n_windows, np.nan), mean_weight=np.full(n_windows, np.nan) if topo else None,
@@ -235,7 +236,7 @@ def _empty_scores(model: Any, n_windows: int, n_sample: int) -> WindowScores:
 # --- the sweep ---------------------------------------------------------------------------------
 
 
-def _conditions(model: Any, interventions: Sequence[Intervention]) -> list[Intervention]:
+def _conditions(model: LanguageModel, interventions: Sequence[Intervention]) -> list[Intervention]:
     """The unmodified model, then each intervention once; each checked against the model before any work."""
     out = [Intervention()]
     for iv in interventions:
@@ -266,7 +267,7 @@ def _check_args(batch_size: int, sample: int, max_windows: int | None, resamples
         raise ExperimentError(f"resamples must be >= 1, got {resamples}")
 
 
-def prepare(model: Any, data: str | os.PathLike | Sequence[Document], *, tokenizer: Any = None,
+def prepare(model: LanguageModel, data: str | os.PathLike | Sequence[Document], *, tokenizer: Any = None,
             max_windows: int | None = None, seed: int = 0) -> Corpus:
     """The windows a sweep scores: the whole corpus, or ``max_windows`` of them drawn with ``seed``."""
     tokenizer = tokenizer or model.tokenizer
@@ -279,7 +280,7 @@ def prepare(model: Any, data: str | os.PathLike | Sequence[Document], *, tokeniz
 
 
 @torch.inference_mode()
-def sweep(model: Any, data: str | os.PathLike | Sequence[Document] | Corpus,
+def sweep(model: LanguageModel, data: str | os.PathLike | Sequence[Document] | Corpus,
           interventions: Sequence[Intervention], *, tokenizer: Any = None, batch_size: int = 8,
           sample: int = DEFAULT_SAMPLE, max_windows: int | None = None, seed: int = 0,
           resamples: int = DEFAULT_RESAMPLES, progress: bool = False, cancel: threading.Event | None = None,

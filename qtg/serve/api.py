@@ -270,32 +270,10 @@ def create_api(models: Mapping[str, Served] | Callable[[], Mapping[str, Served]]
     api = FastAPI(title="QTG OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   description="Completions and chat over a QTG model (docs/serve.md).")
 
+    _answer_errors(api)
+
     def served() -> Mapping[str, Served]:
         return models() if callable(models) else models
-
-    @api.exception_handler(BadRequest)
-    async def bad_request(_: Request, e: BadRequest) -> JSONResponse:
-        return error_response(e.status, e.message, e.param)
-
-    @api.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        param, message = describe(list(e.errors()))
-        return error_response(400, message, param)
-
-    @api.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        if e.status_code == 400:  # FastAPI could not read the body (json.loads: RecursionError past ~1000 levels)
-            why = "nested too deeply to read" if isinstance(e.__cause__, RecursionError) else str(e.detail)
-            return error_response(400, f"body: {why}", "body")
-        return error_response(e.status_code, str(e.detail))
-
-    @api.exception_handler(GenerationError)
-    async def bad_generation(_: Request, e: GenerationError) -> JSONResponse:
-        return error_response(400, str(e))
-
-    @api.exception_handler(EngineFailure)
-    async def engine_failure(_: Request, e: EngineFailure) -> JSONResponse:
-        return error_response(500, str(e))
 
     @api.get(f"{prefix}/models")
     async def list_models() -> dict[str, Any]:
@@ -325,6 +303,34 @@ def create_api(models: Mapping[str, Served] | Callable[[], Mapping[str, Served]]
 
     _no_422(api.openapi())
     return BodyLimit(api, max_body)
+
+
+def _answer_errors(api: FastAPI) -> None:
+    """Every error the API raises answered as an OpenAI-style error body with its status."""
+
+    @api.exception_handler(BadRequest)
+    async def bad_request(_: Request, e: BadRequest) -> JSONResponse:
+        return error_response(e.status, e.message, e.param)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        param, message = describe(list(e.errors()))
+        return error_response(400, message, param)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        if e.status_code == 400:  # FastAPI could not read the body (json.loads: RecursionError past ~1000 levels)
+            why = "nested too deeply to read" if isinstance(e.__cause__, RecursionError) else str(e.detail)
+            return error_response(400, f"body: {why}", "body")
+        return error_response(e.status_code, str(e.detail))
+
+    @api.exception_handler(GenerationError)
+    async def bad_generation(_: Request, e: GenerationError) -> JSONResponse:
+        return error_response(400, str(e))
+
+    @api.exception_handler(EngineFailure)
+    async def engine_failure(_: Request, e: EngineFailure) -> JSONResponse:
+        return error_response(500, str(e))
 
 
 def _no_422(schema: dict[str, Any]) -> None:

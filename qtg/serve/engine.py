@@ -2,16 +2,19 @@
 
 One background thread runs :meth:`Engine.step` while there is work. A request
 that arrives while others decode is prefilled on its own (a B = 1
-:class:`~qtg.model.QTGCache`) and joins the running batch at the next step; a
+:class:`~qtg.model.model.QTGCache`) and joins the running batch at the next step; a
 request leaves the batch when it finishes or is cancelled. Rows already
 running are never recomputed: the batch's cache is *ragged* (each row its own
-length, see :class:`~qtg.model.QTGCache`), so a step feeds one token per row
-and the model positions and masks every row by its own length.
+length, see :class:`~qtg.model.cache.QTGCache`), so a step feeds one token per row
+and the model positions and masks every row by its own length. Each group's cache
+is preallocated and written in place: a joining request's rows are copied once into
+free row slots, a leaving row's slot is refilled by the last row, and no step copies
+the cache.
 
 Each request keeps everything that makes it its own: sampling (temperature,
 top-k, top-p and a seeded ``torch.Generator``, chosen by
 :func:`qtg.generate.sample`), stop strings and EOS (:class:`qtg.generate.Stopper`),
-its :class:`~qtg.intervention.Intervention` and its stream of events. Rows
+its :class:`~qtg.model.intervention.Intervention` and its stream of events. Rows
 with different interventions run as separate groups, one forward pass per
 group and step (an intervention is per call). A request's tokens are those
 :func:`qtg.generate.generate` gives it alone (``tests/test_engine.py`` holds
@@ -41,7 +44,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,8 +52,9 @@ from torch import Tensor
 
 from qtg.errors import GenerationError
 from qtg.generate import Sampling, Stopper, check_request, inference, sample_rows, stop_strings
-from qtg.intervention import NO_INTERVENTION, Intervention
-from qtg.model import DecoderLM, QTGCache
+from qtg.model.intervention import NO_INTERVENTION, Intervention
+from qtg.model.model import QTGCache
+from qtg.model.protocol import LanguageModel
 
 log = logging.getLogger("qtg.serve")
 
@@ -182,7 +186,7 @@ class Engine:
         start: run the step loop in a background thread (False: call :meth:`step` yourself, as tests do).
     """
 
-    def __init__(self, model: DecoderLM, tokenizer: Any = None, max_batch: int = 64, start: bool = True):
+    def __init__(self, model: LanguageModel, tokenizer: Any = None, max_batch: int = 64, start: bool = True):
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.max_batch = max_batch
@@ -352,14 +356,14 @@ class Engine:
         ids = torch.zeros(len(reqs), int(lengths.max()), dtype=torch.long, device=lengths.device)  # [B, W]
         for b, req in enumerate(reqs):
             ids[b, :req.ids.shape[1]] = req.ids[0]
-        cache, intervene = QTGCache(), reqs[0].intervene
+        cache, intervene = QTGCache(checked_ids=True), reqs[0].intervene  # submit checked the prompts
         with inference(self.model):
             logits = self.model(ids, cache=cache, intervene=intervene).logits  # [B, W, V]
             last = logits[torch.arange(len(reqs), device=ids.device), lengths - 1]  # [B, V]: after each prompt
-            cache.lengths = lengths
+            cache.make_ragged(lengths)
             want_topo = any(r.want_topo for r in reqs)
             if want_topo:
-                prompt = _scores(self.model.topo(cache.points, None, intervene, want_exact=True, ids=ids))
+                prompt = _scores(self.model.topo_scores(cache.points, None, intervene, ids=ids))
                 for req, row, n in zip(reqs, prompt, lengths.tolist()):
                     req.prompt_topo = row[:n] if req.want_topo else None
             chosen = self._choose(reqs, last)
@@ -369,7 +373,8 @@ class Engine:
             self._send(req, event, topo[b] if topo is not None and req.want_topo else None)
         keep = [b for b, req in enumerate(reqs) if req.finish is None]
         if keep:
-            self._join([reqs[b] for b in keep], cache if len(keep) == len(reqs) else select_rows(cache, keep))
+            order = cache.keep_rows(keep) if len(keep) < len(reqs) else keep
+            self._join([reqs[b] for b in order], cache)
 
     def _decode(self, group: _Group) -> None:
         """One forward pass of the group's rows (their last tokens), then each row's choice.
@@ -402,8 +407,7 @@ class Engine:
                 self._send(req, chosen[b][1], topo[b] if topo is not None and req.want_topo else None, attention[b])
         keep = [b for b, req in enumerate(group.rows) if req.finish is None]
         if len(keep) < n:
-            group.rows = [group.rows[b] for b in keep]
-            group.cache = select_rows(group.cache, keep) if keep else group.cache
+            _keep_rows(group, keep)
 
     def _choose(self, reqs: list[Request], logits: Tensor) -> list[tuple[Tensor, Event]]:
         """Each request's next token ``[1]`` from its row of ``logits`` ``[B, V]``, as
@@ -430,9 +434,9 @@ class Engine:
     def _topo(self, cache: QTGCache, intervene: Intervention, news: list[Tensor]) -> list[TopoScore]:
         """Each row's new token's s~, s, w against that row's cached QEmbed states (ragged ``cache``), batched."""
         new = torch.cat(news).view(-1, 1)  # [B, 1]
-        psi = self.model.embed(new)  # [B, 1, 2d]
-        rows = _scores(self.model.topo(psi, cache.points, intervene, want_exact=True, lengths=cache.lengths,
-                                       ids=new, past_ids=cache.ids))
+        psi = self.model.embed_points(new)  # [B, 1, 2d]
+        rows = _scores(self.model.topo_scores(psi, cache.points, intervene, lengths=cache.lengths,
+                                              ids=new, past_ids=cache.ids))
         return [row[0] for row in rows]
 
     @staticmethod
@@ -468,16 +472,14 @@ class Engine:
             if req.cancelled:
                 self._finish(req, FINISH_CANCELLED)
         if len(keep) < len(group.rows):
-            group.rows = [group.rows[b] for b in keep]
-            if keep:
-                group.cache = select_rows(group.cache, keep)
+            _keep_rows(group, keep)
 
     def _join(self, reqs: list[Request], cache: QTGCache) -> None:
         """Add ``reqs`` (their prompts in the ragged ``cache``, first tokens chosen) to their intervention's group."""
         for group in self._groups:
             if _same(group.intervene, reqs[0].intervene):
                 group.rows.extend(reqs)
-                group.cache = merge_rows(group.cache, cache)
+                group.cache.add_rows(cache)  # into the group's free row slots: only the new rows are copied
                 return
         self._groups.append(_Group(reqs[0].intervene, list(reqs), cache))
 
@@ -516,54 +518,8 @@ def _same(a: Intervention, b: Intervention) -> bool:
     return a == b
 
 
-def _cache_tensors(cache: QTGCache) -> Iterator[tuple[str, int, Any]]:
-    """Each per-token field of the cache: (name, position dim, value or None). Tensors hold positions on
-    dim 1 (``points`` ``[B, P, 2d]``, ``ids`` ``[B, P]``), lists of tensors on dim 2 (``keys`` ``[B, H, P, d_h]``)."""
-    for f in fields(cache):
-        if f.name in ("length", "lengths"):
-            continue
-        value = getattr(cache, f.name)
-        if value is not None and not isinstance(value, (Tensor, list)):
-            raise TypeError(f"QTGCache.{f.name}: the engine does not know how to batch a {type(value).__name__}")
-        yield f.name, 2 if isinstance(value, list) else 1, value
-
-
-def _pad(t: Tensor, width: int, dim: int) -> Tensor:
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
-def merge_rows(batch: QTGCache, more: QTGCache) -> QTGCache:
-    """Two ragged caches as one: ``more``'s rows after ``batch``'s, slots padded to the wider."""
-    width = max(batch.length, more.length)
-    out = QTGCache(length=width, lengths=torch.cat([batch.lengths, more.lengths]))
-    for (name, dim, a), (_, _, b) in zip(_cache_tensors(batch), _cache_tensors(more)):
-        if a is None or b is None:
-            if a is not None or b is not None:
-                raise ValueError(f"QTGCache.{name} is set in one cache and not in the other")
-            setattr(out, name, None)
-        elif isinstance(a, Tensor):
-            setattr(out, name, torch.cat([_pad(a, width, dim), _pad(b, width, dim)], dim=0))
-        else:
-            setattr(out, name, [torch.cat([_pad(x, width, dim), _pad(y, width, dim)], dim=0) for x, y in zip(a, b)])
-    return out
-
-
-def select_rows(cache: QTGCache, keep: list[int]) -> QTGCache:
-    """The rows ``keep`` of a ragged cache, trimmed to the widest of them."""
-    index = torch.tensor(keep, device=cache.lengths.device)
-    lengths = cache.lengths.index_select(0, index)
-    width = int(lengths.max())
-    out = QTGCache(length=width, lengths=lengths)
-    for name, dim, value in _cache_tensors(cache):
-        if value is None:
-            setattr(out, name, None)
-        elif isinstance(value, Tensor):
-            setattr(out, name, value.index_select(0, index).narrow(dim, 0, width))
-        else:
-            setattr(out, name, [t.index_select(0, index).narrow(dim, 0, width) for t in value])
-    return out
+def _keep_rows(group: _Group, keep: list[int]) -> None:
+    """Keep the rows ``keep`` of a group: their requests and their cache slots (a leaving row's slot is
+    refilled from the end, so the requests follow the slots' new order)."""
+    order = group.cache.keep_rows(keep)
+    group.rows = [group.rows[b] for b in order]

@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qtg.data.tokenizer import EOS_TOKEN, encode
 from qtg.errors import QTGError
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
 from qtg.serve.engine import Engine
 from qtg.serve.schemas import DEFAULT_MAX_TOKENS, ChatRequest, CompletionRequest, Message
 from qtg.serve.text import chat_prompt
-from qtg.tokenizer import EOS_TOKEN, encode
 
 
 @dataclass

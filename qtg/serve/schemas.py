@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
 
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back while streaming: its length bounds the work per token
@@ -177,7 +177,7 @@ class RequestBase(Strict):
     @field_validator("intervene")
     @classmethod
     def _parses(cls, spec: str | None) -> str | None:
-        """A spec that parses (its values finite, see qtg.intervention.VALUE_LIMIT); the model checks the rest."""
+        """A spec that parses (its values finite, see qtg.model.intervention.VALUE_LIMIT); the model checks the rest."""
         if spec:
             Intervention.parse(spec)  # an InterventionError is a ValueError: reported under intervene
         return spec

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from qtg.tokenizer import decode
+from qtg.data.tokenizer import decode
 
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -75,7 +75,7 @@ class TextStream:
     """The text of a growing list of token ids, released only where it is final.
 
     Args:
-        tokenizer: decodes ids (special tokens kept, as :func:`qtg.tokenizer.decode`).
+        tokenizer: decodes ids (special tokens kept, as :func:`qtg.data.tokenizer.decode`).
         stop: stop strings (the text shown ends before the first one).
         skip: ids never shown (EOS).
     """

@@ -15,7 +15,7 @@
 approximation, with the diagram distances of
 :mod:`qtg.topology.bottleneck_distance` and :mod:`qtg.topology.wasserstein_distance`
 and the elder-rule attribution of :mod:`qtg.topology.elder`. Figures live apart,
-in :mod:`qtg.plots`.
+in :mod:`qtg.plots.topology`.
 """
 
 from qtg.errors import TopologyError
@@ -36,6 +36,7 @@ from qtg.topology.compare import (
     ExactModeResult,
     LayerComparison,
     approx_view,
+    causal_diagram,
     compare,
     exact_mode_loss,
     layer_sweep,
@@ -49,7 +50,8 @@ from qtg.topology.wasserstein_distance import wasserstein_1
 __all__ = [
     "ApproxView", "AttentionTopology", "BarStats", "Bounds", "Budget", "BudgetExceeded", "Comparison",
     "ExactDiagrams", "ExactModeResult", "HeadGeometry", "LayerComparison", "PromptForest", "THRESHOLDS",
-    "TopologyError", "approx_view", "attention_distances", "attention_graph", "bar_stats", "bottleneck", "compare",
-    "elder_persistence", "euclidean_distances", "exact_diagrams", "exact_mode_loss", "fisher_rao_distances",
-    "head_attention_graphs", "head_geometry", "head_points", "layer_sweep", "prompt_distance", "wasserstein_1",
+    "TopologyError", "approx_view", "attention_distances", "attention_graph", "bar_stats", "bottleneck",
+    "causal_diagram", "compare", "elder_persistence", "euclidean_distances", "exact_diagrams", "exact_mode_loss",
+    "fisher_rao_distances", "head_attention_graphs", "head_geometry", "head_points", "layer_sweep", "prompt_distance",
+    "wasserstein_1",
 ]

@@ -51,7 +51,8 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from qtg.errors import TopologyError
-from qtg.intervention import Intervention
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 from qtg.topology.budget import Budget
 from qtg.topology.exact import DEFAULT_TIME_BUDGET, ExactDiagrams, exact_diagrams
 
@@ -253,13 +254,13 @@ def one_sequence(ids: Any) -> torch.Tensor:
     return t.long()
 
 
-def check_block(model: Any, block: int) -> None:
+def check_block(model: LanguageModel, block: int) -> None:
     n = model.cfg.n_layers
     if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or not 0 <= block < n:
         raise TopologyError(f"block must be an integer in 0..{n - 1} (0-based), got {block!r}")
 
 
-def check_heads(model: Any, heads: Sequence[int] | None) -> list[int]:
+def check_heads(model: LanguageModel, heads: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_heads
     if heads is None:
         return list(range(n))
@@ -270,7 +271,7 @@ def check_heads(model: Any, heads: Sequence[int] | None) -> list[int]:
     return [int(h) for h in heads]
 
 
-def head_attention_graphs(model: Any, ids: Any, block: int, heads: Sequence[int] | None = None,
+def head_attention_graphs(model: LanguageModel, ids: Any, block: int, heads: Sequence[int] | None = None,
                           intervene: Intervention | None = None, **kwargs: Any) -> list[AttentionTopology]:
     """:func:`attention_graph` of each head's map in one block, for QTG and the baseline alike.
 

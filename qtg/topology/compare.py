@@ -42,10 +42,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from qtg.config import QTGConfig
 from qtg.errors import TopologyError
-from qtg.intervention import Intervention
-from qtg.topo_filter import TopoFilter
+from qtg.model.config import QTGConfig
+from qtg.model.decoder import QTGOutput
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
+from qtg.model.topo_filter import TopoFilter
 from qtg.topology.bottleneck_distance import bottleneck
 from qtg.topology.elder import elder_persistence
 from qtg.topology.exact import ExactDiagrams, euclidean_distances, exact_diagrams
@@ -55,7 +57,17 @@ LAYER_NAMES = {0: "QEmbed", 1: "TopoFilter"}
 
 
 def layer_name(k: int) -> str:
-    return LAYER_NAMES.get(k, f"block {k - 1}")
+    """The name of a QTG model's state ``k`` (``model.state_names[k]``): QEmbed, TopoFilter, then block 0 ..."""
+    return LAYER_NAMES.get(k, f"block {k - len(LAYER_NAMES)}")
+
+
+def causal_diagram(scores: np.ndarray) -> np.ndarray:
+    """The H0 diagram that causal death scores imply ``[N, 2]``: (0, max(score_i, 0)) for tokens 2..N, and
+    (0, inf) for token 1, whose component is the one that never dies. A score below 0 (s~ of a token near an
+    earlier twin) is clipped to 0: a bar cannot die before it is born. For s~ it is the TopoFilter's diagram
+    (:attr:`ApproxView.diagram`); for the exact causal s, the diagram of looking only backwards."""
+    deaths = np.concatenate([np.maximum(scores[1:], 0.0), [np.inf]])
+    return np.stack([np.zeros_like(deaths), deaths], axis=1)
 
 
 def _floats(a: np.ndarray) -> list[float | None]:
@@ -92,11 +104,8 @@ class ApproxView:
 
     @property
     def diagram(self) -> np.ndarray:
-        """The implied H0 diagram: (0, max(s~_i, 0)) for tokens 2..N, and (0, inf) for token 1,
-        whose component is the one that never dies. s~ < 0 (a token near an earlier twin) is
-        clipped to 0: a bar cannot die before it is born."""
-        deaths = np.concatenate([np.maximum(self.soft[1:], 0.0), [np.inf]])
-        return np.stack([np.zeros_like(deaths), deaths], axis=1)
+        """The implied H0 diagram, :func:`causal_diagram` of s~."""
+        return causal_diagram(self.soft)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "layer_name": layer_name(self.layer), "cloud_layer": self.cloud_layer,
@@ -105,29 +114,35 @@ class ApproxView:
                 "tau": self.tau, "settings": self.settings, "tokens": self.tokens}
 
 
-def filter_scores(topo: Any, points: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """s~, s, w for one sequence ``[N, D]`` by a TopoFilter's own formulas (float64 numpy)."""
+def filter_scores(topo: TopoFilter | LanguageModel, points: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """s~, s, w for one sequence ``[N, D]`` by a TopoFilter's own formulas (a given one's, or a model's)."""
     with torch.no_grad():
-        scores = topo(points.unsqueeze(0), want_exact=True)
+        cloud = points.unsqueeze(0)
+        scores = topo(cloud, want_exact=True) if isinstance(topo, TopoFilter) else topo.topo_scores(cloud)
     return tuple(t[0].double().cpu().numpy() for t in (scores.soft, scores.exact, scores.weights))
 
 
-def _require_topo(model: Any) -> None:
+def _require_topo(model: LanguageModel) -> None:
     if not model.has_topofilter:
         raise TopologyError(f"the {model.arch} model {model.cfg.name!r} has no TopoFilter: load a QTG model")
 
 
-def _settings(model: Any) -> tuple[TopoFilter, str]:
-    """The TopoFilter whose T, theta, tau score a cloud: ``model`` itself when it is one, else the model's."""
+def _settings(model: TopoFilter | LanguageModel | None) -> tuple[TopoFilter | LanguageModel, tuple[float, ...], str]:
+    """What scores a cloud (``model`` itself when it is a TopoFilter, else the model's), its (T, theta, tau) and
+    whose they are."""
     if isinstance(model, TopoFilter):
-        return model, "the given TopoFilter"
+        return model, (model.temperature, model.theta, model.tau), "the given TopoFilter"
     if model is not None:
         _require_topo(model)
-        return model.topo, "the model's TopoFilter"
-    return TopoFilter(QTGConfig()), "QTGConfig defaults (pass model= for the model's own T, theta, tau)"
+        c = model.cfg
+        return model, (c.topo_temperature, c.topo_threshold, c.topo_tau), "the model's TopoFilter"
+    topo = TopoFilter(QTGConfig())
+    return topo, (topo.temperature, topo.theta, topo.tau), \
+        "QTGConfig defaults (pass model= for the model's own T, theta, tau)"
 
 
-def approx_view(internals: Any, layer: int = 1, batch: int = 0, model: Any = None,
+def approx_view(internals: QTGOutput, layer: int = 1, batch: int = 0,
+                model: TopoFilter | LanguageModel | None = None,
                 tokens: Sequence[str] | None = None) -> ApproxView:
     """The TopoFilter's view of one sequence at one layer (see the module docstring for ``layer``).
 
@@ -151,7 +166,7 @@ def approx_view(internals: Any, layer: int = 1, batch: int = 0, model: Any = Non
         raise TopologyError(f"batch {batch} out of range: the batch holds {states[0].shape[0]} sequences")
     if layer != 1 and model is None:
         raise TopologyError(f"layer {layer} needs the model's TopoFilter settings (T, theta, tau): pass model=")
-    topo, settings = _settings(model)
+    topo, (temperature, theta, tau), settings = _settings(model)
     cloud_layer = 0 if layer == 1 else layer
     points = states[cloud_layer][batch]
     if layer == 1:  # the model's own numbers from the forward pass
@@ -162,8 +177,8 @@ def approx_view(internals: Any, layer: int = 1, batch: int = 0, model: Any = Non
     if tokens is not None and len(tokens) != len(soft):
         raise TopologyError(f"{len(tokens)} token strings for {len(soft)} tokens")
     return ApproxView(layer=layer, cloud_layer=cloud_layer, points=points.detach().double().cpu().numpy(),
-                      soft=soft, exact=exact, weights=w, temperature=float(topo.temperature),
-                      theta=float(topo.theta), tau=float(topo.tau), settings=settings,
+                      soft=soft, exact=exact, weights=w, temperature=float(temperature),
+                      theta=float(theta), tau=float(tau), settings=settings,
                       tokens=list(tokens) if tokens is not None else None)
 
 
@@ -318,7 +333,7 @@ class LayerComparison:
                 "comparison": self.comparison.to_dict()}
 
 
-def layer_sweep(model: Any, ids: torch.Tensor, batch: int = 0, layers: Sequence[int] | None = None,
+def layer_sweep(model: LanguageModel, ids: torch.Tensor, batch: int = 0, layers: Sequence[int] | None = None,
                 tokens: Sequence[str] | None = None, intervene: Intervention | None = None,
                 **exact_kwargs: Any) -> list[LayerComparison]:
     """Exact diagrams, filter view and comparison for each layer (default: all) of one sequence.
@@ -372,7 +387,7 @@ class ExactModeResult:
                 "perplexity_ratio": self.perplexity_exact / self.perplexity_approx}
 
 
-def exact_mode_loss(model: Any, ids: torch.Tensor, intervene: Intervention | None = None) -> ExactModeResult:
+def exact_mode_loss(model: LanguageModel, ids: torch.Tensor, intervene: Intervention | None = None) -> ExactModeResult:
     """Cross-entropy and perplexity of ``model`` predicting ``ids[:, 1:]`` (``ids`` ``[B, N]``),
     with the approximate and with the exact TopoFilter (``Intervention(topo="exact")``).
 

@@ -7,7 +7,7 @@
 GeoAttention maps each head's keys to the probability simplex,
 q_j = softmax(K_j) over the head's d_h features (queries likewise), and
 compares them through the Bhattacharyya coefficient BC = <sqrt p, sqrt q>
-(:mod:`qtg.fisher_rao`). The square roots are unit vectors in the positive
+(:mod:`qtg.model.fisher_rao`). The square roots are unit vectors in the positive
 orthant of the sphere S^{d_h - 1}, and the Fisher-Rao distance
 
     d_FR(p, q) = arccos <sqrt p, sqrt q>  in [0, pi/2]
@@ -22,7 +22,7 @@ for unit vectors, because arccos loses half its digits near BC = 1 (two keys
 
 The points are read where the model computes them: a forward pre-hook on the
 block's GeoAttention receives its normed input, which the head's own
-``wk`` (``wq``) projects; :func:`qtg.fisher_rao.sqrt_simplex` then maps it, in
+``wk`` (``wq``) projects; :func:`qtg.model.fisher_rao.sqrt_simplex` then maps it, in
 float64. An intervention changes the states, hence the points. The baseline
 has dot-product heads, with no simplex and no such metric: it is refused.
 """
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from qtg.errors import TopologyError
-from qtg.fisher_rao import sqrt_simplex
-from qtg.intervention import Intervention
+from qtg.model.fisher_rao import sqrt_simplex
+from qtg.model.intervention import Intervention
+from qtg.model.protocol import LanguageModel
 from qtg.topology.attention_graph import BarStats, bar_stats, check_block, check_heads, one_sequence
 from qtg.topology.exact import DEFAULT_TIME_BUDGET, ExactDiagrams, euclidean_distances, exact_diagrams
 
@@ -50,7 +51,7 @@ def fisher_rao_distances(s: Any) -> np.ndarray:
 
     Args:
         s: ``[N, d_h]`` sqrt-simplex points (rows of unit norm, non-negative), e.g. from
-            :func:`qtg.fisher_rao.sqrt_simplex`.
+            :func:`qtg.model.fisher_rao.sqrt_simplex`.
 
     Returns:
         ``[N, N]`` float64 in [0, pi/2]: arccos <s_i, s_j>, as 2 arcsin(||s_i - s_j|| / 2); symmetric,
@@ -61,7 +62,7 @@ def fisher_rao_distances(s: Any) -> np.ndarray:
     return 2.0 * np.arcsin(np.minimum(chord / 2.0, 1.0))
 
 
-def head_points(model: Any, ids: Any, block: int, which: str = "keys",
+def head_points(model: LanguageModel, ids: Any, block: int, which: str = "keys",
                 intervene: Intervention | None = None) -> torch.Tensor:
     """Each head's keys (or queries) of one sequence as sqrt-simplex points.
 
@@ -78,21 +79,17 @@ def head_points(model: Any, ids: Any, block: int, which: str = "keys",
     Raises:
         TopologyError: the baseline (no simplex geometry), or a bad block, ``which`` or ids.
     """
-    if not getattr(model, "has_topofilter", False):
+    if not model.has_topofilter:
         raise TopologyError(f"the {model.arch} model {model.cfg.name!r} has dot-product heads: its queries and keys "
                             "have no simplex geometry (load a QTG model; attention_graph reads any model's maps)")
     check_block(model, block)
     if which not in WHICH:
         raise TopologyError(f"which must be 'keys' or 'queries', got {which!r}")
-    attn = model.blocks[block].attn
-    captured: list[torch.Tensor] = []
-    handle = attn.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            model(one_sequence(ids).to(next(model.parameters()).device), intervene=intervene)
-            proj = (attn.wk if which == "keys" else attn.wq)(captured[0])  # [1, N, H d_h]
-    finally:
-        handle.remove()
+    site = f"blocks.{block}.resid_pre"  # the block's input: the projection norms it as the block does
+    with torch.no_grad():
+        _, acts = model.run_with_cache(one_sequence(ids).to(next(model.parameters()).device), [site],
+                                       intervene=intervene)
+        proj = model.attention_projection(block, which, acts[site])  # [1, N, H d_h]
     h, dh = model.cfg.n_heads, model.cfg.head_dim
     logits = proj[0].view(-1, h, dh).transpose(0, 1)  # [H, N, d_h]
     return sqrt_simplex(logits.detach().cpu().double())
@@ -117,7 +114,7 @@ class HeadGeometry:
 
 
 def head_geometry(
-    model: Any,
+    model: LanguageModel,
     ids: Any,
     block: int,
     which: str = "keys",

@@ -1,4 +1,4 @@
-"""Topology over training: what each snapshot of a run (:mod:`qtg.snapshots`) does to one probe text.
+"""Topology over training: what each snapshot of a run (:mod:`qtg.training.snapshots`) does to one probe text.
 
     runs = analyse_run("runs/m", "To be, or not to be, that is the question.")
     [(a.step, a.ce, a.bottleneck_h0) for a in runs]      # loss falls; does the soft-min stay close to H0?
@@ -37,15 +37,16 @@ import numpy as np
 import torch
 
 from qtg.atomic import atomic_text
-from qtg.data import user_cache_dir
+from qtg.data.pipeline import user_cache_dir
+from qtg.data.tokenizer import encode
 from qtg.errors import TopologyError
 from qtg.metrics import attention_stats
-from qtg.snapshots import SNAPSHOT_DIR, Snapshot, file_sha256, list_snapshots, load_snapshot
-from qtg.tokenizer import encode
+from qtg.model.protocol import LanguageModel
 from qtg.topology.attention_graph import attention_graph
 from qtg.topology.budget import Budget
 from qtg.topology.compare import approx_view, compare
 from qtg.topology.exact import exact_diagrams
+from qtg.training.snapshots import SNAPSHOT_DIR, Snapshot, file_sha256, list_snapshots, load_snapshot
 
 ANALYSIS_VERSION = "1"
 CACHE_SUBDIR = "analysis"
@@ -117,7 +118,7 @@ def _dgm_in(rows: list | None) -> np.ndarray | None:
 # --- one snapshot ---------------------------------------------------------------------------------
 
 
-def probe_ids(model: Any, text: str, max_tokens: int) -> torch.Tensor:
+def probe_ids(model: LanguageModel, text: str, max_tokens: int) -> torch.Tensor:
     """The probe as ``[1, n]`` ids, n <= min(max_tokens, the model's context + 1); at least 2 tokens."""
     if not isinstance(text, str) or not text.strip():
         raise TopologyError("probe: give a non-empty text")
@@ -139,12 +140,12 @@ def _graph_features(maps: torch.Tensor, time_budget: float | Budget | None) -> l
 
 
 @torch.no_grad()
-def compute_analysis(model: Any, ids: torch.Tensor, step: int, name: str,
+def compute_analysis(model: LanguageModel, ids: torch.Tensor, step: int, name: str,
                      time_budget: float | None = None) -> SnapshotAnalysis:
     """Every number of :class:`SnapshotAnalysis` for ``model`` on ``ids`` ``[1, n]`` (no cache).
 
     Args:
-        model: a QTG or baseline model (e.g. :func:`qtg.snapshots.load_snapshot`).
+        model: a QTG or baseline model (e.g. :func:`qtg.training.snapshots.load_snapshot`).
         ids: the probe, ``[1, n]``, n >= 2: ``ids[:, :-1]`` is fed, ``ids[:, 1:]`` are the targets.
         step: the training step, recorded.
         name: the snapshot's file name, recorded.
@@ -200,7 +201,7 @@ def analyse_snapshot(snapshot: Snapshot | str | os.PathLike, probe: str, *, max_
     """One snapshot's :class:`SnapshotAnalysis` on ``probe``: read from the cache, or computed and cached.
 
     Args:
-        snapshot: a :class:`~qtg.snapshots.Snapshot` or a snapshot file.
+        snapshot: a :class:`~qtg.training.snapshots.Snapshot` or a snapshot file.
         probe: the text (its first ``max_tokens`` tokens are used).
         max_tokens: probe length cap (the model's context + 1 caps it too).
         use_cache: False computes afresh and writes nothing.
