@@ -138,8 +138,8 @@ EXPECTED = {
         rf"{NUMBER}, and the mean mismatch per token \(W1/token\) (fell|rose), {NUMBER} -> {NUMBER}",
         r"One seed, one probe, 120 steps\.",
     ]),
-    # every shipped checkpoint on every test window (16 s of CPU each): the budget grows with the seeds that ship
-    "08_what_qtgs_parts_are_worth.ipynb": (10 + 2 * 16 * len(shipped_models()), 1, [
+    # every shipped checkpoint on every test window (16-20 s of CPU each): the budget grows with the seeds that ship
+    "08_what_qtgs_parts_are_worth.ipynb": (10 + 2 * 20 * len(shipped_models()), 1, [
         r"nano-exact +[1-3] seed\(s\) \(nano-exact[,)]",  # each recipe with the seeds that ship
         r"\d{3,} windows, [\d,]+ predicted tokens, [\d,]+ bytes, 4 works",  # every window, not a sample
         r"intervals across works: .*t-interval over works, widened by a bootstrap over seeds",  # seeds resampled

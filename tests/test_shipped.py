@@ -83,6 +83,8 @@ SEEDS = {  # a second draw of a recipe: only the name and the training seed diff
     "nano-s2": ({}, 2),
     "nano-notopo-s1": (ABLATIONS["nano-notopo"], 1),
     "nano-notopo-s2": (ABLATIONS["nano-notopo"], 2),
+    "nano-exact-s1": (ABLATIONS["nano-exact"], 1),
+    "nano-gate-s1": (ABLATIONS["nano-gate"], 1),
 }
 
 
