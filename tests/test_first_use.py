@@ -111,7 +111,9 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 # Every endpoint of the app's "heavy" queue (a model or a topology engine runs), with the arguments that differ
 # from the page's defaults, by parameter name or position: the text (first), small sizes where the default is a
 # long run. /training's run is the server's own copy, given per server.
-HEAVY = {"/generate": {0: "ROMEO:", "max_new_tokens": 24}, "/topology": {0: TEXT}, "/attention": {0: TEXT},
+# /generate colours by a control, so the concurrent first generations also calibrate it (app/controls.py's lock)
+HEAVY = {"/generate": {0: "ROMEO:", "max_new_tokens": 24, "w_from": "one-bit gate"},
+         "/topology": {0: TEXT}, "/attention": {0: TEXT},
          "/attention_topology": {0: TEXT}, "/compare": {0: TEXT}, "/experiment": {0: TEXT, 1: "exact"},
          "/lens": {0: TEXT}, "/sweep": {"windows": 2, "sample": 1}, "/heads": {"windows": 2},
          "/patching": {"corrupted_prompt": ""}, "/training": {},
