@@ -8,8 +8,9 @@ Import this after ``pytest.importorskip("gradio")``: the app needs its extra.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,3 +47,20 @@ def count_after_cancel(job, started: Callable[[], bool], count: Callable[[], int
     time.sleep(watch_s)
     assert count() == at_stop, f"{what} kept going after Stop"
     return at_stop
+
+
+def close_after_first_pass(ex: Explorer, gen: Iterator[tuple], thread: str) -> int:
+    """What Stop does to a run of the Experiment tab: read its progress updates until a forward pass has run, then
+    close the generator. Asserts the worker thread ``thread`` is gone and the server's pass count stays still;
+    returns how many passes ran, for the caller to check the run stopped far from its end."""
+    start = ex.counters.forwards
+    for update in gen:
+        assert len(update) == 6 and update[2].startswith("running: ")
+        if ex.counters.forwards > start:
+            break
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name == thread]
+    stopped_at = ex.counters.forwards
+    time.sleep(0.5)
+    assert ex.counters.forwards == stopped_at, f"{thread} kept running after it was closed"
+    return stopped_at - start

@@ -1,8 +1,8 @@
 """The Experiment tab in headless Chromium (the session's ``python -m app`` server and page, tests/browser.py):
 one text before and after an intervention, the logit lens of QTG and its baseline, the sweep over the held-out
 works with its table and forest plot (both intervals, a dot per work), the heads of QTG and its baseline ranked
-on one scale, and Stop on a long sweep. Screenshots: lens.png, heads.png, then experiment.png with every panel
-filled (``QTG_SCREENSHOTS=docs/screenshots`` writes the README's).
+on one scale, retrained recipes with their seeds, and Stop on a long sweep. Screenshots: lens.png, heads.png,
+then experiment.png with every panel filled (``QTG_SCREENSHOTS=docs/screenshots`` writes the README's).
 """
 
 from __future__ import annotations
@@ -99,6 +99,25 @@ def test_heads_of_qtg_and_its_baseline_ranked_on_one_scale(page, shots):
     _columns_in_view(page, "heads-table")
     page.locator("#heads-forest").screenshot(path=str(shots / "heads.png"))
     set_number(page, "sweep-windows", "16")
+
+
+def test_recipes_side_by_side_with_their_seeds(page):
+    tab(page, "Experiment")
+    set_number(page, "recipes-windows", "4")
+    page.locator("#recipes-others label", has_text="nano-exact (").click()  # untick one of the defaults
+    page.click("#recipes-btn")
+    page.wait_for_function("document.querySelector('#recipes-status')?.innerText.startsWith('done:')",
+                           timeout=120_000)
+    plot_rendered(page, "recipes-forest")
+    rows = _text(page, "recipes-table")
+    for text in ("nano-notopo", "nano-gate", "reference", "across works and seeds", "no difference detected"):
+        assert text in rows, text
+    assert "nano-exact" not in rows
+    assert "seeds: nano 3, nano-notopo 3" in _text(page, "recipes-status")
+    fits(page, "recipes-forest")
+    _columns_in_view(page, "recipes-table")
+    dots = page.locator("#recipes-forest .scatterlayer .trace").last.locator(".point").count()
+    assert 2 <= dots <= 2 * 4, dots  # a dot per work and recipe (4 windows may miss a work)
 
 
 def test_stop_cancels_a_long_sweep(page):

@@ -9,6 +9,7 @@ generated ones (a few windows each).
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from qtg.cli import main
 from qtg.data.documents import load_documents
 from qtg.experiments import works as wk
 from qtg.model.checkpoint import save_checkpoint
+from qtg.model.loading import seed_groups
 from qtg.training.evaluate import evaluate
 from tests.conftest import write_works
 
@@ -105,6 +107,50 @@ def test_compare_models_takes_seeds_as_a_list_or_a_mapping(seeds, data_dir):
     # b's first seed is a itself: the seed mean's difference is half the second seed's
     alone = ex.compare_models({"a": models[0], "s1": models[1]}, docs, max_windows=12, resamples=200)[1]
     assert by_map[1].delta_bits_per_byte.estimate == pytest.approx(alone.delta_bits_per_byte.estimate / 2)
+
+
+def test_compare_models_counts_every_pass_and_stops_at_the_next_one_when_cancelled(seeds, data_dir):
+    models = {"a": [qtg.load(p).eval() for p in seeds["qtg"]], "b": qtg.load(seeds["base"][0]).eval()}
+    docs = load_documents(data_dir)
+    total = 4 * len(ex.prepare(models["b"], docs, max_windows=6).windows)  # windows x 4 checkpoints
+    seen = []
+    ex.compare_models(models, docs, max_windows=6, batch_size=2, resamples=50, on_progress=lambda *a: seen.append(a))
+    assert seen[-1] == (total, total) and all(later[0] > earlier[0] for earlier, later in zip(seen, seen[1:]))
+    cancel, passes = threading.Event(), []
+
+    def first_pass_then_stop(done: int, _: int) -> None:
+        passes.append(done)
+        cancel.set()
+
+    with pytest.raises(ex.ExperimentCancelled):
+        ex.compare_models(models, docs, max_windows=6, batch_size=2, resamples=50, cancel=cancel,
+                          on_progress=first_pass_then_stop)
+    assert passes == [2]  # the pass under way finished, no other started
+
+
+def test_compare_models_on_a_corpus_already_cut_checks_each_model_cuts_it_alike(seeds, tmp_path, data_dir):
+    first, second = (qtg.load(p).eval() for p in seeds["qtg"][:2])
+    docs = load_documents(data_dir)
+    corpus = ex.prepare(first, docs, max_windows=6)
+    on_corpus = ex.compare_models({"a": first, "b": second}, corpus, resamples=50)[1].to_dict()
+    on_texts = ex.compare_models({"a": first, "b": second}, docs, max_windows=6, resamples=50)[1].to_dict()
+    assert on_corpus["per_work"] == on_texts["per_work"] and on_corpus["ci95"] == on_texts["ci95"]
+    longer = qtg.build(qtg.get_tier("micro").replace(max_seq_len=64), seed=0)
+    longer.tokenizer = first.tokenizer
+    other_tokens = qtg.build("micro", seed=0)  # no tokenizer: another cut of the text
+    for model in (longer, other_tokens):
+        with pytest.raises(ex.ExperimentError, match="cuts the text into other windows"):
+            ex.compare_models({"a": first, "b": model.eval()}, corpus, resamples=50)
+
+
+def test_compare_with_seeds_brings_each_shipped_recipe_s_seeds(data_dir, capsys):
+    code = main(["compare", "--model", "nano", "--model", "nano-notopo", "--model", "nano-s1", "--seeds", "--data",
+                 str(data_dir), "--max-windows", "2", "--resamples", "50", "--device", "cpu", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    groups = seed_groups()
+    assert code == 0
+    assert [m["seeds"] for m in out["models"]] == [groups["nano"], groups["nano-notopo"], ["nano-s1"]]
+    assert len(groups["nano"]) > 1  # a seed named alone stays alone: it is no recipe
 
 
 @pytest.mark.parametrize("models, message", [

@@ -116,6 +116,7 @@ HEAVY = {"/generate": {0: "ROMEO:", "max_new_tokens": 24, "w_from": "one-bit gat
          "/topology": {0: TEXT}, "/attention": {0: TEXT},
          "/attention_topology": {0: TEXT}, "/compare": {0: TEXT}, "/experiment": {0: TEXT, 1: "exact"},
          "/lens": {0: TEXT}, "/sweep": {"windows": 2, "sample": 1}, "/heads": {"windows": 2},
+         "/recipes": {"recipes": ["nano-gate"], "windows": 2},
          "/patching": {"corrupted_prompt": ""}, "/training": {},
          # the "w from" toggles: on a fresh session there is no result to recolour yet, so they return at once
          "/generate_w_from": {"w_from": "one-bit gate"}, "/topology_w_from": {"w_from": "position only"}}

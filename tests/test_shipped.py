@@ -12,7 +12,7 @@ import qtg
 from qtg.data.pipeline import default_corpus_path, load_documents
 from qtg.generate import generate
 from qtg.model.checkpoint import SHIPPED_DIR
-from qtg.model.loading import shipped_models
+from qtg.model.loading import seed_groups, shipped_models
 from qtg.training.evaluate import evaluate
 
 # Held out of training by the default whole-work split (seed 0, 10% of bytes); see the model card.
@@ -99,6 +99,17 @@ def test_the_seed_checkpoints_differ_from_their_recipe_only_in_the_seed(nano, na
     assert training["training"]["steps"] == 2400 and training["data"]["tokenizer"].endswith("nano/tokenizer.json")
     other = next(p for p in qtg.load(name.rsplit("-s", 1)[0]).parameters())
     assert not torch.equal(next(model.parameters()), other)  # another run, not a copy
+
+
+def test_seed_groups_put_each_shipped_seed_under_its_recipe():
+    groups = seed_groups()
+    for name in SEEDS:
+        recipe = name.rsplit("-s", 1)[0]
+        assert name in groups[recipe] and groups[recipe][0] == recipe and name not in groups
+    assert all(len(g) == 1 for r, g in groups.items() if r not in {n.rsplit("-s", 1)[0] for n in SEEDS})
+    # a suffix is a seed only under a recipe that is there; seeds in numeric order
+    assert seed_groups(["a-s10", "a", "a-s2", "b-s1", "a-s0"]) == {"a": ["a", "a-s2", "a-s10"], "a-s0": ["a-s0"],
+                                                                   "b-s1": ["b-s1"]}
 
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))

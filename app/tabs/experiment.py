@@ -13,6 +13,7 @@ figures (``qtg.plots.experiment``).
 * ``/lens`` - the logit lens (:func:`qtg.experiments.logit_lens`) of the loaded model and, beside it,
   its same-size baseline when one is shipped: states down, positions across.
 * ``/sweep`` and ``/heads`` - runs over the held-out works (``app.tabs.experiment_runs``).
+* ``/recipes`` - retrained recipes side by side, each with its seeds (``app.tabs.experiment_recipes``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from app.core import Explorer, Session
 from app.errors import user_facing
 from app.exports import Exportable
 from app.models import AppInputError, Loaded
-from app.tabs import experiment_runs
+from app.tabs import experiment_recipes, experiment_runs
 from app.tabs.common import export_controls, fit
 from app.tabs.experiment_knobs import intervention_from, knob_fields
 from qtg.data.tokenizer import token_strings
@@ -155,6 +156,7 @@ def build(ex: Explorer, session: gr.State) -> None:
     _text_panels(ex, session, text, knobs, run_btn)
     _lens_panels(ex, session, text, lens_btn)
     experiment_runs.build(ex, session, knobs)
+    experiment_recipes.build(ex, session)
 
 
 def _text_panels(ex: Explorer, session: gr.State, text: gr.Textbox, knobs: list[Any], run_btn: gr.Button) -> None:

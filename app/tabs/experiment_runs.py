@@ -256,7 +256,7 @@ def build(ex: Explorer, session: gr.State, knobs: list[Any]) -> None:
     with gr.Row():
         sweep_btn = gr.Button("Run over the held-out works", variant="primary", elem_id="sweep-btn")
         sweep_stop = gr.Button("Stop", variant="stop", elem_id="sweep-stop")
-    sweep_out = _section_outputs(ex, "sweep", SWEEP_HEADERS, "conditions, the unmodified model first", SWEEP_WIDTHS)
+    sweep_out = section_outputs(ex, "sweep", SWEEP_HEADERS, "conditions, the unmodified model first", SWEEP_WIDTHS)
 
     # explicit parameters: Gradio finds gr.Progress by its place in the signature
     # parameters named as their labels say: what gradio_client shows a caller
@@ -265,7 +265,7 @@ def build(ex: Explorer, session: gr.State, knobs: list[Any]) -> None:
         yield from run_sweep(ex, s, topo, theta, tau, temperature, gamma, gamma_scale, ablate, positions,
                              more_conditions, windows, sample, seed, progress=progress)
 
-    _wire(sweep_btn, sweep_stop, user_facing(go, "sweep"), [session, *knobs, lines, windows, sample, seed],
+    wire(sweep_btn, sweep_stop, user_facing(go, "sweep"), [session, *knobs, lines, windows, sample, seed],
           sweep_out, "sweep")
 
     gr.Markdown("**Rank heads.** Each attention head ablated alone (its slice of the attention output zero before "
@@ -276,16 +276,16 @@ def build(ex: Explorer, session: gr.State, knobs: list[Any]) -> None:
                                     label="with baseline: also the same-size baseline's heads (when one is shipped)")
         heads_btn = gr.Button("Rank heads", variant="primary", elem_id="heads-btn")
         heads_stop = gr.Button("Stop", variant="stop", elem_id="heads-stop")
-    heads_out = _section_outputs(ex, "heads", HEADS_HEADERS, "heads, largest change in loss first")
+    heads_out = section_outputs(ex, "heads", HEADS_HEADERS, "heads, largest change in loss first")
 
     def rank(s, with_baseline, windows, seed, progress=gr.Progress()):  # noqa: B008
         yield from run_heads(ex, s, with_baseline, windows, seed, progress=progress)
 
-    _wire(heads_btn, heads_stop, user_facing(rank, "heads"), [session, with_baseline, windows, seed], heads_out,
+    wire(heads_btn, heads_stop, user_facing(rank, "heads"), [session, with_baseline, windows, seed], heads_out,
           "heads")
 
 
-def _section_outputs(ex: Explorer, prefix: str, headers: list[str], table_label: str,
+def section_outputs(ex: Explorer, prefix: str, headers: list[str], table_label: str,
                      widths: list[str] | None = None) -> list[Any]:
     """[table, forest plot, status, numbers, payload, progress state] of one run's section, and its export;
     ``widths``: the table's column widths (fixed widths let long cells wrap rather than widen the table)."""
@@ -300,7 +300,7 @@ def _section_outputs(ex: Explorer, prefix: str, headers: list[str], table_label:
     return [table, forest, status, numbers, payload, state]
 
 
-def _wire(go: Any, stop: Any, handler: Any, inputs: list[Any], outputs: list[Any], api_name: str) -> None:
+def wire(go: Any, stop: Any, handler: Any, inputs: list[Any], outputs: list[Any], api_name: str) -> None:
     """``go`` runs ``handler`` (endpoint ``/api_name``); ``stop`` cancels it, then the status says how far it got."""
     evt = go.click(handler, inputs, outputs, api_name=api_name, concurrency_id="heavy")
     # Cancelling closes the generator on the server, which cancels the run; then the status says so.

@@ -12,7 +12,7 @@ from qtg.cli.table import format_table
 from qtg.errors import ConfigError
 from qtg.experiments import compare_models
 from qtg.experiments.bootstrap import DEFAULT_RESAMPLES, format_ci
-from qtg.model.loading import load, shipped_models
+from qtg.model.loading import load, seed_groups, shipped_models
 
 HELP = """Score several models on the same windows of a corpus, the first as the reference.
 
@@ -38,6 +38,8 @@ EXAMPLES = """examples:
   qtg compare --model nano,nano-s1,nano-s2 --model nano-notopo,nano-notopo-s1,nano-notopo-s2 \\
       --data assets/corpus --split test --json
       two recipes of three seeds each; the interval resamples seeds and works
+  qtg compare --model nano --model nano-notopo --model nano-gate --seeds --data assets/corpus --split test
+      each shipped recipe with every seed shipped beside it (nano, nano-s1, nano-s2, ...)
   qtg compare --model runs/a --model runs/b --data my_texts/ --max-windows 200
       your own checkpoints on your own texts, 200 windows drawn with --seed"""
 
@@ -48,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="NAME[,SEED...]", action="append", required=True, dest="models",
                    help="one model (repeat for more; the first is the reference); a comma-separated list is that "
                         "model's seeds. Each: a shipped model or a checkpoint directory")
+    p.add_argument("--seeds", action="store_true",
+                   help="each --model that names one shipped recipe also brings its shipped seeds (<name>-s1, ...)")
     add_data_args(p)
     p.add_argument("--max-windows", type=int, metavar="N", help="score N windows drawn with --seed (default all)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
@@ -60,15 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_models(specs: list[str]) -> dict[str, list[str]]:
+def parse_models(specs: list[str], with_seeds: bool = False) -> dict[str, list[str]]:
     """``["nano,nano-s1", "x"]`` -> ``{"nano": ["nano", "nano-s1"], "x": ["x"]}`` (a model is named by its first
-    seed); each item checked to be a shipped model or a directory before anything loads."""
+    seed); each item checked to be a shipped model or a directory before anything loads. ``with_seeds``: a spec
+    that is one shipped recipe becomes that recipe and its shipped seeds (:func:`seed_groups`)."""
     shipped = shipped_models()
+    groups = seed_groups(shipped)
     out: dict[str, list[str]] = {}
     for spec in specs:
         items = [item.strip() for item in spec.split(",")]
         if not all(items):
             raise ConfigError(f"--model {spec!r}: an empty name in the list (names are separated by single commas)")
+        if with_seeds and len(items) == 1 and items[0] in groups:
+            items = groups[items[0]]
         for item in items:
             if item not in shipped and not Path(item).is_dir():
                 raise ConfigError(f"--model {item!r} is neither a shipped model (shipped: {', '.join(shipped)}) "
@@ -83,7 +91,7 @@ def parse_models(specs: list[str]) -> dict[str, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    specs = parse_models(args.models)
+    specs = parse_models(args.models, args.seeds)
     if args.max_windows is not None and args.max_windows < 1:
         raise ConfigError(f"--max-windows must be >= 1, got {args.max_windows}")
     docs = read_data(args)

@@ -20,7 +20,8 @@ of two recipes carries run-to-run variation, which one run per model cannot show
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,7 +81,9 @@ def seeds_of(name: str, value: Any) -> dict[str, Any]:
 
 def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence[Document] | Corpus, *,
                    max_windows: int | None = None, seed: int = 0, batch_size: int = 8,
-                   resamples: int = DEFAULT_RESAMPLES, progress: bool = False) -> list[ModelScore]:
+                   resamples: int = DEFAULT_RESAMPLES, progress: bool = False,
+                   cancel: threading.Event | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> list[ModelScore]:
     """Score every model on the same windows of ``data``; the first is the reference.
 
     Args:
@@ -89,6 +92,8 @@ def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence
         data: a path, documents, or a :class:`Corpus` already cut (by the first model's tokenizer and context).
         max_windows: score this many windows, drawn with ``seed`` (None: all).
         seed: the window draw and the bootstraps.
+        cancel: set it (from another thread) to stop; raises :class:`ExperimentCancelled` at the next pass.
+        on_progress: called with (window passes done, window passes in all: windows x seeds) after each pass.
 
     Returns:
         One :class:`ModelScore` per model, in order.
@@ -104,12 +109,13 @@ def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence
     corpus = data if isinstance(data, Corpus) else prepare(first, data, max_windows=max_windows, seed=seed)
     for seeds in runs.values():
         for label, m in seeds.items():
-            if m is not first and not isinstance(data, Corpus) and prepare(
-                    m, data, max_windows=max_windows, seed=seed).windows != corpus.windows:
+            if m is not first and not _cuts_alike(m, first, data, corpus, max_windows, seed):
                 raise ExperimentError(f"{label} cuts the text into other windows than {names[0]} (another tokenizer "
                                       "or context): a paired comparison needs the same windows")
     kw = {"resamples": resamples, "seed": seed}
-    scored = {name: _score(seeds, corpus, batch_size, progress, kw) for name, seeds in runs.items()}
+    passes = _Passes(len(corpus.windows) * sum(map(len, runs.values())), on_progress)
+    scored = {name: _score(seeds, corpus, passes, {**kw, "batch_size": batch_size, "progress": progress,
+                                                    "cancel": cancel}) for name, seeds in runs.items()}
     reference = scored[names[0]][0]
     n_works = int(np.count_nonzero(np.bincount(corpus.document, weights=corpus.n_bytes,
                                                minlength=len(corpus.documents))))
@@ -128,12 +134,36 @@ def compare_models(models: Mapping[str, Any], data: str | os.PathLike | Sequence
     return out
 
 
-def _score(seeds: Mapping[str, Any], corpus: Corpus, batch_size: int, progress: bool,
-           kw: dict[str, Any]) -> tuple[np.ndarray, float]:
+def _cuts_alike(m: Any, first: Any, data: Any, corpus: Corpus, max_windows: int | None, seed: int) -> bool:
+    """Whether ``m`` cuts ``data`` into ``corpus``'s windows: cut again from the texts when given, else (a corpus
+    already cut, by the first model's tokenizer and context) the same tokenizer and context as ``first``."""
+    if not isinstance(data, Corpus):
+        return prepare(m, data, max_windows=max_windows, seed=seed).windows == corpus.windows
+    same_tokenizer = m.tokenizer is first.tokenizer or (
+        hasattr(m.tokenizer, "to_str") and hasattr(first.tokenizer, "to_str")
+        and m.tokenizer.to_str() == first.tokenizer.to_str())
+    return same_tokenizer and m.cfg.max_seq_len == first.cfg.max_seq_len
+
+
+@dataclass
+class _Passes:
+    """Window passes done over every seed of every model, reported as one count."""
+
+    total: int
+    report: Callable[[int, int], None] | None
+    done: int = 0
+
+    def within_seed(self, done: int, _: int) -> None:
+        if self.report is not None:
+            self.report(self.done + done, self.total)
+
+
+def _score(seeds: Mapping[str, Any], corpus: Corpus, passes: _Passes, kw: dict[str, Any]) -> tuple[np.ndarray, float]:
     """``[S, W]`` each seed's loss per window in bits, and the seconds its forward passes took."""
     rows, seconds = [], 0.0
     for label, m in seeds.items():
-        c = sweep(m, corpus, [], batch_size=batch_size, sample=0, progress=progress, desc=label, **kw).conditions[0]
+        c = sweep(m, corpus, [], sample=0, desc=label, on_progress=passes.within_seed, **kw).conditions[0]
+        passes.done += len(corpus.windows)
         rows.append(c.scores.nll * BITS_PER_NAT)
         seconds += c.seconds
     return np.stack(rows), seconds

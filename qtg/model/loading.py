@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,28 @@ def shipped_models() -> list[str]:
     if not SHIPPED_DIR.is_dir():
         return []
     return sorted(p.name for p in SHIPPED_DIR.iterdir() if is_checkpoint(p))
+
+
+SEED_SUFFIX = re.compile(r"^(?P<recipe>.+)-s(?P<seed>[1-9]\d*)$")
+
+
+def seed_groups(names: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Checkpoints grouped by recipe: ``<recipe>`` (seed 0) first, then ``<recipe>-s1``, ``<recipe>-s2``, ...
+
+    A name ``X-sK`` is a seed of ``X`` only when ``X`` itself is among ``names``; anything else is its own
+    recipe of one seed. ``names``: default :func:`shipped_models`. Recipes in sorted order.
+    """
+    names = sorted(set(shipped_models() if names is None else names))
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        m = SEED_SUFFIX.match(name)
+        if m is None or m["recipe"] not in names:
+            groups.setdefault(name, [name])
+    for name in names:
+        m = SEED_SUFFIX.match(name)
+        if m is not None and m["recipe"] in groups:
+            groups[m["recipe"]].append(name)
+    return {r: [r] + sorted(g[1:], key=lambda n: int(SEED_SUFFIX.match(n)["seed"])) for r, g in groups.items()}
 
 
 def _resolve_latest(out_dir: Path) -> Path:
