@@ -248,3 +248,9 @@ def test_calibrate_reads_the_validation_works_and_refuses_the_baseline(small):
     baseline = qtg.build(qtg.get_tier("micro").replace(arch="baseline"), seed=0)
     with pytest.raises(ex.ExperimentError, match="no TopoFilter"):
         tc.calibrate(baseline)
+
+
+def test_mean_applied_weight_leaves_out_token_0_whose_w_is_1_under_every_rule():
+    assert tc.mean_applied_weight([1.0, 0.2, 0.4]) == pytest.approx(0.3)
+    assert tc.mean_applied_weight(torch.tensor([1.0, 0.5], dtype=torch.bfloat16)) == 0.5
+    assert np.isnan(tc.mean_applied_weight([1.0]))

@@ -21,7 +21,7 @@ from app.exports import Exportable
 from app.models import AppInputError
 from app.tabs.common import Dropdown, Number, Radio, export_controls, fit
 from qtg.data.tokenizer import EOS_TOKEN
-from qtg.experiments.topo_controls import CONTROLS
+from qtg.experiments.topo_controls import CONTROLS, mean_applied_weight
 from qtg.metrics import bits_per_byte
 from qtg.plots.topology import diagrams_side_by_side
 from qtg.topology import bottleneck, exact_diagrams
@@ -55,8 +55,7 @@ def _weights(ex: Explorer, loaded: Any, mode: str, ids: torch.Tensor, applied: t
     """The w the side applied and, under a control, how it stands against the filter's own w of the same tokens."""
     if applied is None:
         return {"mean_w": None, "note": NO_FILTER, "control": None}
-    # token 0 left out: its w is 1 under every rule
-    out: dict[str, Any] = {"mean_w": float(applied[0, 1:].double().mean()), "note": "the filter's own w",
+    out: dict[str, Any] = {"mean_w": mean_applied_weight(applied[0]), "note": "the filter's own w",
                            "control": None}
     if mode in CONTROL_MODES:
         with torch.inference_mode():

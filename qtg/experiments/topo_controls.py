@@ -236,6 +236,13 @@ class ControlComparison:
                 "mean_abs_difference": self.mean_abs_difference, "position_share": self.position_share}
 
 
+def mean_applied_weight(weight: Sequence[float] | torch.Tensor) -> float:
+    """The mean w of one sequence ``[N]`` over tokens 1..N-1: w_0 = 1 under every rule (``docs/model.md`` §2), so
+    it says nothing about the rule and is left out (nan for a single token)."""
+    w = np.asarray(torch.as_tensor(weight).detach().cpu().double(), dtype=np.float64)
+    return float(w[1:].mean()) if len(w) > 1 else float("nan")
+
+
 def against_control(calibration: Calibration, control: str | None, weight: Sequence[float],
                     exact: Sequence[float]) -> ControlComparison:
     """The filter's w ``[N]`` of one sequence (tokens 0..N-1, exact causal scores ``exact``) beside ``control``'s.
