@@ -84,6 +84,7 @@ SEEDS = {  # a second draw of a recipe: only the name and the training seed diff
     "nano-notopo-s1": (ABLATIONS["nano-notopo"], 1),
     "nano-notopo-s2": (ABLATIONS["nano-notopo"], 2),
     "nano-exact-s1": (ABLATIONS["nano-exact"], 1),
+    "nano-exact-s2": (ABLATIONS["nano-exact"], 2),
     "nano-gate-s1": (ABLATIONS["nano-gate"], 1),
 }
 

@@ -266,7 +266,7 @@ def build(ex: Explorer, session: gr.State, knobs: list[Any]) -> None:
                              more_conditions, windows, sample, seed, progress=progress)
 
     wire(sweep_btn, sweep_stop, user_facing(go, "sweep"), [session, *knobs, lines, windows, sample, seed],
-          sweep_out, "sweep")
+         sweep_out, "sweep")
 
     gr.Markdown("**Rank heads.** Each attention head ablated alone (its slice of the attention output zero before "
                 "the block's output projection) over the same windows (windows and seed above), heads ranked by the "
@@ -282,11 +282,11 @@ def build(ex: Explorer, session: gr.State, knobs: list[Any]) -> None:
         yield from run_heads(ex, s, with_baseline, windows, seed, progress=progress)
 
     wire(heads_btn, heads_stop, user_facing(rank, "heads"), [session, with_baseline, windows, seed], heads_out,
-          "heads")
+         "heads")
 
 
 def section_outputs(ex: Explorer, prefix: str, headers: list[str], table_label: str,
-                     widths: list[str] | None = None) -> list[Any]:
+                    widths: list[str] | None = None) -> list[Any]:
     """[table, forest plot, status, numbers, payload, progress state] of one run's section, and its export;
     ``widths``: the table's column widths (fixed widths let long cells wrap rather than widen the table)."""
     status = gr.Markdown(elem_id=f"{prefix}-status")
