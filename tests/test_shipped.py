@@ -86,6 +86,7 @@ SEEDS = {  # a second draw of a recipe: only the name and the training seed diff
     "nano-exact-s1": (ABLATIONS["nano-exact"], 1),
     "nano-exact-s2": (ABLATIONS["nano-exact"], 2),
     "nano-gate-s1": (ABLATIONS["nano-gate"], 1),
+    "nano-gate-s2": (ABLATIONS["nano-gate"], 2),
 }
 
 

@@ -144,9 +144,9 @@ def build(ex: Explorer, session: gr.State) -> None:
                 "seeds, since a retrained model is one draw among runs. The verdict reads that interval.")
     with gr.Row():
         reference = gr.Dropdown(choices=choices, value=DEFAULT_REFERENCE if DEFAULT_REFERENCE in groups else
-                                choices[0][1], label="reference recipe", elem_id="recipes-reference", scale=1)
+                                choices[0][1], label="reference (a recipe)", elem_id="recipes-reference", scale=1)
         others = gr.CheckboxGroup(choices=choices, value=[r for r in DEFAULT_OTHERS if r in groups],
-                                  label="against it", elem_id="recipes-others", scale=3)
+                                  label="recipes (against the reference)", elem_id="recipes-others", scale=3)
     with gr.Row():
         windows = Number(value=DEFAULT_WINDOWS, precision=0, elem_id="recipes-windows",
                          label=f"windows (up to {ex.limits.max_sweep_windows}; each seed scores every one)")
