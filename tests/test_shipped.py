@@ -87,6 +87,8 @@ SEEDS = {  # a second draw of a recipe: only the name and the training seed diff
     "nano-exact-s2": (ABLATIONS["nano-exact"], 2),
     "nano-gate-s1": (ABLATIONS["nano-gate"], 1),
     "nano-gate-s2": (ABLATIONS["nano-gate"], 2),
+    "nano-baseline-alibi-s1": (ABLATIONS["nano-baseline-alibi"], 1),
+    "nano-baseline-alibi-s2": (ABLATIONS["nano-baseline-alibi"], 2),
 }
 
 
