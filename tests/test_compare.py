@@ -128,7 +128,7 @@ def test_compare_models_counts_every_pass_and_stops_at_the_next_one_when_cancell
     assert passes == [2]  # the pass under way finished, no other started
 
 
-def test_compare_models_on_a_corpus_already_cut_checks_each_model_cuts_it_alike(seeds, tmp_path, data_dir):
+def test_compare_models_on_a_corpus_already_cut_checks_each_model_cuts_it_alike(seeds, data_dir):
     first, second = (qtg.load(p).eval() for p in seeds["qtg"][:2])
     docs = load_documents(data_dir)
     corpus = ex.prepare(first, docs, max_windows=6)

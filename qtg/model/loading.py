@@ -232,17 +232,13 @@ def seed_groups(names: Iterable[str] | None = None) -> dict[str, list[str]]:
     A name ``X-sK`` is a seed of ``X`` only when ``X`` itself is among ``names``; anything else is its own
     recipe of one seed. ``names``: default :func:`shipped_models`. Recipes in sorted order.
     """
-    names = sorted(set(shipped_models() if names is None else names))
-    groups: dict[str, list[str]] = {}
-    for name in names:
+    present = set(shipped_models() if names is None else names)
+    seeds: dict[str, dict[int, str]] = {}  # recipe -> {seed: name}
+    for name in sorted(present):
         m = SEED_SUFFIX.match(name)
-        if m is None or m["recipe"] not in names:
-            groups.setdefault(name, [name])
-    for name in names:
-        m = SEED_SUFFIX.match(name)
-        if m is not None and m["recipe"] in groups:
-            groups[m["recipe"]].append(name)
-    return {r: [r] + sorted(g[1:], key=lambda n: int(SEED_SUFFIX.match(n)["seed"])) for r, g in groups.items()}
+        recipe, seed = (m["recipe"], int(m["seed"])) if m and m["recipe"] in present else (name, 0)
+        seeds.setdefault(recipe, {})[seed] = name
+    return {recipe: [by_seed[k] for k in sorted(by_seed)] for recipe, by_seed in sorted(seeds.items())}
 
 
 def _resolve_latest(out_dir: Path) -> Path:
