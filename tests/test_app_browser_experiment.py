@@ -25,6 +25,15 @@ def _text(page, elem_id: str) -> str:
     return page.inner_text(f"#{elem_id}")
 
 
+def _run_section(page, prefix: str, timeout_ms: int) -> str:
+    """Press the section's button, wait for its status to say done, check its forest plot drew; its table's text."""
+    page.click(f"#{prefix}-btn")
+    page.wait_for_function(f"document.querySelector('#{prefix}-status')?.innerText.startsWith('done:')",
+                           timeout=timeout_ms)
+    plot_rendered(page, f"{prefix}-forest")
+    return _text(page, f"{prefix}-table")
+
+
 def test_experiment_on_a_text(page):
     tab(page, "Experiment")
     page.locator("#experiment-topo").get_by_text("exact", exact=True).click()
@@ -56,11 +65,7 @@ def test_logit_lens_of_qtg_and_its_baseline(page, shots):
 def test_sweep_over_the_held_out_works(page, shots):
     tab(page, "Experiment")
     page.fill("#sweep-conditions textarea", "topo=off\npositions=none\ngamma=1")
-    page.click("#sweep-btn")
-    page.wait_for_function("document.querySelector('#sweep-status')?.innerText.startsWith('done:')",
-                           timeout=90_000)
-    plot_rendered(page, "sweep-forest")
-    rows = _text(page, "sweep-table")
+    rows = _run_section(page, "sweep", 90_000)
     for name in ("plain", "topo=exact ablate=0:1", "topo=off", "positions=none", "gamma=1.0"):
         assert name in rows
     for header in ("Δ bits/byte, these texts", "Δ bits/byte across works", "verdict (across works)"):
@@ -87,13 +92,9 @@ def test_heads_of_qtg_and_its_baseline_ranked_on_one_scale(page, shots):
     tab(page, "Experiment")
     set_number(page, "sweep-windows", "4")
     page.locator("#heads-baseline input").check()
-    page.click("#heads-btn")
-    page.wait_for_function("document.querySelector('#heads-status')?.innerText.startsWith('done:')",
-                           timeout=120_000)
-    plot_rendered(page, "heads-forest")
+    rows = _run_section(page, "heads", 120_000)
     titles = page.inner_text("#heads-forest")
     assert "nano (qtg)" in titles and "nano-baseline (baseline)" in titles  # two panels, one figure
-    rows = _text(page, "heads-table")
     assert "nano-baseline" in rows and "0:0" in rows and "verdict (across works)" in rows
     fits(page, "heads-forest")
     _columns_in_view(page, "heads-table")
@@ -105,11 +106,7 @@ def test_recipes_side_by_side_with_their_seeds(page):
     tab(page, "Experiment")
     set_number(page, "recipes-windows", "4")
     page.locator("#recipes-others label", has_text="nano-exact (").click()  # untick one of the defaults
-    page.click("#recipes-btn")
-    page.wait_for_function("document.querySelector('#recipes-status')?.innerText.startsWith('done:')",
-                           timeout=120_000)
-    plot_rendered(page, "recipes-forest")
-    rows = _text(page, "recipes-table")
+    rows = _run_section(page, "recipes", 120_000)
     for text in ("nano-notopo", "nano-gate", "reference", "across works and seeds", "no difference detected"):
         assert text in rows, text
     assert "nano-exact" not in rows
